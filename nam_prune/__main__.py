@@ -1,0 +1,3 @@
+from nam_prune.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""``nam-prune``: a thin click layer over the public API. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.logging import RichHandler
+
+from nam_prune.console import console
+from nam_prune.errors import NamPruneError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    logger = logging.getLogger("nam_prune")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show full tracebacks (for bug reports).")
+@click.option("-v", "--verbose", is_flag=True, help="More log output.")
+@click.version_option(package_name="nam-prune")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """Compress convolutional networks with NAM (normalization-based attention) pruning."""
+    ctx.obj = {"debug": debug}
+    _setup_logging(verbose)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder instead of numbering a new one.")
+def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool) -> None:
+    """Run the pipeline a RECIPE describes; OVERRIDES are section.key=value pairs."""
+    from nam_prune.pipeline import run as run_pipeline
+    from nam_prune.recipe import load_recipe
+
+    run_pipeline(load_recipe(recipe, overrides), overwrite=overwrite)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data", help="Evaluate on a recipe's data (a .yaml) or a data set name.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
+def report(model: Path, data: str | None, as_json: bool) -> None:
+    """Params, MACs and the per-layer table of a saved MODEL; accuracy with --data."""
+    from nam_prune.report import inspect_checkpoint, layer_table, summary_table
+
+    summary = inspect_checkpoint(model, data)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    stages = {"this model": summary}
+    if summary.get("recorded"):
+        stages = {**summary["recorded"], "this model": summary}
+    console.print(summary_table(stages, title=f"{model}"))
+    console.print(layer_table(summary["layers"], only_changed=False))
+
+
+def main() -> None:
+    """Entry point: run click, turning every known failure into one line and an exit code."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        code = cli.main(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.Abort:
+        console.print("interrupted", style="yellow")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted", style="yellow")
+        sys.exit(EXIT_INTERRUPTED)
+    except NamPruneError as error:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as error:  # a bug: still one line unless --debug
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        console.print(
+            f"[bold red]internal error:[/] {type(error).__name__}: {message} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

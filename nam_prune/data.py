@@ -1,0 +1,169 @@
+"""Stage 0: the data every stage trains and evaluates on, read from local files only.
+
+Fashion-MNIST comes from its raw idx ``.gz`` files (Debian's ``dataset-fashion-mnist``),
+CIFAR-10 from a local copy in torchvision's layout, digits from scikit-learn, and any
+other set from an image folder with ``train/`` and ``val/`` sub-folders.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from nam_prune.errors import NamPruneError
+
+DatasetName = Literal["fashion_mnist", "cifar10", "digits", "image_folder"]
+
+DEFAULT_ROOTS = {
+    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
+    "cifar10": "data/cifar10",
+    "image_folder": "data/images",
+    "digits": "",
+}
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how much of it to use.
+
+    train_subset / test_subset: number of images to keep (0 = all), drawn with a fixed
+    seed so runs are comparable. download: let torchvision fetch CIFAR-10 (needs network).
+    """
+
+    name: DatasetName = "fashion_mnist"
+    root: str = ""
+    batch_size: int = 128
+    train_subset: int = 0
+    test_subset: int = 0
+    download: bool = False
+    workers: int = 0
+    augment: bool = True
+
+
+@dataclass
+class DataBundle:
+    train: DataLoader
+    test: DataLoader
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an idx file (gzip or plain): magic, dims, then unsigned bytes."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise NamPruneError(f"{path} is not an unsigned-byte idx file; re-install dataset-fashion-mnist")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise NamPruneError(f"{path} is truncated ({data.size} of {int(np.prod(dims))} values)")
+    return data.reshape(tuple(int(d) for d in dims))
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.is_file():
+            return candidate
+    raise NamPruneError(
+        f"Fashion-MNIST file {stem}.gz not found in {root}: run `apt-get install dataset-fashion-mnist` "
+        "(puts it in /usr/share/datasets/fashion-mnist) or set data.root to the folder with the idx files"
+    )
+
+
+def _fashion_mnist(root: Path) -> tuple[Dataset, Dataset, int]:
+    def split(prefix: str) -> TensorDataset:
+        images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+        x = (torch.from_numpy(images.copy()).float().div_(255.0).sub_(FASHION_MEAN).div_(FASHION_STD)).unsqueeze(1)
+        return TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
+
+    return split("train"), split("t10k"), 10
+
+
+def _digits() -> tuple[Dataset, Dataset, int]:
+    """scikit-learn's 8x8 digits, 1797 images, a fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).sub_(0.5).div_(0.5).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(y))
+    return TensorDataset(x[order[:cut]], y[order[:cut]]), TensorDataset(x[order[cut:]], y[order[cut:]]), 10
+
+
+def _cifar10(root: Path, download: bool, augment: bool) -> tuple[Dataset, Dataset, int]:
+    from torchvision import datasets, transforms
+
+    if not download and not (root / "cifar-10-batches-py").is_dir():
+        raise NamPruneError(
+            f"CIFAR-10 not found: put torchvision's 'cifar-10-batches-py' folder in {root.resolve()} "
+            "(or set data.root to its parent), or set data.download: true on a machine with internet"
+        )
+    normalize = transforms.Normalize(CIFAR_MEAN, CIFAR_STD)
+    train_tf = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
+    train = datasets.CIFAR10(
+        str(root), train=True, download=download, transform=transforms.Compose([*train_tf, transforms.ToTensor(), normalize])
+    )
+    test = datasets.CIFAR10(
+        str(root), train=False, download=download, transform=transforms.Compose([transforms.ToTensor(), normalize])
+    )
+    return train, test, 10
+
+
+def _image_folder(root: Path) -> tuple[Dataset, Dataset, int]:
+    from torchvision import datasets, transforms
+
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or val_dir is None:
+        raise NamPruneError(
+            f"image folder {root} needs 'train/' and 'val/' (or 'test/') sub-folders, one folder per class"
+        )
+    tf = transforms.Compose([transforms.ToTensor()])
+    train = datasets.ImageFolder(str(root / "train"), transform=tf)
+    test = datasets.ImageFolder(str(val_dir), transform=tf)
+    return train, test, len(train.classes)
+
+
+def _subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    if size <= 0 or size >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:size].tolist())
+
+
+def load_data(config: DataConfig, seed: int = 0) -> DataBundle:
+    """Build train/test loaders; a missing data set stops with a message saying where to put it."""
+    root = Path(config.root or DEFAULT_ROOTS[config.name])
+    if config.name == "fashion_mnist":
+        train, test, classes = _fashion_mnist(root)
+    elif config.name == "digits":
+        train, test, classes = _digits()
+    elif config.name == "cifar10":
+        train, test, classes = _cifar10(root, config.download, config.augment)
+    else:
+        train, test, classes = _image_folder(root)
+    train = _subset(train, config.train_subset, seed)
+    test = _subset(test, config.test_subset, seed + 1)
+    shape = tuple(train[0][0].shape)
+    train_loader = DataLoader(
+        train,
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=config.workers,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=len(train) > config.batch_size,
+    )
+    test_loader = DataLoader(test, batch_size=max(config.batch_size, 256), num_workers=config.workers)
+    return DataBundle(train_loader, test_loader, classes, shape)  # type: ignore[arg-type]

@@ -1,0 +1,103 @@
+"""The YAML recipe that drives a whole run, validated into typed dataclasses.
+
+``load_recipe(path, ["prune.macs_keep=0.4"])`` reads the file, applies dotted overrides
+(values parsed as YAML) and validates everything with the same one-line errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nam_prune.config import bounded, from_dict
+from nam_prune.data import DataConfig
+from nam_prune.errors import NamPruneError
+from nam_prune.prune import PruneConfig
+from nam_prune.report import ReportConfig
+from nam_prune.surgery import NAMConfig
+from nam_prune.train import TrainConfig
+
+
+@dataclass
+class ModelConfig:
+    """name: a CIFAR ResNet, torchvision name, ``timm:NAME`` or ``module:factory``.
+    width: base width of the CIFAR ResNets. weights: a state dict or nam-prune checkpoint to start from.
+    """
+
+    name: str = "resnet20"
+    width: int = bounded(16, low=1)
+    weights: str = ""
+
+
+def _sparsity_defaults() -> TrainConfig:
+    return TrainConfig(epochs=0, penalty=1e-4)
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    output: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    nam: NAMConfig = field(default_factory=NAMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparsity: TrainConfig = field(default_factory=_sparsity_defaults)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise NamPruneError(f"override '{dotted}': '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings to (key, YAML-parsed value) pairs."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise NamPruneError(f"override '{item}' must look like section.key=value, e.g. prune.macs_keep=0.4")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def recipe_from_dict(tree: Any, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise NamPruneError(f"a recipe must be a YAML mapping of sections, got {type(tree).__name__}")
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}  # overrides never touch the input
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return from_dict(Recipe, tree)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise NamPruneError(f"recipe {path} not found; the shipped ones are in recipes/")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise NamPruneError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    except UnicodeDecodeError:
+        raise NamPruneError(f"recipe {path} is not a text file") from None
+    return recipe_from_dict(tree, overrides)
+

@@ -1,0 +1,127 @@
+"""Stage 1b: insert NAM gates into a model that was not written with them.
+
+One verb, one config (torchao style): ``insert_nam(model, NAMConfig(...))`` rewires the
+model in place by replacing each chosen BatchNorm2d with ``NAMGated(bn, gate)``, so the
+model's own ``forward`` keeps working unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+
+from nam_prune.errors import NamPruneError
+from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate
+from nam_prune.models import RESIDUAL_BLOCK_LAST_NORM
+
+log = logging.getLogger("nam_prune")
+
+Placement = Literal["every_bn", "block_end"]
+
+
+@dataclass
+class NAMConfig:
+    """How NAM gates are placed.
+
+    placement: ``every_bn`` gates the output of every conv-BN pair, so every prunable
+        channel group is ranked by its own gate; ``block_end`` gates the last BN of each
+        residual block, where the reference implementation puts it.
+    spatial: add the pixel gate too (off by default, as in the reference code).
+    grad_through_weights: let the gradient flow through ``w = |gamma|/sum|gamma|``
+        (the reference detaches it).
+    """
+
+    placement: Placement = "every_bn"
+    spatial: bool = False
+    grad_through_weights: bool = False
+
+
+def _block_end_norms(model: nn.Module) -> set[nn.Module]:
+    norms: set[nn.Module] = set()
+    for module in model.modules():
+        for block_type, attr in RESIDUAL_BLOCK_LAST_NORM.items():
+            if isinstance(module, block_type):
+                norms.add(getattr(module, attr))
+        if isinstance(module, InvertedResidual):
+            norms.add([m for m in module.conv.modules() if isinstance(m, nn.BatchNorm2d)][-1])
+    if not norms:
+        raise NamPruneError(
+            "nam.placement 'block_end' found no residual block (torchvision BasicBlock, Bottleneck "
+            "or InvertedResidual) in this model; use nam.placement: every_bn"
+        )
+    return norms
+
+
+def _bn_output_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, tuple[int, int]]:
+    """Run one forward pass to record the H x W each BatchNorm2d sees (needed by spatial gates)."""
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, _inp, out: sizes.__setitem__(mod, tuple(out.shape[-2:])))
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def _gated_norms(model: nn.Module) -> set[nn.Module]:
+    """BatchNorms that already belong to NAM (hosts or gate norms): never wrapped again."""
+    taken: set[nn.Module] = set()
+    for module in model.modules():
+        if isinstance(module, NAMGated):
+            taken.update(module.modules())
+    return taken
+
+
+def insert_nam(
+    model: nn.Module,
+    config: NAMConfig | None = None,
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
+    """Insert NAM gates into ``model`` in place and return it.
+
+    ``example_input`` is needed only for spatial gates, which record the H x W they see.
+    BatchNorms that already carry a gate are left alone, so calling it twice is harmless.
+    """
+    config = config or NAMConfig()
+    if config.spatial and example_input is None:
+        raise NamPruneError("spatial NAM gates need an example input to record their H x W")
+    taken = _gated_norms(model)
+    wanted = _block_end_norms(model) if config.placement == "block_end" else None
+    sizes = _bn_output_sizes(model, example_input) if config.spatial else {}
+    inserted = 0
+    for parent in list(model.modules()):
+        if isinstance(parent, (NAMGated, NAMChannelGate)):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.BatchNorm2d) or child in taken:
+                continue
+            if wanted is not None and child not in wanted:
+                continue
+            spatial = None
+            if config.spatial:
+                spatial = NAMSpatialGate(*sizes[child], grad_through_weights=config.grad_through_weights)
+            gate = NAMChannelGate(child.num_features, grad_through_weights=config.grad_through_weights)
+            gated = NAMGated(child, gate, spatial).to(child.weight.device)
+            setattr(parent, child_name, gated)
+            inserted += 1
+    if inserted == 0 and not taken:
+        raise NamPruneError(
+            "no BatchNorm2d found to attach NAM gates to: NAM ranks channels by BN scale factors, "
+            "so the model needs conv-BN layers"
+        )
+    log.info("inserted %d NAM gate(s) (placement=%s, spatial=%s)", inserted, config.placement, config.spatial)
+    return model

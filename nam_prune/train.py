@@ -1,0 +1,141 @@
+"""Stage 2 and 5: sparsity training (with the NAM penalty) and fine-tuning, plus evaluation.
+
+One loop serves both: sparsity training is fine-tuning with ``penalty > 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from nam_prune.config import bounded
+from nam_prune.console import progress_bar
+from nam_prune.errors import NamPruneError
+from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats
+
+log = logging.getLogger("nam_prune")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule for one training stage.
+
+    penalty: NAM L1 strength p (0 = plain training). milestones: fractions of the
+    epochs where a ``multistep`` schedule divides the learning rate by 10.
+    """
+
+    epochs: int = bounded(0, low=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = bounded(0.1, low=0, low_open=True)
+    momentum: float = bounded(0.9, low=0, high=1, high_open=True)
+    weight_decay: float = bounded(5e-4, low=0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    penalty: float = bounded(0.0, low=0)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    accuracy: float
+    penalty: float
+    near_zero_gammas: int
+    lr: float
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=False
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """A per-step schedule, so short runs (a few epochs) still anneal smoothly."""
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=sorted(int(m * total) for m in config.milestones), gamma=0.1
+        )
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def fit(
+    model: nn.Module,
+    loader: DataLoader,
+    config: TrainConfig,
+    device: torch.device,
+    stage: str,
+    on_epoch_end: Callable[[EpochLog], None] | None = None,
+) -> list[EpochLog]:
+    """Train ``model`` for ``config.epochs``; the NAM penalty is applied when ``config.penalty > 0``."""
+    if config.epochs == 0:
+        return []
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, len(loader))
+    criterion = nn.CrossEntropyLoss()
+    history = []
+    with progress_bar() as bar:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            task = bar.add_task(f"{stage} {epoch}/{config.epochs}", total=len(loader), status="")
+            seen = correct = 0
+            loss_sum = penalty = 0.0
+            for step, (images, labels) in enumerate(loader, 1):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                logits = model(images)
+                loss = criterion(logits, labels)
+                if not math.isfinite(loss.item()):
+                    raise NamPruneError(
+                        f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; "
+                        "lower the learning rate or the penalty"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                penalty = apply_sparsity_penalty(model, config.penalty)
+                optimizer.step()
+                scheduler.step()
+                seen += labels.numel()
+                correct += int((logits.argmax(1) == labels).sum())
+                loss_sum += loss.item() * labels.numel()
+                bar.update(task, advance=1, status=f"loss {loss_sum / seen:.3f}")
+            bar.remove_task(task)
+            stats = gamma_stats(model)
+            entry = EpochLog(
+                epoch, loss_sum / seen, correct / seen, penalty, stats.near_zero, optimizer.param_groups[0]["lr"]
+            )
+            history.append(entry)
+            log.info(
+                "%s epoch %d/%d: loss %.4f, train acc %.4f, penalty %.4g, %s",
+                stage, epoch, config.epochs, entry.loss, entry.accuracy, penalty, stats,
+            )
+            if on_epoch_end is not None:
+                on_epoch_end(entry)
+    return history
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, stage: str = "eval") -> float:
+    """Top-1 accuracy (a fraction 0-1) on ``loader``."""
+    model.to(device).eval()
+    seen = correct = 0
+    with progress_bar() as bar:
+        task = bar.add_task(stage, total=len(loader), status="")
+        for images, labels in loader:
+            logits = model(images.to(device))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+            seen += labels.numel()
+            bar.update(task, advance=1, status=f"acc {correct / seen:.4f}")
+    return correct / max(seen, 1)
