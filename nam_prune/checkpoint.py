@@ -31,7 +31,6 @@ FORMAT_VERSION = 1
 
 
 def library_versions() -> dict[str, str]:
-    import rich
     import torch_pruning
     import torchvision
 
@@ -39,10 +38,9 @@ def library_versions() -> dict[str, str]:
 
     return {
         "nam_prune": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "torch_pruning": torch_pruning.__version__,
-        "rich": rich.__version__ if hasattr(rich, "__version__") else "",
+        "torch": str(torch.__version__),  # TorchVersion is a str subclass that weights-only loading refuses
+        "torchvision": str(torchvision.__version__),
+        "torch_pruning": str(torch_pruning.__version__),
         "python": platform.python_version(),
     }
 
@@ -103,10 +101,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        detail = f" ({lines[0][:160]})" if lines else ""
         raise NamPruneError(
-            f"refused to load {path}: it holds objects that weights-only loading does not allow "
-            f"({first_line[:160]}); nam-prune never unpickles code"
+            f"refused to load {path}: it holds pickled objects that weights-only loading does not allow"
+            f"{detail}; nam-prune never unpickles code, so re-save it as a plain state dict"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise NamPruneError(

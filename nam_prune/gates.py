@@ -65,6 +65,7 @@ class NAMSpatialGate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(height, width))
         self.register_buffer("running_mean", torch.zeros(height, width))
         self.register_buffer("running_var", torch.ones(height, width))
+        self.bypass = False  # set while torch-pruning traces: the gate couples no channels
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -83,6 +84,8 @@ class NAMSpatialGate(nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if tuple(x.shape[-2:]) != (self.height, self.width):
             raise NamPruneError(
                 f"spatial NAM gate was built for {self.height}x{self.width} inputs but got "

@@ -123,9 +123,9 @@ def run(recipe: Recipe, overwrite: bool = False) -> RunResult:
     seed_everything(recipe.seed)
     device = resolve_device(recipe.device)
     data = load_data(recipe.data, recipe.seed)
-    folder = run_folder(recipe, overwrite)
-    log.info("run folder %s, device %s", folder, device)
     model, record = prepare_model(recipe, data)
+    folder = run_folder(recipe, overwrite)  # only once the inputs are known to be good
+    log.info("run folder %s, device %s", folder, device)
     model.to(device)
     example = record.example_input(device)
     recipe_dict = asdict(recipe)

@@ -137,10 +137,18 @@ def head_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph; spatial gate parameters are pixel-indexed, never pruned."""
-    pixel_params = [p for m in model.modules() if isinstance(m, NAMSpatialGate) for p in m.parameters()]
+    """torch-pruning's dependency graph.
+
+    Spatial gates are traced as identities: their parameters are indexed by pixel, not
+    channel, and their reductions over channels confuse torch-pruning's reshape inference
+    (it mis-maps the final flatten). They couple no channels, so the graph stays exact.
+    """
+    spatial = [m for m in model.modules() if isinstance(m, NAMSpatialGate)]
+    pixel_params = [p for m in spatial for p in m.parameters()]
     was_training = model.training
     model.eval()
+    for gate in spatial:
+        gate.bypass = True
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -156,6 +164,8 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         ) from None
     finally:
         model.train(was_training)
+        for gate in spatial:
+            gate.bypass = False
 
 
 def _resolve(model: nn.Module, names: list[str]) -> list[nn.Module]:

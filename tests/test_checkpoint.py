@@ -1,0 +1,108 @@
+"""Weights-only checkpoints: a pruned model reloads with identical outputs; unsafe files are refused."""
+
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import nam_prune
+from nam_prune.checkpoint import ModelRecord, atomic_write, save_checkpoint
+from nam_prune.errors import NamPruneError
+from nam_prune.models import ModelSpec, build_model
+from nam_prune.prune import PruneConfig, prune_model
+from nam_prune.surgery import NAMConfig, insert_nam
+
+X = torch.randn(3, 1, 28, 28)
+
+
+@pytest.fixture
+def pruned_checkpoint(tmp_path):
+    spec = ModelSpec("resnet8", num_classes=10, in_channels=1, width=8)
+    nam = NAMConfig(spatial=True)
+    model = insert_nam(build_model(spec), nam, torch.zeros(1, 1, 28, 28))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.1, 1.0)
+    model.train()(X)  # non-trivial running statistics
+    model.eval()
+    result = prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels"), channel_fraction=0.4)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, ModelRecord(spec, (1, 28, 28), nam, result.history), metrics={"note": "test"})
+    return path, model
+
+
+def test_pruned_model_reloads_with_identical_outputs(pruned_checkpoint):
+    path, model = pruned_checkpoint
+    reloaded = nam_prune.load(path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(X), model(X))
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_checkpoint_is_plain_weights_only(pruned_checkpoint):
+    payload = torch.load(pruned_checkpoint[0], weights_only=True)
+    assert payload["format"] == "nam-prune" and payload["pruning_history"]
+    assert payload["versions"]["torch"] == torch.__version__
+
+
+class _CreatesFile:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "nam-prune", "payload": _CreatesFile(str(marker))}, path)
+    assert not marker.exists()
+    with pytest.raises(NamPruneError, match="refused to load"):
+        nam_prune.load(path)
+    assert not marker.exists()
+
+
+def test_raw_pickle_is_refused(tmp_path):
+    path = tmp_path / "raw.pt"
+    marker = tmp_path / "pwned"
+    path.write_bytes(pickle.dumps(_CreatesFile(str(marker))))
+    with pytest.raises(NamPruneError):
+        nam_prune.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_damaged_checkpoints(pruned_checkpoint, tmp_path, damage):
+    data = pruned_checkpoint[0].read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(256)}[damage])
+    with pytest.raises(NamPruneError, match="empty|corrupt|refused"):
+        nam_prune.load(bad)
+
+
+def test_other_architecture_is_named(pruned_checkpoint, tmp_path):
+    payload = torch.load(pruned_checkpoint[0], weights_only=True)
+    payload["model"]["width"] = 16
+    other = tmp_path / "other.pt"
+    torch.save(payload, other)
+    with pytest.raises(NamPruneError, match="does not match the model architecture: .*wrong shape"):
+        nam_prune.load(other)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_text("old")
+
+    def failing(tmp):
+        with open(tmp, "w") as handle:
+            handle.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert not zipfile.is_zipfile(target)

@@ -1,0 +1,124 @@
+"""The whole pipeline on a few hundred real Fashion-MNIST images, through the API and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nam_prune
+from nam_prune.data import DataConfig, load_data
+from nam_prune.recipe import load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.name=resnet8",
+    "data.train_subset=512", "data.test_subset=256", "data.batch_size=32",
+    "sparsity.epochs=4", "sparsity.optimizer=adamw", "sparsity.lr=0.005",
+    "finetune.epochs=4", "finetune.optimizer=adamw", "finetune.lr=0.005",
+    "report.latency_runs=3", "report.warmup=1",
+]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-m", "nam_prune", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, fashion_root):
+    """One tiny real run through the CLI, shared by the contract tests below."""
+    folder = tmp_path_factory.mktemp("e2e")
+    recipe = ROOT / "recipes" / "fashion_quickstart.yaml"
+    result = _cli("run", str(recipe), *TINY, f"output={folder / 'run'}", cwd=folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "run", result
+
+
+def test_run_writes_model_and_results(quick_run):
+    run_dir, _ = quick_run
+    results = json.loads((run_dir / "results.json").read_text())
+    for stage in ("before", "pruned", "after"):
+        assert set(results[stage]) >= {"params", "macs", "accuracy", "latency_ms"}
+        assert 0.0 <= results[stage]["accuracy"] <= 1.0
+    assert results["after"]["macs"] <= 0.5 * results["before"]["macs"]
+    assert results["after"]["params"] < results["before"]["params"]
+    assert results["after"]["accuracy"] > 0.4  # 10 classes: chance is 0.1
+    assert results["recipe"]["model"]["name"] == "resnet8"
+    assert results["versions"]["torch"] == torch.__version__
+    assert any(row["pruned"] > 0 for row in results["layers"])
+    assert results["layers"][-1] == {"layer": "fc", "before": 10, "after": 10, "pruned": 0.0}
+
+
+def test_report_json_agrees_with_results(quick_run):
+    run_dir, _ = quick_run
+    results = json.loads((run_dir / "results.json").read_text())
+    report = _cli("report", str(run_dir / "model.pt"), "--json", cwd=run_dir)
+    assert report.returncode == 0, report.stderr
+    summary = json.loads(report.stdout)
+    assert (summary["params"], summary["macs"]) == (results["after"]["params"], results["after"]["macs"])
+    assert summary["pruned"] is True and "accuracy" in summary and summary["accuracy"] is None
+
+
+def test_report_with_data_reproduces_accuracy(quick_run):
+    run_dir, _ = quick_run
+    results = json.loads((run_dir / "results.json").read_text())
+    recipe = load_recipe(ROOT / "recipes" / "fashion_quickstart.yaml", TINY)
+    model = nam_prune.load(run_dir / "model.pt")
+    data = load_data(recipe.data, recipe.seed)
+    assert nam_prune.evaluate(model, data.test, torch.device("cpu")) == pytest.approx(results["after"]["accuracy"])
+
+
+def test_existing_run_folder_is_not_overwritten(quick_run, tmp_path):
+    recipe = recipe_from_dict({"output": str(tmp_path / "r")})
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "model.pt").write_text("keep me")
+    from nam_prune.pipeline import run_folder
+
+    assert run_folder(recipe, overwrite=False) == tmp_path / "r-2"
+    assert (tmp_path / "r" / "model.pt").read_text() == "keep me"
+    assert run_folder(recipe, overwrite=True) == tmp_path / "r"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "recipes/resnet50_cifar.yaml"], "CIFAR-10 not found: put torchvision's 'cifar-10-batches-py'"),
+        (["run", "recipes/fashion_quickstart.yaml", "prune.macs_kep=0.4"], "did you mean 'prune.macs_keep'"),
+        (["run", "recipes/fashion_quickstart.yaml", "prune.macs_keep=1.5"], "out of range"),
+        (["run", "recipes/fashion_quickstart.yaml", "data.root=/nonexistent"], "apt-get install dataset-fashion-mnist"),
+        (["run", "recipes/missing.yaml"], "recipe recipes/missing.yaml not found"),
+        (["report", "nothing.pt"], "checkpoint nothing.pt does not exist"),
+        (["run", "recipes/fashion_quickstart.yaml", "model.name=resnet21"], "unknown model.name 'resnet21'"),
+    ],
+)
+def test_bad_inputs_print_one_line(args, message):
+    result = _cli(*args, cwd=ROOT)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_digits_short_finetune_beats_chance(tmp_path):
+    """A second real data set (scikit-learn digits), through the API."""
+    recipe = recipe_from_dict(
+        {
+            "output": str(tmp_path / "digits"),
+            "model": {"name": "resnet8", "width": 8},
+            "data": {"name": "digits", "batch_size": 64},
+            "sparsity": {"epochs": 1},
+            "prune": {"target": "channels", "channel_ratio": 0.3},
+            "finetune": {"epochs": 3, "lr": 0.05},
+            "report": {"latency_runs": 2, "warmup": 0},
+        }
+    )
+    result = nam_prune.run(recipe)
+    assert result.results["after"]["accuracy"] > 0.5
+    assert result.results["after"]["macs"] < result.results["before"]["macs"]
+    assert (result.folder / "model.pt").is_file()

@@ -1,0 +1,125 @@
+"""The NAM gates reproduce the published formulas exactly, without the reference's permutes."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nam_prune.errors import NamPruneError
+from nam_prune.gates import NAMChannelGate, NAMSpatialGate
+
+SHAPES = [(4, 8, 5, 5), (2, 16, 7, 3), (8, 3, 1, 1), (3, 32, 4, 6)]
+
+
+class ReferenceChannelAtt(nn.Module):
+    """The reference ``Channel_Att`` (Christian-lyc/NAM), written out with its permutes."""
+
+    def __init__(self, channels: int, detach: bool = True):
+        super().__init__()
+        self.bn2 = nn.BatchNorm2d(channels, affine=True)
+        self.detach = detach
+
+    def forward(self, x):
+        residual = x
+        x = self.bn2(x)
+        gamma = self.bn2.weight.data if self.detach else self.bn2.weight
+        weight_bn = gamma.abs() / torch.sum(gamma.abs())
+        x = x.permute(0, 2, 3, 1).contiguous()
+        x = torch.mul(weight_bn, x)
+        x = x.permute(0, 3, 1, 2).contiguous()
+        return torch.sigmoid(x) * residual
+
+
+class ReferencePixelAtt(nn.Module):
+    """Pixel normalization written the slow way: BatchNorm1d over H*W features of a permuted tensor."""
+
+    def __init__(self, height: int, width: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(height * width, affine=True)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        pixels = x.reshape(n, c, h * w).permute(0, 2, 1).contiguous()  # (N, HW, C)
+        normed = self.bn(pixels)
+        lam = self.bn.weight.data
+        weighted = normed * (lam.abs() / lam.abs().sum()).view(1, -1, 1)
+        return torch.sigmoid(weighted.permute(0, 2, 1).reshape(n, c, h, w)) * x
+
+
+def _randomize_bn(bn_weight, bn_bias, generator):
+    with torch.no_grad():
+        bn_weight.copy_(torch.randn(bn_weight.shape, generator=generator))
+        bn_bias.copy_(torch.randn(bn_bias.shape, generator=generator))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("grad_through_weights", [False, True])
+def test_channel_gate_matches_reference(shape, train, grad_through_weights):
+    g = torch.Generator().manual_seed(0)
+    ours = NAMChannelGate(shape[1], grad_through_weights=grad_through_weights).double()
+    ref = ReferenceChannelAtt(shape[1], detach=not grad_through_weights).double()
+    _randomize_bn(ours.bn.weight, ours.bn.bias, g)
+    ref.load_state_dict({k.replace("bn.", "bn2."): v for k, v in ours.state_dict().items()})
+    if not train:  # give the running statistics non-trivial values first
+        x_warm = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1
+        ours.train()(x_warm), ref.train()(x_warm)
+    ours.train(train), ref.train(train)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_ref = ours(x_ours), ref(x_ref)
+    upstream = torch.randn(out_ref.shape, generator=g, dtype=torch.float64)
+    (out_ours * upstream).sum().backward()
+    (out_ref * upstream).sum().backward()
+    torch.testing.assert_close(out_ours, out_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.bn.weight.grad, ref.bn2.weight.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.bn.bias.grad, ref.bn2.bias.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.bn.running_mean, ref.bn2.running_mean, atol=1e-6, rtol=0)
+
+
+def test_grad_through_weights_changes_gamma_gradient():
+    """With w detached gamma learns only through BN(x); the option adds the path through w."""
+    x = torch.randn(4, 6, 3, 3)
+    detached, flowing = NAMChannelGate(6), NAMChannelGate(6, grad_through_weights=True)
+    flowing.load_state_dict(detached.state_dict())
+    with torch.no_grad():
+        for gate in (detached, flowing):
+            gate.bn.weight.copy_(torch.linspace(0.5, 2.0, 6))
+    detached(x).sum().backward()
+    flowing(x).sum().backward()
+    assert not torch.allclose(detached.bn.weight.grad, flowing.bn.weight.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("train", [True, False])
+def test_spatial_gate_matches_pixel_batchnorm(shape, train):
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(1)
+    ours = NAMSpatialGate(h, w).double()
+    ref = ReferencePixelAtt(h, w).double()
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(h, w, generator=g))
+        ours.bias.copy_(torch.randn(h, w, generator=g))
+        ref.bn.weight.copy_(ours.weight.flatten())
+        ref.bn.bias.copy_(ours.bias.flatten())
+    if not train:
+        x_warm = torch.randn(shape, generator=g, dtype=torch.float64) * 2 - 1
+        ours.train()(x_warm), ref.train()(x_warm)
+        torch.testing.assert_close(ours.running_var.flatten(), ref.bn.running_var, atol=1e-6, rtol=0)
+    ours.train(train), ref.train(train)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_ref = ours(x_ours), ref(x_ref)
+    upstream = torch.randn(out_ref.shape, generator=g, dtype=torch.float64)
+    (out_ours * upstream).sum().backward()
+    (out_ref * upstream).sum().backward()
+    torch.testing.assert_close(out_ours, out_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.weight.grad.flatten(), ref.bn.weight.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.bias.grad.flatten(), ref.bn.bias.grad, atol=1e-6, rtol=0)
+
+
+def test_spatial_gate_rejects_other_input_size():
+    gate = NAMSpatialGate(8, 8)
+    with pytest.raises(NamPruneError, match="built for 8x8 inputs but got 16x16"):
+        gate(torch.randn(2, 4, 16, 16))

@@ -1,0 +1,110 @@
+"""Ranking by NAM gates and structural pruning through torch-pruning's dependency graph."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from nam_prune.errors import NamPruneError
+from nam_prune.gates import NAMChannelGate
+from nam_prune.models import ModelSpec, build_model
+from nam_prune.prune import NAMImportance, PruneConfig, count_macs_params, normalize_scores, prune_model
+from nam_prune.surgery import NAMConfig, insert_nam
+
+X = torch.zeros(1, 1, 28, 28)
+
+
+def _gates(model):
+    return [m for m in model.modules() if isinstance(m, NAMChannelGate)]
+
+
+def test_untrained_gammas_trap_torch_pruning_prunes_nothing(tiny_nam_resnet):
+    """All gamma = 1: torch-pruning's own global pruner silently removes nothing..."""
+    macs_before, _ = count_macs_params(tiny_nam_resnet, X)
+    pruner = tp.pruner.BasePruner(
+        tiny_nam_resnet, X, importance=NAMImportance(tiny_nam_resnet), global_pruning=True,
+        pruning_ratio=0.5, ignored_layers=[tiny_nam_resnet.fc],
+    )
+    pruner.step()
+    assert count_macs_params(tiny_nam_resnet, X)[0] == macs_before
+
+
+def test_untrained_gammas_trap_nam_prune_meets_target(tiny_nam_resnet):
+    """...while nam-prune spreads the tied cut evenly and meets the MACs target."""
+    result = prune_model(tiny_nam_resnet, X, PruneConfig(), target_macs=0.5 * count_macs_params(tiny_nam_resnet, X)[0])
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert result.macs_after >= 0.48 * result.macs_before
+    widths = [g.bn.num_features for g in _gates(tiny_nam_resnet)]
+    assert min(widths) >= 1 and tiny_nam_resnet.fc.out_features == 10
+    assert tiny_nam_resnet(X).shape == (1, 10)
+
+
+def test_lowest_gamma_channels_are_the_ones_removed():
+    """A plain conv-BN-conv chain: the channels with the smallest NAM gamma go."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    insert_nam(model, NAMConfig())
+    gamma = torch.tensor([0.9, 0.01, 0.8, 0.02, 0.7, 0.6, 0.03, 0.5])
+    with torch.no_grad():
+        model[1].channel.bn.weight.copy_(gamma)
+        original = model[0].weight.detach().clone()
+    x = torch.zeros(1, 1, 6, 6)
+    # the last conv is the head; only conv 0's 8 output channels are prunable: cut 3 of them
+    prune_model(model, x, PruneConfig(target="channels", max_pruning_ratio=0.9), channel_fraction=3 / 8)
+    kept = [0, 2, 4, 5, 7]
+    torch.testing.assert_close(model[0].weight, original[kept])
+    torch.testing.assert_close(model[1].channel.bn.weight.detach(), gamma[kept])
+    assert model[3].in_channels == 5
+
+
+def test_macs_before_after_exact():
+    """MACs come from torch-pruning's counter and drop exactly with the channels removed."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1, bias=False))
+    insert_nam(model, NAMConfig())
+    x = torch.zeros(1, 1, 6, 6)
+    conv_macs = lambda c: 36 * (9 * c + c * 4)  # noqa: E731 - two convs on 6x6
+    macs_before, params_before = count_macs_params(model, x)
+    result = prune_model(model, x, PruneConfig(target="channels"), channel_fraction=0.5)
+    assert params_before == 8 * 9 + 8 * 2 + 8 * 2 + 8 * 4  # conv, host BN, gate BN, conv
+    assert result.params_after == 4 * 9 + 4 * 2 + 4 * 2 + 4 * 4
+    assert macs_before - result.macs_after == conv_macs(8) - conv_macs(4) + 36 * 4 * 2 * 2  # + BN MACs
+
+
+def test_normalizers():
+    g = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    torch.testing.assert_close(normalize_scores(g, "sum"), g / 12)
+    torch.testing.assert_close(normalize_scores(g, "mean"), g / 3)
+    torch.testing.assert_close(normalize_scores(g, "max"), g / 6)
+    torch.testing.assert_close(normalize_scores(g, "none"), g)
+
+
+def test_no_layer_is_emptied_and_max_ratio_holds(tiny_nam_resnet):
+    before = [g.bn.num_features for g in _gates(tiny_nam_resnet)]
+    with torch.no_grad():  # one layer's gates all ~0: a greedy global ranking would empty it
+        _gates(tiny_nam_resnet)[3].gamma.fill_(1e-6)
+    prune_model(tiny_nam_resnet, X, PruneConfig(target="channels", max_pruning_ratio=0.75), channel_fraction=0.6)
+    after = [g.bn.num_features for g in _gates(tiny_nam_resnet)]
+    assert all(a >= b * 0.25 for a, b in zip(after, before))
+
+
+def test_unreachable_macs_target_is_an_error(tiny_nam_resnet):
+    macs, _ = count_macs_params(tiny_nam_resnet, X)
+    with pytest.raises(NamPruneError, match="cannot reach"):
+        prune_model(tiny_nam_resnet, X, PruneConfig(max_pruning_ratio=0.2), target_macs=0.1 * macs)
+
+
+def test_pruning_nothing_is_an_error(tiny_nam_resnet):
+    with pytest.raises(NamPruneError, match="removed nothing"):
+        prune_model(tiny_nam_resnet, X, PruneConfig(target="channels"), channel_fraction=0.0)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_prune_to_macs_target(name):
+    model = insert_nam(build_model(ModelSpec(name, num_classes=10)), NAMConfig())
+    x = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        for gate in _gates(model):
+            gate.gamma.uniform_(0, 1)
+    macs, _ = count_macs_params(model, x)
+    result = prune_model(model, x, PruneConfig(round_to=8), target_macs=0.6 * macs)
+    assert 0.55 * macs <= result.macs_after <= 0.6 * macs
+    assert model.eval()(x).shape == (1, 10)

@@ -1,0 +1,64 @@
+"""Recipes are validated: one line that names the key and what was expected."""
+
+from pathlib import Path
+
+import pytest
+
+from nam_prune.errors import NamPruneError
+from nam_prune.recipe import Recipe, load_recipe, recipe_from_dict
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    assert isinstance(load_recipe(path), Recipe)
+
+
+def test_resnet50_cifar_recipe_settings():
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "resnet50_cifar.yaml")
+    assert (recipe.sparsity.lr, recipe.sparsity.momentum, recipe.sparsity.weight_decay) == (0.1, 0.9, 5e-4)
+    assert recipe.sparsity.penalty == 1e-4 and recipe.model.name == "resnet50_cifar"
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        ({"prnue": {}}, "unknown key 'prnue' in recipe; did you mean 'prune'?"),
+        ({"prune": {"macs_kep": 0.5}}, "unknown key 'prune.macs_kep' in prune; did you mean 'prune.macs_keep'?"),
+        ({"prune": {"macs_keep": "half"}}, "prune.macs_keep must be a number, got str 'half'"),
+        ({"prune": {"macs_keep": 1.0}}, r"prune.macs_keep = 1.0 is out of range: expected 0 < value < 1"),
+        ({"prune": {"channel_ratio": -0.1}}, r"prune.channel_ratio = -0.1 is out of range"),
+        ({"sparsity": {"penalty": -1e-4}}, r"sparsity.penalty = -0.0001 is out of range: expected 0 <= value"),
+        ({"sparsity": {"epochs": 2.5}}, "sparsity.epochs must be an integer"),
+        ({"nam": {"spatial": "yes"}}, "nam.spatial must be true or false"),
+        ({"prune": {"scope": "globl"}}, "prune.scope = 'globl' is not allowed: expected one of 'global', 'local' \\(did you mean 'global'\\?\\)"),
+        ({"data": ["fashion_mnist"]}, "data must be a mapping"),
+        (["not", "a", "mapping"], "a recipe must be a YAML mapping"),
+    ],
+)
+def test_bad_recipes(tree, message):
+    with pytest.raises(NamPruneError, match=message):
+        recipe_from_dict(tree)
+
+
+def test_overrides_are_parsed_and_validated():
+    recipe = recipe_from_dict({"prune": {"macs_keep": 0.5}}, ["prune.macs_keep=0.4", "nam.spatial=true", "name=x"])
+    assert (recipe.prune.macs_keep, recipe.nam.spatial, recipe.name) == (0.4, True, "x")
+    with pytest.raises(NamPruneError, match="unknown key 'prune.ratio'"):
+        recipe_from_dict({}, ["prune.ratio=0.3"])
+    with pytest.raises(NamPruneError, match="must look like section.key=value"):
+        recipe_from_dict({}, ["prune.macs_keep"])
+    with pytest.raises(NamPruneError, match="'name' is a value, not a section"):
+        recipe_from_dict({"name": "run"}, ["name.x=1"])
+    with pytest.raises(NamPruneError, match="name must be a string, got dict"):
+        recipe_from_dict({}, ["name.x=1"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(NamPruneError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("prune: [unclosed\n")
+    with pytest.raises(NamPruneError, match="not valid YAML at line"):
+        load_recipe(broken)

@@ -1,0 +1,61 @@
+"""insert_nam puts gates into models that were not written with them."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from nam_prune.errors import NamPruneError
+from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate
+from nam_prune.models import ModelSpec, build_model
+from nam_prune.surgery import NAMConfig, insert_nam
+
+
+def _count(model, kind):
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("name", "every_bn", "block_end"),
+    [("resnet18", 20, 8), ("mobilenet_v2", 52, 17), ("resnet50", 53, 16), ("resnet20", 21, 9)],
+)
+def test_insert_counts_and_forward(name, every_bn, block_end):
+    spec = ModelSpec(name, num_classes=7, in_channels=3, width=16)
+    x = torch.randn(2, 3, 32, 32)
+    for placement, expected in (("every_bn", every_bn), ("block_end", block_end)):
+        model = insert_nam(build_model(spec), NAMConfig(placement=placement))
+        assert _count(model, NAMChannelGate) == expected
+        assert model.eval()(x).shape == (2, 7)
+
+
+def test_insert_is_idempotent(tiny_nam_resnet):
+    before = _count(tiny_nam_resnet, NAMChannelGate)
+    insert_nam(tiny_nam_resnet, NAMConfig())
+    assert _count(tiny_nam_resnet, NAMChannelGate) == before
+    assert not any(isinstance(m.host, NAMGated) for m in tiny_nam_resnet.modules() if isinstance(m, NAMGated))
+
+
+def test_spatial_gates_record_input_size():
+    model = build_model(ModelSpec("resnet8", in_channels=1, width=8))
+    insert_nam(model, NAMConfig(spatial=True), torch.zeros(1, 1, 28, 28))
+    sizes = sorted({(g.height, g.width) for g in model.modules() if isinstance(g, NAMSpatialGate)})
+    assert sizes == [(7, 7), (14, 14), (28, 28)]
+    with pytest.raises(NamPruneError, match="built for 28x28 inputs but got 32x32"):
+        model(torch.zeros(1, 1, 32, 32))
+
+
+def test_user_module_with_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 6, 6))
+    insert_nam(model, NAMConfig())
+    assert isinstance(model[1], NAMGated) and model[1].channel.bn.num_features == 8
+
+
+def test_model_without_batchnorm_is_refused():
+    with pytest.raises(NamPruneError, match="no BatchNorm2d"):
+        insert_nam(torchvision.models.alexnet(num_classes=3), NAMConfig())
+
+
+def test_block_end_needs_residual_blocks():
+    with pytest.raises(NamPruneError, match="every_bn"):
+        insert_nam(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), NAMConfig(placement="block_end"))
