@@ -91,21 +91,25 @@ def save_checkpoint(path: Path, model: nn.Module, record: ModelRecord, **extra: 
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a file with ``weights_only=True``; anything that is not a nam-prune checkpoint is refused."""
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
+    """Read a file with ``weights_only=True``; pickled objects are refused.
+
+    ``trust_pickle=True`` (the recipe's ``model.trust_pickle``) allows full unpickling for
+    a file the user vouches for, such as a whole saved ``nn.Module``: it can run code.
+    """
     path = Path(path)
     if not path.is_file():
         raise NamPruneError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise NamPruneError(f"checkpoint {path} is empty (an interrupted copy?); use the original file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         detail = f" ({lines[0][:160]})" if lines else ""
         raise NamPruneError(
             f"refused to load {path}: it holds pickled objects that weights-only loading does not allow"
-            f"{detail}; nam-prune never unpickles code, so re-save it as a plain state dict"
+            f"{detail}; re-save it as a plain state dict, or set model.trust_pickle: true only if you trust its source"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise NamPruneError(

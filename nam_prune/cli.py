@@ -40,12 +40,13 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder instead of numbering a new one.")
-def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool) -> None:
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete epoch.")
+def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool) -> None:
     """Run the pipeline a RECIPE describes; OVERRIDES are section.key=value pairs."""
     from nam_prune.pipeline import run as run_pipeline
     from nam_prune.recipe import load_recipe
 
-    run_pipeline(load_recipe(recipe, overrides), overwrite=overwrite)
+    run_pipeline(load_recipe(recipe, overrides), overwrite=overwrite, resume=resume)
 
 
 @cli.command()

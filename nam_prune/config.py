@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -52,6 +53,14 @@ def _type_name(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+def _float_text(text: str) -> Any:
+    """PyYAML reads ``1e-4`` (no dot) as a string; accept it as the number the user meant."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -69,6 +78,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise NamPruneError(f"{key} must be {_type_name(hint)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", item, get_args(hint)[0]) for i, item in enumerate(value)]
+    if hint is float and isinstance(value, str):
+        value = _float_text(value)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -77,6 +88,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     }.get(hint)
     if not ok:
         raise NamPruneError(f"{key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise NamPruneError(f"{key} must be a finite number, got {value!r}")
     return float(value) if hint is float else value
 
 

@@ -34,7 +34,7 @@ from nam_prune.prune import channel_counts, prune_model
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, measure, print_report
 from nam_prune.surgery import insert_nam
-from nam_prune.train import evaluate, fit
+from nam_prune.train import TrainState, evaluate, fit
 
 log = logging.getLogger("nam_prune")
 
@@ -79,7 +79,8 @@ def prepare_model(recipe: Recipe, data: DataBundle) -> tuple[nn.Module, ModelRec
     """Build (or load) the model and insert NAM gates unless the weights already have them."""
     spec = ModelSpec(recipe.model.name, data.num_classes, data.input_shape[0], recipe.model.width)
     record = ModelRecord(spec=spec, input_shape=data.input_shape, nam=recipe.nam)
-    payload = read_checkpoint(recipe.model.weights) if recipe.model.weights else None
+    weights = recipe.model.weights
+    payload = read_checkpoint(weights, recipe.model.trust_pickle) if weights else None
     if payload is not None and is_nam_checkpoint(payload):
         record = record_of(payload)
         if tuple(record.input_shape) != tuple(data.input_shape):
@@ -88,17 +89,19 @@ def prepare_model(recipe: Recipe, data: DataBundle) -> tuple[nn.Module, ModelRec
                 f"{tuple(data.input_shape)}; use the data set it was trained on"
             )
         model = rebuild(record)
-        load_state(model, payload["state_dict"], recipe.model.weights)
+        load_state(model, payload["state_dict"], weights)
         if record.nam is None:
             insert_nam(model, recipe.nam, record.example_input())
             record = replace(record, nam=recipe.nam)
         return model, record
     model = build_model(spec)
     if payload is not None:
-        state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
-        if not isinstance(state, dict):
-            raise NamPruneError(f"model.weights {recipe.model.weights} holds no state dict")
-        load_state(model, state, recipe.model.weights)
+        if isinstance(payload, nn.Module):  # a whole saved model, allowed by model.trust_pickle
+            payload = payload.state_dict()
+        state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise NamPruneError(f"model.weights {weights} holds no state dict (a mapping of names to tensors)")
+        load_state(model, state, weights)
     insert_nam(model, recipe.nam, record.example_input())
     return model, record
 
@@ -117,68 +120,144 @@ class RunResult:
     model: nn.Module
 
 
-def run(recipe: Recipe, overwrite: bool = False) -> RunResult:
-    """Run the pipeline end to end and return the run folder, results and pruned model."""
+LAST = "last.pt"
+
+
+def _rng_state(data: DataBundle) -> dict[str, torch.Tensor]:
+    return {"torch": torch.get_rng_state(), "loader": data.train.generator.get_state()}
+
+
+def _restore_rng(data: DataBundle, state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    data.train.generator.set_state(state["loader"])
+
+
+def _resume_point(recipe: Recipe, recipe_dict: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The interrupted run of this recipe: its folder and its ``last.pt`` payload."""
+    folder = Path(recipe.output or Path("runs") / recipe.name)
+    path = folder / LAST
+    if not path.is_file():
+        raise NamPruneError(f"nothing to resume: {path} does not exist; run without --resume to start")
+    payload = read_checkpoint(path)
+    if payload.get("recipe") != recipe_dict:
+        raise NamPruneError(
+            f"{path} was written by a different recipe; resume with the same recipe file and overrides"
+        )
+    return folder, payload
+
+
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunResult:
+    """Run the pipeline end to end and return the run folder, results and pruned model.
+
+    After every complete training epoch the run is checkpointed to ``<folder>/last.pt``
+    (atomically); ``resume=True`` continues from it and ends where an uninterrupted run
+    with the same seed would.
+    """
     started = time.perf_counter()
     seed_everything(recipe.seed)
     device = resolve_device(recipe.device)
     data = load_data(recipe.data, recipe.seed)
-    model, record = prepare_model(recipe, data)
-    folder = run_folder(recipe, overwrite)  # only once the inputs are known to be good
+    recipe_dict = asdict(recipe)
+    if resume:
+        folder, payload = _resume_point(recipe, recipe_dict)
+        record = record_of(payload)
+        model = rebuild(record)
+        load_state(model, payload["state_dict"], str(folder / LAST))
+        progress = payload["progress"]
+        _restore_rng(data, progress["rng"])
+        log.info("resuming %s at %s epoch %d", folder, progress["stage"], progress["epoch"])
+    else:
+        model, record = prepare_model(recipe, data)
+        folder = run_folder(recipe, overwrite)  # only once the inputs are known to be good
+        progress = {"stage": "sparsity", "epoch": 0, "train_state": None, "results": {}, "timings": {}}
     log.info("run folder %s, device %s", folder, device)
     model.to(device)
     example = record.example_input(device)
-    recipe_dict = asdict(recipe)
-    timings: dict[str, float] = {}
+    results, timings = progress["results"], progress["timings"]
 
-    tick = time.perf_counter()
-    sparsity_log = fit(model, data.train, recipe.sparsity, device, "sparsity")
-    timings["sparsity_s"] = time.perf_counter() - tick
-    before = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval dense"))
-    dense_channels = channel_counts(model)
-    save_checkpoint(folder / "dense.pt", model, record, recipe=recipe_dict, metrics={"before": before.to_dict()})
+    def checkpoint(stage: str, state: TrainState | None) -> None:
+        progress.update(
+            stage=stage,
+            epoch=state.epoch if state else 0,
+            train_state=state.to_dict() if state else None,
+            rng=_rng_state(data),
+        )
+        save_checkpoint(folder / LAST, model, record, recipe=recipe_dict, progress=progress)
 
-    tick = time.perf_counter()
-    initial_channels: dict[str, int] = {}
-    history = list(record.history)
-    prune_cfg = recipe.prune
-    for step in range(1, prune_cfg.steps + 1):
-        if prune_cfg.target == "macs":
-            target = before.macs * (1 - (1 - prune_cfg.macs_keep) * step / prune_cfg.steps)
-            result = prune_model(model, example, prune_cfg, target_macs=target, initial_channels=initial_channels)
-        else:
-            fraction = _channel_step_fraction(prune_cfg.channel_ratio, step, prune_cfg.steps)
-            result = prune_model(model, example, prune_cfg, channel_fraction=fraction, initial_channels=initial_channels)
-        history += result.history
-        if step < prune_cfg.steps and prune_cfg.epochs_between_steps:
-            fit(model, data.train, replace(recipe.finetune, epochs=prune_cfg.epochs_between_steps), device, f"step {step}")
-    record = replace(record, history=history)
-    timings["prune_s"] = time.perf_counter() - tick
-    pruned = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval pruned"))
+    def resumed(stage: str) -> TrainState | None:
+        state = progress["train_state"] if progress["stage"] == stage else None
+        return TrainState.from_dict(state) if state else None
 
-    tick = time.perf_counter()
-    finetune_log = fit(model, data.train, recipe.finetune, device, "finetune")
-    timings["finetune_s"] = time.perf_counter() - tick
+    try:
+        if progress["stage"] == "sparsity":
+            tick = time.perf_counter()
+            sparsity_log = fit(
+                model, data.train, recipe.sparsity, device, "sparsity",
+                on_epoch_end=lambda state: checkpoint("sparsity", state), resume=resumed("sparsity"),
+            )
+            timings["sparsity_s"] = time.perf_counter() - tick
+            before = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval dense"))
+            save_checkpoint(folder / "dense.pt", model, record, recipe=recipe_dict, metrics={"before": before.to_dict()})
+            results["before"] = before.to_dict()
+            results["dense_channels"] = channel_counts(model)
+            results["sparsity_log"] = [asdict(e) for e in sparsity_log]
+
+            tick = time.perf_counter()
+            record = replace(record, history=record.history + _prune_steps(model, example, recipe, data, device, before.macs))
+            timings["prune_s"] = time.perf_counter() - tick
+            pruned = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval pruned"))
+            results["pruned"] = pruned.to_dict()
+            checkpoint("finetune", None)
+
+        tick = time.perf_counter()
+        finetune_log = fit(
+            model, data.train, recipe.finetune, device, "finetune",
+            on_epoch_end=lambda state: checkpoint("finetune", state), resume=resumed("finetune"),
+        )
+        timings["finetune_s"] = timings.get("finetune_s", 0.0) + time.perf_counter() - tick
+    except KeyboardInterrupt:
+        if (folder / LAST).is_file():
+            log.warning("interrupted: the last complete epoch is in %s; rerun the same command with --resume", folder / LAST)
+        raise
     after = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval fine-tuned"))
-    layers = layer_changes(dense_channels, channel_counts(model))
-    timings["total_s"] = time.perf_counter() - started
+    layers = layer_changes(results["dense_channels"], channel_counts(model))
+    timings["total_s"] = timings.get("total_s", 0.0) + time.perf_counter() - started
 
-    stages = {"before": before.to_dict(), "pruned": pruned.to_dict(), "after": after.to_dict()}
-    results = {
+    stages = {"before": results["before"], "pruned": results["pruned"], "after": after.to_dict()}
+    final = {
         **stages,
-        "macs_kept": after.macs / before.macs,
+        "macs_kept": after.macs / stages["before"]["macs"],
         "layers": layers,
-        "training": {
-            "sparsity": [asdict(e) for e in sparsity_log],
-            "finetune": [asdict(e) for e in finetune_log],
-        },
+        "training": {"sparsity": results["sparsity_log"], "finetune": [asdict(e) for e in finetune_log]},
         "timings": timings,
         "device": str(device),
         "recipe": recipe_dict,
         "versions": library_versions(),
     }
     save_checkpoint(folder / "model.pt", model, record, recipe=recipe_dict, metrics=stages, layers=layers)
-    atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
+    (folder / LAST).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
     print_report({"dense": stages["before"], "pruned": stages["pruned"], "fine-tuned": stages["after"]}, layers)
     console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]")
-    return RunResult(folder, results, model)
+    return RunResult(folder, final, model)
+
+
+def _prune_steps(
+    model: nn.Module, example: torch.Tensor, recipe: Recipe, data: DataBundle, device: torch.device, dense_macs: int
+) -> list:
+    """One-shot or iterative pruning to the recipe's target; returns the pruning history."""
+    config = recipe.prune
+    initial_channels: dict[str, int] = {}
+    history = []
+    for step in range(1, config.steps + 1):
+        if config.target == "macs":
+            target = dense_macs * (1 - (1 - config.macs_keep) * step / config.steps)
+            result = prune_model(model, example, config, target_macs=target, initial_channels=initial_channels)
+        else:
+            fraction = _channel_step_fraction(config.channel_ratio, step, config.steps)
+            result = prune_model(model, example, config, channel_fraction=fraction, initial_channels=initial_channels)
+        history += result.history
+        if step < config.steps and config.epochs_between_steps:
+            between = replace(recipe.finetune, epochs=config.epochs_between_steps)
+            fit(model, data.train, between, device, f"step {step}")
+    return history

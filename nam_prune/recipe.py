@@ -25,11 +25,13 @@ from nam_prune.train import TrainConfig
 class ModelConfig:
     """name: a CIFAR ResNet, torchvision name, ``timm:NAME`` or ``module:factory``.
     width: base width of the CIFAR ResNets. weights: a state dict or nam-prune checkpoint to start from.
+    trust_pickle: allow ``weights`` to be a pickled file (a whole saved model); it can run code.
     """
 
     name: str = "resnet20"
     width: int = bounded(16, low=1)
     weights: str = ""
+    trust_pickle: bool = False
 
 
 def _sparsity_defaults() -> TrainConfig:

@@ -39,6 +39,7 @@ class GammaStats:
     channels: int
     near_zero: int
     threshold: float
+    dead_layers: list[str]
 
     def __str__(self) -> str:
         return f"{self.near_zero}/{self.channels} NAM gamma < {self.threshold:g}"
@@ -46,8 +47,10 @@ class GammaStats:
 
 @torch.no_grad()
 def gamma_stats(model: nn.Module, threshold: float = 1e-2) -> GammaStats:
-    gammas = [m.gamma.abs() for m in model.modules() if isinstance(m, NAMChannelGate)]
-    if not gammas:
-        return GammaStats(0, 0, threshold)
-    flat = torch.cat(gammas)
-    return GammaStats(flat.numel(), int((flat < threshold).sum()), threshold)
+    """Count near-zero NAM gammas and name the gates whose gammas are *all* near zero."""
+    gates = [(name, m.gamma.abs()) for name, m in model.named_modules() if isinstance(m, NAMChannelGate)]
+    if not gates:
+        return GammaStats(0, 0, threshold, [])
+    flat = torch.cat([g for _, g in gates])
+    dead = [name for name, g in gates if bool((g < threshold).all())]
+    return GammaStats(flat.numel(), int((flat < threshold).sum()), threshold, dead)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -71,24 +71,50 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+@dataclass
+class TrainState:
+    """Where a training stage stands after a complete epoch (random-number states are the caller's)."""
+
+    epoch: int
+    history: list[EpochLog]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "history": [asdict(e) for e in self.history]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainState":
+        return cls(**{**data, "history": [EpochLog(**e) for e in data["history"]]})
+
+
 def fit(
     model: nn.Module,
     loader: DataLoader,
     config: TrainConfig,
     device: torch.device,
     stage: str,
-    on_epoch_end: Callable[[EpochLog], None] | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+    resume: TrainState | None = None,
 ) -> list[EpochLog]:
-    """Train ``model`` for ``config.epochs``; the NAM penalty is applied when ``config.penalty > 0``."""
+    """Train ``model`` for ``config.epochs``; the NAM penalty is applied when ``config.penalty > 0``.
+
+    ``on_epoch_end`` receives the state after each complete epoch (to checkpoint it);
+    ``resume`` continues from such a state with the same optimizer and schedule.
+    """
     if config.epochs == 0:
         return []
     model.to(device)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, len(loader))
+    history: list[EpochLog] = []
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        history = list(resume.history)
     criterion = nn.CrossEntropyLoss()
-    history = []
     with progress_bar() as bar:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(len(history) + 1, config.epochs + 1):
             model.train()
             task = bar.add_task(f"{stage} {epoch}/{config.epochs}", total=len(loader), status="")
             seen = correct = 0
@@ -100,7 +126,7 @@ def fit(
                 if not math.isfinite(loss.item()):
                     raise NamPruneError(
                         f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; "
-                        "lower the learning rate or the penalty"
+                        "lower the learning rate or the penalty (the last complete epoch is kept)"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -121,8 +147,13 @@ def fit(
                 "%s epoch %d/%d: loss %.4f, train acc %.4f, penalty %.4g, %s",
                 stage, epoch, config.epochs, entry.loss, entry.accuracy, penalty, stats,
             )
+            if stats.dead_layers:
+                log.warning(
+                    "%s: every NAM gamma of %s is below %g; pruning keeps at least one channel there",
+                    stage, ", ".join(stats.dead_layers), stats.threshold,
+                )
             if on_epoch_end is not None:
-                on_epoch_end(entry)
+                on_epoch_end(TrainState(epoch, list(history), optimizer.state_dict(), scheduler.state_dict()))
     return history
 
 

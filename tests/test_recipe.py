@@ -42,6 +42,14 @@ def test_bad_recipes(tree, message):
         recipe_from_dict(tree)
 
 
+def test_yaml_exponent_without_dot_is_a_number():
+    """PyYAML parses 1e-4 as a string; a float field accepts it, an int field does not."""
+    recipe = recipe_from_dict({"sparsity": {"penalty": "1e-4"}})
+    assert recipe.sparsity.penalty == 1e-4
+    with pytest.raises(NamPruneError, match="sparsity.penalty must be a finite number"):
+        recipe_from_dict({"sparsity": {"penalty": "nan"}})
+
+
 def test_overrides_are_parsed_and_validated():
     recipe = recipe_from_dict({"prune": {"macs_keep": 0.5}}, ["prune.macs_keep=0.4", "nam.spatial=true", "name=x"])
     assert (recipe.prune.macs_keep, recipe.nam.spatial, recipe.name) == (0.4, True, "x")

@@ -1,0 +1,194 @@
+"""Never lose a run, never crash with a traceback: resume after kill -9, Ctrl-C, NaN, bad inputs, fuzz."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nam_prune.checkpoint import read_checkpoint
+from nam_prune.errors import NamPruneError
+from nam_prune.prune import PruneConfig, prune_model
+from nam_prune.recipe import recipe_from_dict
+from nam_prune.surgery import NAMConfig, insert_nam
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = str(ROOT / "recipes" / "fashion_quickstart.yaml")
+TINY = [
+    "model.name=resnet8", "data.train_subset=512", "data.test_subset=256", "data.batch_size=32",
+    "sparsity.epochs=3", "sparsity.optimizer=adamw", "sparsity.lr=0.005",
+    "finetune.epochs=3", "finetune.optimizer=adamw", "finetune.lr=0.005",
+    "report.latency_runs=2", "report.warmup=0",
+]
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nam_prune", *args]
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(*args), cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _start_and_wait_for_checkpoint(folder: Path, stage: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        _command("run", RECIPE, *TINY, f"output={folder}"), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        last = folder / "last.pt"
+        if last.is_file():
+            try:
+                progress = read_checkpoint(last)["progress"]
+            except NamPruneError:  # caught between write and rename? never: writes are atomic
+                raise
+            if progress["stage"] == stage and progress["epoch"] >= 1:
+                return process
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"run never checkpointed {stage}: {process.stderr.read()[-2000:]}")
+
+
+def _metrics(folder: Path) -> dict:
+    results = json.loads((folder / "results.json").read_text())
+    return {s: {k: results[s][k] for k in ("params", "macs", "accuracy")} for s in ("before", "pruned", "after")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fashion_root):
+    folder = tmp_path_factory.mktemp("whole") / "run"
+    result = _run("run", RECIPE, *TINY, f"output={folder}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (folder / "last.pt").exists()
+    return _metrics(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sparsity", "finetune"])
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, uninterrupted, stage):
+    folder = tmp_path / "run"
+    process = _start_and_wait_for_checkpoint(folder, stage)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (folder / "results.json").exists()
+    resumed = _run("run", RECIPE, *TINY, f"output={folder}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    assert _metrics(folder) == uninterrupted
+
+
+def test_ctrl_c_keeps_checkpoint_and_says_how_to_resume(tmp_path, fashion_root):
+    folder = tmp_path / "run"
+    process = _start_and_wait_for_checkpoint(folder, "sparsity")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert read_checkpoint(folder / "last.pt")["progress"]["epoch"] >= 1
+
+
+def test_resume_needs_a_checkpoint_and_the_same_recipe(tmp_path, fashion_root):
+    result = _run("run", RECIPE, *TINY, f"output={tmp_path / 'none'}", "--resume")
+    assert result.returncode == 2 and "nothing to resume" in result.stderr
+    folder = tmp_path / "run"
+    process = _start_and_wait_for_checkpoint(folder, "sparsity")
+    process.kill()
+    process.wait()
+    other = _run("run", RECIPE, *TINY, "finetune.lr=0.001", f"output={folder}", "--resume")
+    assert other.returncode == 2 and "different recipe" in other.stderr
+
+
+def test_nan_loss_names_epoch_and_step(tmp_path, fashion_root):
+    result = _run("run", RECIPE, *TINY, "sparsity.optimizer=sgd", "sparsity.lr=1e30", f"output={tmp_path / 'nan'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "loss became" in result.stderr and "at epoch 1, step" in result.stderr
+
+
+def test_debug_shows_traceback():
+    result = _run("--debug", "run", "recipes/missing.yaml")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_unwritable_output_folder(tmp_path, fashion_root):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _run("run", RECIPE, *TINY, f"output={blocker / 'run'}")
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last_line.startswith("error: cannot create run folder")
+
+
+def test_pickled_weights_need_the_trust_flag(tmp_path, fashion_root):
+    path = tmp_path / "whole_model.pt"
+    torch.save(nn.Sequential(nn.Conv2d(1, 2, 3)), path)
+    result = _run("run", RECIPE, *TINY, f"model.weights={path}", f"output={tmp_path / 'r'}")
+    assert result.returncode == 2 and "model.trust_pickle: true" in result.stderr
+    trusted = _run("run", RECIPE, *TINY, f"model.weights={path}", "model.trust_pickle=true", f"output={tmp_path / 'r'}")
+    assert trusted.returncode == 2 and "does not match the model architecture" in trusted.stderr
+    assert "missing: conv1.weight" in trusted.stderr
+
+
+class _ItemOutput(nn.Module):
+    """A model whose forward leaves the autograd graph (returns a Python float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return float(self.head(self.bn(self.conv(x))).mean())
+
+
+def test_untraceable_model_is_a_clear_error():
+    model = insert_nam(_ItemOutput(), NAMConfig())
+    with pytest.raises(NamPruneError, match="torch-pruning could not trace the model"):
+        prune_model(model, torch.zeros(1, 1, 8, 8), PruneConfig(target="channels"), channel_fraction=0.5)
+
+
+@pytest.mark.parametrize("override", ["prune.max_pruning_ratio=1.0", "prune.channel_ratio=1", "prune.macs_keep=0"])
+def test_budgets_that_would_empty_a_layer_are_rejected(override):
+    with pytest.raises(NamPruneError, match="out of range"):
+        recipe_from_dict({}, [override])
+
+
+yaml_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=12)
+)
+yaml_values = st.recursive(
+    yaml_scalars,
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=10), children, max_size=3)),
+    max_leaves=8,
+)
+known_sections = st.sampled_from(["model", "nam", "data", "sparsity", "prune", "finetune", "report", "name", "seed"])
+recipe_trees = st.one_of(
+    yaml_values,
+    st.dictionaries(known_sections, yaml_values, max_size=4),
+    st.dictionaries(
+        known_sections,
+        st.dictionaries(st.sampled_from(["epochs", "lr", "macs_keep", "name", "spatial", "scope", "milestones", "x"]), yaml_values, max_size=3),
+        max_size=3,
+    ),
+)
+overrides = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz._=0123456789-: [],", max_size=30), max_size=3)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=recipe_trees, extra=overrides)
+def test_fuzzed_recipes_never_crash(tree, extra):
+    """Any YAML document and overrides give a Recipe or a one-line NamPruneError, nothing else."""
+    text = yaml.safe_dump(tree, allow_unicode=True)
+    try:
+        recipe_from_dict(yaml.safe_load(text), extra)
+    except NamPruneError as error:
+        assert "\n" not in str(error).strip()
