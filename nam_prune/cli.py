@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 from rich.logging import RichHandler
+from rich.text import Text
 
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
@@ -41,12 +43,19 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 @click.argument("overrides", nargs=-1)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder instead of numbering a new one.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete epoch.")
-def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), default=1, help="Processes to start under torchrun (DDP).")
+def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool, nproc: int) -> None:
     """Run the pipeline a RECIPE describes; OVERRIDES are section.key=value pairs."""
+    from nam_prune import distributed
     from nam_prune.pipeline import run as run_pipeline
     from nam_prune.recipe import load_recipe
 
-    run_pipeline(load_recipe(recipe, overrides), overwrite=overwrite, resume=resume)
+    loaded = load_recipe(recipe, overrides)  # validate before starting any process
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        argv = ["run", str(recipe), *overrides, *(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
+        distributed.launch(nproc, argv)
+        return
+    run_pipeline(loaded, overwrite=overwrite, resume=resume)
 
 
 @cli.command()
@@ -86,15 +95,19 @@ def main() -> None:
     except NamPruneError as error:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        rank = os.environ.get("RANK", "0")
+        prefix = f"[rank {rank}] " if rank != "0" else ""
+        console.print(Text.assemble(prefix, ("error:", "bold red"), f" {error}"), soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
     except Exception as error:  # a bug: still one line unless --debug
         if debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         console.print(
-            f"[bold red]internal error:[/] {type(error).__name__}: {message} (rerun with --debug for the traceback)",
-            highlight=False,
+            Text.assemble(
+                ("internal error:", "bold red"),
+                f" {type(error).__name__}: {message} (rerun with --debug for the traceback)",
+            ),
             soft_wrap=True,
         )
         sys.exit(1)

@@ -14,8 +14,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
+from nam_prune import distributed
 from nam_prune.errors import NamPruneError
 
 DatasetName = Literal["fashion_mnist", "cifar10", "digits", "image_folder"]
@@ -36,6 +37,7 @@ class DataConfig:
 
     train_subset / test_subset: number of images to keep (0 = all), drawn with a fixed
     seed so runs are comparable. download: let torchvision fetch CIFAR-10 (needs network).
+    batch_size is per process under torchrun.
     """
 
     name: DatasetName = "fashion_mnist"
@@ -157,13 +159,21 @@ def load_data(config: DataConfig, seed: int = 0) -> DataBundle:
     train = _subset(train, config.train_subset, seed)
     test = _subset(test, config.test_subset, seed + 1)
     shape = tuple(train[0][0].shape)
-    train_loader = DataLoader(
-        train,
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.workers,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=len(train) > config.batch_size,
-    )
+    drop_last = len(train) > config.batch_size * distributed.world_size()
+    if distributed.active():  # each rank trains on its shard (batch_size is per process) and tests on its slice
+        sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=drop_last)
+        train_loader = DataLoader(
+            train, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=drop_last
+        )
+        test = Subset(test, list(range(distributed.rank(), len(test), distributed.world_size())))
+    else:
+        train_loader = DataLoader(
+            train,
+            batch_size=config.batch_size,
+            shuffle=True,
+            num_workers=config.workers,
+            generator=torch.Generator().manual_seed(seed),
+            drop_last=drop_last,
+        )
     test_loader = DataLoader(test, batch_size=max(config.batch_size, 256), num_workers=config.workers)
     return DataBundle(train_loader, test_loader, classes, shape)  # type: ignore[arg-type]

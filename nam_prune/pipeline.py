@@ -26,6 +26,7 @@ from nam_prune.checkpoint import (
     record_of,
     save_checkpoint,
 )
+from nam_prune import distributed
 from nam_prune.console import console
 from nam_prune.data import DataBundle, load_data
 from nam_prune.errors import NamPruneError
@@ -123,13 +124,16 @@ class RunResult:
 LAST = "last.pt"
 
 
-def _rng_state(data: DataBundle) -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state(), "loader": data.train.generator.get_state()}
+def _rng_state(data: DataBundle) -> dict[str, torch.Tensor | None]:
+    """Random-number states to resume with (under torchrun the sampler is seeded per epoch instead)."""
+    generator = data.train.generator
+    return {"torch": torch.get_rng_state(), "loader": generator.get_state() if generator is not None else None}
 
 
-def _restore_rng(data: DataBundle, state: dict[str, torch.Tensor]) -> None:
+def _restore_rng(data: DataBundle, state: dict[str, torch.Tensor | None]) -> None:
     torch.set_rng_state(state["torch"])
-    data.train.generator.set_state(state["loader"])
+    if data.train.generator is not None and state["loader"] is not None:
+        data.train.generator.set_state(state["loader"])
 
 
 def _resume_point(recipe: Recipe, recipe_dict: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
@@ -151,11 +155,22 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
 
     After every complete training epoch the run is checkpointed to ``<folder>/last.pt``
     (atomically); ``resume=True`` continues from it and ends where an uninterrupted run
-    with the same seed would.
+    with the same seed would. Under torchrun every rank runs this; only rank 0 writes.
     """
-    started = time.perf_counter()
-    seed_everything(recipe.seed)
     device = resolve_device(recipe.device)
+    distributed.init_from_env(device)
+    try:
+        return _run(recipe, distributed.local_device(device), overwrite, resume)
+    finally:
+        distributed.shutdown()
+
+
+def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) -> RunResult:
+    started = time.perf_counter()
+    main = distributed.is_main()
+    if not main:
+        log.setLevel(logging.WARNING)
+    seed_everything(recipe.seed)
     data = load_data(recipe.data, recipe.seed)
     recipe_dict = asdict(recipe)
     if resume:
@@ -168,9 +183,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
         log.info("resuming %s at %s epoch %d", folder, progress["stage"], progress["epoch"])
     else:
         model, record = prepare_model(recipe, data)
-        folder = run_folder(recipe, overwrite)  # only once the inputs are known to be good
+        # only once the inputs are known to be good; rank 0 picks it for everyone
+        folder = distributed.broadcast_object(run_folder(recipe, overwrite) if main else None)
         progress = {"stage": "sparsity", "epoch": 0, "train_state": None, "results": {}, "timings": {}}
-    log.info("run folder %s, device %s", folder, device)
+    log.info("run folder %s, device %s, %d process(es)", folder, device, distributed.world_size())
     model.to(device)
     example = record.example_input(device)
     results, timings = progress["results"], progress["timings"]
@@ -182,7 +198,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
             train_state=state.to_dict() if state else None,
             rng=_rng_state(data),
         )
-        save_checkpoint(folder / LAST, model, record, recipe=recipe_dict, progress=progress)
+        if main:
+            save_checkpoint(folder / LAST, model, record, recipe=recipe_dict, progress=progress)
 
     def resumed(stage: str) -> TrainState | None:
         state = progress["train_state"] if progress["stage"] == stage else None
@@ -196,8 +213,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
                 on_epoch_end=lambda state: checkpoint("sparsity", state), resume=resumed("sparsity"),
             )
             timings["sparsity_s"] = time.perf_counter() - tick
+            distributed.check_replicas_identical(model, "sparsity training")
             before = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval dense"))
-            save_checkpoint(folder / "dense.pt", model, record, recipe=recipe_dict, metrics={"before": before.to_dict()})
+            if main:
+                save_checkpoint(folder / "dense.pt", model, record, recipe=recipe_dict, metrics={"before": before.to_dict()})
             results["before"] = before.to_dict()
             results["dense_channels"] = channel_counts(model)
             results["sparsity_log"] = [asdict(e) for e in sparsity_log]
@@ -205,6 +224,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
             tick = time.perf_counter()
             record = replace(record, history=record.history + _prune_steps(model, example, recipe, data, device, before.macs))
             timings["prune_s"] = time.perf_counter() - tick
+            distributed.check_replicas_identical(model, "pruning")  # every rank pruned the same channels
             pruned = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval pruned"))
             results["pruned"] = pruned.to_dict()
             checkpoint("finetune", None)
@@ -216,7 +236,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
         )
         timings["finetune_s"] = timings.get("finetune_s", 0.0) + time.perf_counter() - tick
     except KeyboardInterrupt:
-        if (folder / LAST).is_file():
+        if main and (folder / LAST).is_file():
             log.warning("interrupted: the last complete epoch is in %s; rerun the same command with --resume", folder / LAST)
         raise
     after = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval fine-tuned"))
@@ -231,14 +251,18 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
         "training": {"sparsity": results["sparsity_log"], "finetune": [asdict(e) for e in finetune_log]},
         "timings": timings,
         "device": str(device),
+        "processes": distributed.world_size(),
         "recipe": recipe_dict,
         "versions": library_versions(),
     }
-    save_checkpoint(folder / "model.pt", model, record, recipe=recipe_dict, metrics=stages, layers=layers)
-    atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
-    (folder / LAST).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
-    print_report({"dense": stages["before"], "pruned": stages["pruned"], "fine-tuned": stages["after"]}, layers)
-    console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]")
+    distributed.check_replicas_identical(model, "fine-tuning")
+    if main:
+        save_checkpoint(folder / "model.pt", model, record, recipe=recipe_dict, metrics=stages, layers=layers)
+        atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
+        (folder / LAST).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
+        print_report({"dense": stages["before"], "pruned": stages["pruned"], "fine-tuned": stages["after"]}, layers)
+        console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]")
+    distributed.barrier()
     return RunResult(folder, final, model)
 
 

@@ -12,8 +12,9 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from nam_prune import distributed
 from nam_prune.config import bounded
 from nam_prune.console import progress_bar
 from nam_prune.errors import NamPruneError
@@ -105,6 +106,7 @@ def fit(
     if config.epochs == 0:
         return []
     model.to(device)
+    trained = distributed.wrap(model, device)  # DDP under torchrun; the penalty finds the gates through it
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, len(loader))
     history: list[EpochLog] = []
@@ -115,13 +117,15 @@ def fit(
     criterion = nn.CrossEntropyLoss()
     with progress_bar() as bar:
         for epoch in range(len(history) + 1, config.epochs + 1):
-            model.train()
+            trained.train()
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
             task = bar.add_task(f"{stage} {epoch}/{config.epochs}", total=len(loader), status="")
             seen = correct = 0
             loss_sum = penalty = 0.0
             for step, (images, labels) in enumerate(loader, 1):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                logits = model(images)
+                logits = trained(images)
                 loss = criterion(logits, labels)
                 if not math.isfinite(loss.item()):
                     raise NamPruneError(
@@ -130,7 +134,7 @@ def fit(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                penalty = apply_sparsity_penalty(model, config.penalty)
+                penalty = apply_sparsity_penalty(trained, config.penalty)
                 optimizer.step()
                 scheduler.step()
                 seen += labels.numel()
@@ -138,6 +142,7 @@ def fit(
                 loss_sum += loss.item() * labels.numel()
                 bar.update(task, advance=1, status=f"loss {loss_sum / seen:.3f}")
             bar.remove_task(task)
+            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
             stats = gamma_stats(model)
             entry = EpochLog(
                 epoch, loss_sum / seen, correct / seen, penalty, stats.near_zero, optimizer.param_groups[0]["lr"]
@@ -153,7 +158,9 @@ def fit(
                     stage, ", ".join(stats.dead_layers), stats.threshold,
                 )
             if on_epoch_end is not None:
+                distributed.sync_buffers(model)
                 on_epoch_end(TrainState(epoch, list(history), optimizer.state_dict(), scheduler.state_dict()))
+    distributed.sync_buffers(model)
     return history
 
 
@@ -169,4 +176,5 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, stage: 
             correct += int((logits.argmax(1).cpu() == labels).sum())
             seen += labels.numel()
             bar.update(task, advance=1, status=f"acc {correct / seen:.4f}")
+    correct, seen = distributed.all_reduce_sum([correct, seen], device)
     return correct / max(seen, 1)
