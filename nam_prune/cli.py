@@ -62,11 +62,12 @@ def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool,
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "data", help="Evaluate on a recipe's data (a .yaml) or a data set name.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
-def report(model: Path, data: str | None, as_json: bool) -> None:
+@click.option("--onnx", "with_onnx", is_flag=True, help="Add onnxruntime CPU latency (batch 1).")
+def report(model: Path, data: str | None, as_json: bool, with_onnx: bool) -> None:
     """Params, MACs and the per-layer table of a saved MODEL; accuracy with --data."""
     from nam_prune.report import inspect_checkpoint, layer_table, summary_table
 
-    summary = inspect_checkpoint(model, data)
+    summary = inspect_checkpoint(model, data, with_onnx=with_onnx)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -75,6 +76,27 @@ def report(model: Path, data: str | None, as_json: bool) -> None:
         stages = {**summary["recorded"], "this model": summary}
     console.print(summary_table(stages, title=f"{model}"))
     console.print(layer_table(summary["layers"], only_changed=False))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True)
+@click.option("--dynamic-batch", is_flag=True, help="Let the batch dimension vary.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL with .onnx")
+def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path | None) -> None:
+    """Export a saved MODEL (ONNX), check it and verify onnxruntime matches torch within 1e-4."""
+    from nam_prune.checkpoint import load_with_metadata, record_of
+    from nam_prune.export import export_onnx
+
+    module, payload = load_with_metadata(model)
+    result = export_onnx(
+        module, record_of(payload).example_input(), output or model.with_suffix(f".{fmt}"), opset, dynamic_batch
+    )
+    console.print(
+        f"wrote {result.path} (opset {result.opset}, max |torch - onnxruntime| = {result.max_abs_diff:.1e})",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ copies; the numbers are the same (see ``tests/test_gates.py``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -25,21 +27,98 @@ def normalized_scale(scale: torch.Tensor, detach: bool) -> torch.Tensor:
     return magnitude / magnitude.sum()
 
 
+def _channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+class _TrainChannelGate(torch.autograd.Function):
+    """Train-mode channel gate in one function that saves only ``x`` and per-channel vectors.
+
+    With batch statistics (mean, invstd) and w detached, the gate is
+    ``x * sigmoid(a x + b)`` with per-channel ``a = w g invstd``, ``b = w (beta - g mean invstd)``;
+    backward recomputes the sigmoid instead of keeping BN(x), z and sigmoid(z) alive, and
+    folds the batch-norm gradient into per-channel coefficients (no x-hat tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, w):  # noqa: D401 - autograd signature
+        a = w * weight * invstd
+        b = w * (bias - mean * weight * invstd)
+        out = torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a))).mul_(x)
+        ctx.save_for_backward(x, weight, mean, invstd, w, a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, invstd, w, a, b = ctx.saved_tensors
+        s = torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a)))
+        grad_x = grad * s  # direct path: d(x * s)/dx with s held fixed
+        grad_z = s.mul_(1 - s).mul_(grad).mul_(x)  # dL/dz, z = w (g x-hat + beta); reuses s's storage
+        dims = (0, 2, 3)
+        count = x.numel() / x.shape[1]
+        sum_gz = grad_z.sum(dims)
+        sum_gz_x = (grad_z * x).sum(dims)
+        # dL/dgamma = sum(gz w x-hat), dL/dbeta = sum(gz w), with x-hat = (x - mean) invstd
+        grad_weight = w * invstd * (sum_gz_x - mean * sum_gz)
+        grad_bias = w * sum_gz
+        # batch-norm backward through the batch statistics, as per-channel coefficients of gz, x and 1
+        c = w * weight * invstd
+        k = invstd * (sum_gz_x - mean * sum_gz) / count
+        coeff_x = -c * invstd * k
+        const = -c * sum_gz / count + c * invstd * k * mean
+        grad_x.addcmul_(grad_z, _channel(c)).addcmul_(x, _channel(coeff_x)).add_(_channel(const))
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
 class NAMChannelGate(nn.Module):
-    """Channel attention gate whose own ``BatchNorm2d`` scale is the channel importance."""
+    """Channel attention gate whose own ``BatchNorm2d`` scale is the channel importance.
+
+    Three equivalent paths: training uses ``_TrainChannelGate`` (less memory, fewer passes);
+    eval folds the BN into ``x * sigmoid(a x + b)``; the plain module path serves
+    ``grad_through_weights`` and torch-pruning's tracing, which must see ``self.bn``.
+    """
 
     def __init__(self, channels: int, grad_through_weights: bool = False) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(channels, affine=True)
         self.grad_through_weights = grad_through_weights
+        self.tracing = False
 
     @property
     def gamma(self) -> torch.Tensor:
         return self.bn.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(a, b)`` of the eval-mode gate ``x * sigmoid(a x + b)``."""
+        bn = self.bn
+        w = normalized_scale(bn.weight, detach=True)
+        invstd = torch.rsqrt(bn.running_var + bn.eps)
+        return w * bn.weight * invstd, w * (bn.bias - bn.running_mean * bn.weight * invstd)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
         w = normalized_scale(self.bn.weight, detach=not self.grad_through_weights)
-        return x * torch.sigmoid(self.bn(x) * w.view(1, -1, 1, 1))
+        return x * torch.sigmoid(self.bn(x) * _channel(w))
+
+    def _train(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+            count = x.numel() // x.shape[1]
+            if count <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+            bn.running_mean.lerp_(mean, bn.momentum)
+            bn.running_var.lerp_(var * (count / (count - 1)), bn.momentum)
+            bn.num_batches_tracked.add_(1)
+            w = normalized_scale(bn.weight, detach=True)
+        return _TrainChannelGate.apply(x, bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps), w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tracing or self.grad_through_weights:
+            return self._plain(x)
+        if self.training:
+            return self._train(x) if self.bn.momentum is not None else self._plain(x)
+        a, b = self.folded()
+        return x * torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a)))
 
 
 class NAMSpatialGate(nn.Module):
@@ -65,7 +144,7 @@ class NAMSpatialGate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(height, width))
         self.register_buffer("running_mean", torch.zeros(height, width))
         self.register_buffer("running_var", torch.ones(height, width))
-        self.bypass = False  # set while torch-pruning traces: the gate couples no channels
+        self.tracing = False  # set while torch-pruning traces: the gate couples no channels
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -84,7 +163,7 @@ class NAMSpatialGate(nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bypass:
+        if self.tracing:
             return x
         if tuple(x.shape[-2:]) != (self.height, self.width):
             raise NamPruneError(
@@ -117,6 +196,23 @@ class NAMGated(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.channel(self.host(x))
         return self.spatial(out) if self.spatial is not None else out
+
+
+@contextlib.contextmanager
+def tracing_mode(model: nn.Module):
+    """Run every gate through its plain module path, the form torch-pruning traces and counts.
+
+    Channel gates call their ``bn`` module (so it is pruned with its channels and its
+    MACs are counted); spatial gates become identities (they couple no channels).
+    """
+    gates = [m for m in model.modules() if isinstance(m, (NAMChannelGate, NAMSpatialGate))]
+    for gate in gates:
+        gate.tracing = True
+    try:
+        yield
+    finally:
+        for gate in gates:
+            gate.tracing = False
 
 
 def channel_gates(model: nn.Module) -> list[tuple[str, NAMChannelGate]]:

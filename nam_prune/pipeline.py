@@ -261,7 +261,7 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
         atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
         (folder / LAST).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
         print_report({"dense": stages["before"], "pruned": stages["pruned"], "fine-tuned": stages["after"]}, layers)
-        console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]")
+        console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]", soft_wrap=True)
     distributed.barrier()
     return RunResult(folder, final, model)
 

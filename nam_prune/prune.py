@@ -26,7 +26,7 @@ import torch_pruning as tp
 
 from nam_prune.config import bounded
 from nam_prune.errors import NamPruneError
-from nam_prune.gates import NAMChannelGate, NAMSpatialGate
+from nam_prune.gates import NAMChannelGate, NAMSpatialGate, tracing_mode
 
 log = logging.getLogger("nam_prune")
 
@@ -137,20 +137,17 @@ def head_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph.
+    """torch-pruning's dependency graph, traced with the gates in ``tracing_mode``.
 
     Spatial gates are traced as identities: their parameters are indexed by pixel, not
     channel, and their reductions over channels confuse torch-pruning's reshape inference
     (it mis-maps the final flatten). They couple no channels, so the graph stays exact.
     """
-    spatial = [m for m in model.modules() if isinstance(m, NAMSpatialGate)]
-    pixel_params = [p for m in spatial for p in m.parameters()]
+    pixel_params = [p for m in model.modules() if isinstance(m, NAMSpatialGate) for p in m.parameters()]
     was_training = model.training
     model.eval()
-    for gate in spatial:
-        gate.bypass = True
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), tracing_mode(model):
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input, ignored_params=pixel_params
@@ -164,8 +161,6 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         ) from None
     finally:
         model.train(was_training)
-        for gate in spatial:
-            gate.bypass = False
 
 
 def _resolve(model: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -255,8 +250,9 @@ def apply_plan(
 
 
 def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
-    """MACs and parameters from torch-pruning's counter."""
-    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    """MACs and parameters from torch-pruning's counter (gate norms counted as the BNs they are)."""
+    with tracing_mode(model):
+        macs, params = tp.utils.count_ops_and_params(model, example_input)
     return int(macs), int(params)
 
 

@@ -126,8 +126,11 @@ def _data_config(data: str):
     return from_dict(DataConfig, {"name": data}, prefix="data.")
 
 
-def inspect_checkpoint(path: str | Path, data: str | None = None, config: ReportConfig | None = None) -> dict[str, Any]:
-    """What ``nam-prune report`` shows: params, MACs, layers, latency, and accuracy when data is given."""
+def inspect_checkpoint(
+    path: str | Path, data: str | None = None, config: ReportConfig | None = None, with_onnx: bool = False
+) -> dict[str, Any]:
+    """What ``nam-prune report`` shows: params, MACs, layers, latency, accuracy when data is given,
+    and onnxruntime latency with ``with_onnx``."""
     from nam_prune.checkpoint import load_with_metadata, record_of
     from nam_prune.data import load_data
     from nam_prune.prune import channel_counts
@@ -144,11 +147,18 @@ def inspect_checkpoint(path: str | Path, data: str | None = None, config: Report
                 f"--data gives inputs {tuple(bundle.input_shape)} but the model takes {tuple(record.input_shape)}"
             )
         accuracy = evaluate(model, bundle.test, torch.device("cpu"))
-    metrics = measure(model, example, config or ReportConfig(), accuracy)
+    config = config or ReportConfig()
+    metrics = measure(model, example, config, accuracy)
+    extra = {}
+    if with_onnx:
+        from nam_prune.export import ort_latency_ms
+
+        extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup)
     counts = channel_counts(model)
     layers = payload.get("layers") or layer_changes(counts, counts)
     return {
         **metrics.to_dict(),
+        **extra,
         "model": asdict(record.spec),
         "nam": asdict(record.nam) if record.nam else None,
         "input_shape": list(record.input_shape),

@@ -123,3 +123,17 @@ def test_spatial_gate_rejects_other_input_size():
     gate = NAMSpatialGate(8, 8)
     with pytest.raises(NamPruneError, match="built for 8x8 inputs but got 16x16"):
         gate(torch.randn(2, 4, 16, 16))
+
+
+def test_eval_gate_folds_to_affine_sigmoid():
+    """At inference the gate is x * sigmoid(a x + b); it equals the unfolded BN path."""
+    gate = NAMChannelGate(16)
+    with torch.no_grad():
+        gate.bn.weight.uniform_(-2, 2)
+        gate.bn.bias.uniform_(-1, 1)
+    gate.train()(torch.randn(8, 16, 6, 6) * 2 + 0.5)
+    gate.eval()
+    x = torch.randn(4, 16, 6, 6)
+    folded = gate(x)
+    gate.tracing = True
+    torch.testing.assert_close(folded, gate(x), atol=1e-6, rtol=1e-6)

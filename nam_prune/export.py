@@ -1,0 +1,103 @@
+"""Deployment: export a saved model to ONNX, check it, and compare onnxruntime with torch.
+
+Gates export in their folded eval form ``x * sigmoid(a x + b)`` (BN folded away).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from nam_prune.checkpoint import atomic_write
+from nam_prune.errors import NamPruneError
+
+PARITY_TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    max_abs_diff: float
+    opset: int
+
+
+def _onnx_modules():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise NamPruneError("ONNX export needs onnx and onnxruntime: pip install 'nam-prune[onnx]'") from None
+    return onnx, onnxruntime
+
+
+def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17, dynamic_batch: bool = False) -> None:
+    """torch.onnx.export (TorchScript exporter: conv nets need no dynamic control flow) then onnx.checker."""
+    onnx, _ = _onnx_modules()
+    model = model.cpu().eval()
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+
+    def export(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example.cpu(),), tmp, input_names=["input"], output_names=["logits"],
+                opset_version=opset, dynamic_axes=axes, dynamo=False,
+            )
+        onnx.checker.check_model(onnx.load(tmp))
+
+    try:
+        atomic_write(path, export)
+    except NamPruneError:
+        raise
+    except Exception as error:  # exporter and checker raise many types
+        raise NamPruneError(f"ONNX export failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+
+
+def ort_session(path: Path):
+    _, onnxruntime = _onnx_modules()
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def parity(model: nn.Module, path: Path, example: torch.Tensor) -> float:
+    """Largest |torch - onnxruntime| on a random input of the example's shape."""
+    x = torch.randn_like(example.cpu())
+    with torch.inference_mode():
+        expected = model.cpu().eval()(x).numpy()
+    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    return float(np.abs(expected - got).max())
+
+
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17, dynamic_batch: bool = False
+) -> ExportResult:
+    """Write, check and verify an ONNX file; a parity miss beyond 1e-4 is an error."""
+    write_onnx(model, example, path, opset, dynamic_batch)
+    diff = parity(model, path, example)
+    if diff > PARITY_TOLERANCE:
+        raise NamPruneError(f"ONNX output differs from torch by {diff:.2e} (> {PARITY_TOLERANCE}); try another --opset")
+    return ExportResult(path, diff, opset)
+
+
+def ort_latency_ms(model: nn.Module, example: torch.Tensor, runs: int, warmup: int) -> float:
+    """Median onnxruntime CPU latency at batch 1, via a temporary export."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        write_onnx(model, example[:1], path)
+        session = ort_session(path)
+        x = {"input": example[:1].cpu().numpy()}
+        for _ in range(warmup):
+            session.run(None, x)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, x)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
