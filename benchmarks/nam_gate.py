@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn as nn
 
-from nam_prune.gates import NAMChannelGate
+from nam_prune.gates import NAMChannelGate, use_compiled_gates
 
 SHAPES = [(32, 64, 32, 32), (32, 256, 16, 16), (8, 512, 7, 7)]
 
@@ -76,7 +76,7 @@ def check_equal(ours: nn.Module, ref: nn.Module, x: torch.Tensor, grad: torch.Te
         (ours.bn.weight.grad - ref.bn2.weight.grad).abs().max(),
         (ours.bn.bias.grad - ref.bn2.bias.grad).abs().max(),
     ]
-    return float(max(diffs))
+    return float(max(diffs).detach())
 
 
 def main() -> None:
@@ -85,6 +85,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    for compiled in (False, True):
+        use_compiled_gates(compiled)
+        print("-- " + ("torch.compile'd train_channel_gate (custom autograd, saves only x)" if compiled
+                       else "eager (plain module path, no permutes or copies)"))
+        compare(args.repeats)
+
+
+def compare(repeats: int) -> None:
     print(f"{'shape':>20} {'ours ms':>9} {'ref ms':>9} {'time ratio':>10} {'mem ratio':>9} {'max |diff|':>10}")
     for shape in SHAPES:
         ours, ref = NAMChannelGate(shape[1]), ReferenceChannelAtt(shape[1])
@@ -95,7 +103,7 @@ def main() -> None:
         x = torch.randn(shape, requires_grad=True)
         grad = torch.randn(shape)
         diff = check_equal(ours, ref, x, grad)
-        t_ours, t_ref = step_time(ours, x, grad, args.repeats), step_time(ref, x, grad, args.repeats)
+        t_ours, t_ref = step_time(ours, x, grad, repeats), step_time(ref, x, grad, repeats)
         m_ours, m_ref = saved_bytes(ours, x), saved_bytes(ref, x)
         print(
             f"{str(shape):>20} {1e3 * t_ours:9.2f} {1e3 * t_ref:9.2f} {t_ours / t_ref:10.2f} "

@@ -24,7 +24,7 @@ import torch.nn as nn
 from nam_prune.errors import NamPruneError
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruningHistory, replay
-from nam_prune.surgery import NAMConfig, insert_nam
+from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
 
 FORMAT = "nam-prune"
 FORMAT_VERSION = 1
@@ -53,6 +53,7 @@ class ModelRecord:
     input_shape: tuple[int, ...]
     nam: NAMConfig | None = None
     history: PruningHistory = field(default_factory=list)
+    stripped: bool = False
 
     def example_input(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.zeros(1, *self.input_shape, device=device)
@@ -84,6 +85,7 @@ def save_checkpoint(path: Path, model: nn.Module, record: ModelRecord, **extra: 
         "input_shape": list(record.input_shape),
         "nam": asdict(record.nam) if record.nam else None,
         "pruning_history": [[name, out, list(idxs)] for name, out, idxs in record.history],
+        "gates_stripped": record.stripped,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "versions": library_versions(),
         **extra,
@@ -129,6 +131,7 @@ def record_of(payload: dict[str, Any]) -> ModelRecord:
             input_shape=tuple(payload["input_shape"]),
             nam=NAMConfig(**payload["nam"]) if payload.get("nam") else None,
             history=[(n, bool(o), list(i)) for n, o, i in payload.get("pruning_history", [])],
+            stripped=bool(payload.get("gates_stripped", False)),
         )
     except (KeyError, TypeError) as error:
         raise NamPruneError(f"checkpoint is missing or has a malformed field ({error}); re-save it") from None
@@ -141,6 +144,8 @@ def rebuild(record: ModelRecord) -> nn.Module:
         insert_nam(model, record.nam, record.example_input())
     if record.history:
         replay(model, record.example_input(), record.history)
+    if record.stripped:
+        strip_gates(model)
     return model
 
 

@@ -30,11 +30,12 @@ from nam_prune import distributed
 from nam_prune.console import console
 from nam_prune.data import DataBundle, load_data
 from nam_prune.errors import NamPruneError
+from nam_prune.gates import use_compiled_gates
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import channel_counts, prune_model
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, measure, print_report
-from nam_prune.surgery import insert_nam
+from nam_prune.surgery import insert_nam, strip_gates
 from nam_prune.train import TrainState, evaluate, fit
 
 log = logging.getLogger("nam_prune")
@@ -171,6 +172,7 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
     if not main:
         log.setLevel(logging.WARNING)
     seed_everything(recipe.seed)
+    use_compiled_gates(recipe.nam.compile)
     data = load_data(recipe.data, recipe.seed)
     recipe_dict = asdict(recipe)
     if resume:
@@ -223,6 +225,9 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
 
             tick = time.perf_counter()
             record = replace(record, history=record.history + _prune_steps(model, example, recipe, data, device, before.macs))
+            if recipe.prune.strip_gates:
+                strip_gates(model)
+                record = replace(record, stripped=True)
             timings["prune_s"] = time.perf_counter() - tick
             distributed.check_replicas_identical(model, "pruning")  # every rank pruned the same channels
             pruned = measure(model, example, recipe.report, evaluate(model, data.test, device, "eval pruned"))

@@ -48,6 +48,8 @@ class PruneConfig:
     round_to: keep channel counts at multiples of this (CPU kernels like 8 or 16).
     steps: prune in this many steps, fine-tuning ``epochs_between_steps`` between them.
     ignore: module names never pruned (the classifier head never is).
+    strip_gates: remove the NAM gates after pruning (gate-then-strip): a plain, faster
+        model; fine-tuning then recovers the gates' scaling.
     """
 
     target: Literal["macs", "channels"] = "macs"
@@ -61,6 +63,7 @@ class PruneConfig:
     steps: int = bounded(1, low=1)
     epochs_between_steps: int = bounded(1, low=0)
     ignore: list[str] = field(default_factory=list)
+    strip_gates: bool = False
 
 
 def normalize_scores(magnitude: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
@@ -147,10 +150,11 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings(), tracing_mode(model):
+        # tracing needs autograd even when the caller is under no_grad / inference_mode
+        with warnings.catch_warnings(), tracing_mode(model), torch.inference_mode(False), torch.enable_grad():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input, ignored_params=pixel_params
+                model, example_inputs=example_input.clone(), ignored_params=pixel_params
             )
     except NamPruneError:
         raise

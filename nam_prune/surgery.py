@@ -34,11 +34,13 @@ class NAMConfig:
     spatial: add the pixel gate too (off by default, as in the reference code).
     grad_through_weights: let the gradient flow through ``w = |gamma|/sum|gamma|``
         (the reference detaches it).
+    compile: fuse the training gates with ``torch.compile`` (faster on large feature maps).
     """
 
     placement: Placement = "every_bn"
     spatial: bool = False
     grad_through_weights: bool = False
+    compile: bool = False
 
 
 def _block_end_norms(model: nn.Module) -> set[nn.Module]:
@@ -124,4 +126,17 @@ def insert_nam(
             "so the model needs conv-BN layers"
         )
     log.info("inserted %d NAM gate(s) (placement=%s, spatial=%s)", inserted, config.placement, config.spatial)
+    return model
+
+
+def strip_gates(model: nn.Module) -> nn.Module:
+    """Replace every ``NAMGated`` by its host layer, in place: the deployable model without gates.
+
+    The gates scale each channel by ``sigmoid(.)`` (about 0.5), so outputs change: fine-tune
+    after stripping (``prune.strip_gates: true`` does, since stripping happens before fine-tuning).
+    """
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, NAMGated):
+                setattr(parent, child_name, child.host)
     return model

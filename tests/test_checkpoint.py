@@ -106,3 +106,17 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
     assert not zipfile.is_zipfile(target)
+
+
+def test_stripped_model_reloads(tmp_path):
+    from nam_prune.surgery import strip_gates
+
+    spec = ModelSpec("resnet8", num_classes=10, in_channels=1, width=8)
+    model = insert_nam(build_model(spec), NAMConfig())
+    result = prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels"), channel_fraction=0.3)
+    strip_gates(model.eval())
+    assert not any(type(m).__name__.startswith("NAM") for m in model.modules())
+    path = tmp_path / "stripped.pt"
+    save_checkpoint(path, model, ModelRecord(spec, (1, 28, 28), NAMConfig(), result.history, stripped=True))
+    with torch.no_grad():
+        assert torch.equal(nam_prune.load(path)(X), model(X))

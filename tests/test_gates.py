@@ -137,3 +137,31 @@ def test_eval_gate_folds_to_affine_sigmoid():
     folded = gate(x)
     gate.tracing = True
     torch.testing.assert_close(folded, gate(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_fused_train_gate_matches_plain_path(shape):
+    """train_channel_gate (what use_compiled_gates compiles) equals the module's plain path."""
+    from nam_prune.gates import train_channel_gate
+
+    plain, fused = NAMChannelGate(shape[1]).double(), NAMChannelGate(shape[1]).double()
+    with torch.no_grad():
+        plain.bn.weight.uniform_(-2, 2)
+        plain.bn.bias.uniform_(-1, 1)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_plain = plain.train()(xa)
+    bn = fused.bn
+    out_fused = train_channel_gate(
+        xb, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps
+    )
+    upstream = torch.randn(shape, dtype=torch.float64)
+    (out_plain * upstream).sum().backward()
+    (out_fused * upstream).sum().backward()
+    torch.testing.assert_close(out_fused, out_plain, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(bn.weight.grad, plain.bn.weight.grad, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(bn.bias.grad, plain.bn.bias.grad, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(bn.running_var, plain.bn.running_var)
+    assert int(bn.num_batches_tracked) == 1
