@@ -103,7 +103,7 @@ def use_compiled_gates(enabled: bool = True) -> None:
     the same function uncompiled (many small passes), so it stays the default.
     """
     global _compiled_train_gate
-    _compiled_train_gate = torch.compile(train_channel_gate, dynamic=False) if enabled else None
+    _compiled_train_gate = torch.compile(train_channel_gate) if enabled else None
 
 
 class NAMChannelGate(nn.Module):

@@ -303,8 +303,6 @@ def fraction_for_macs(
 @dataclass
 class PruneResult:
     history: PruningHistory
-    macs_before: int
-    macs_after: int
     params_before: int
     params_after: int
     fraction: float
@@ -337,7 +335,7 @@ def prune_model(
     Raises if the model does not shrink: a pruning step never reports success for nothing.
     """
     initial_channels = {} if initial_channels is None else initial_channels
-    macs_before, params_before = count_macs_params(model, example_input)
+    params_before = _parameter_count(model)
     graph = build_graph(model, example_input)
     groups = score_groups(model, graph, config, initial_channels)
     warn_if_untrained(groups)
@@ -349,17 +347,21 @@ def prune_model(
         raise NamPruneError("prune_model needs target_macs or channel_fraction")
     plan = plan_cut(groups, fraction, config)
     history = apply_plan(model, graph, groups, plan)
-    macs_after, params_after = count_macs_params(model, example_input)
-    if macs_after >= macs_before:
+    params_after = _parameter_count(model)  # cheap: MACs are counted by the caller's report
+    if params_after >= params_before:
         raise NamPruneError(
             "pruning removed nothing: every layer is at prune.max_pruning_ratio or the target is the "
             "model's own size; lower prune.macs_keep / raise prune.channel_ratio"
         )
     log.info(
-        "pruned %d layer group(s): MACs %.2fM -> %.2fM, params %.3fM -> %.3fM",
-        len(plan), macs_before / 1e6, macs_after / 1e6, params_before / 1e6, params_after / 1e6,
+        "pruned %d layer group(s) (channel share %.3f): params %.3fM -> %.3fM",
+        len(plan), fraction, params_before / 1e6, params_after / 1e6,
     )
-    return PruneResult(history, macs_before, macs_after, params_before, params_after, fraction)
+    return PruneResult(history, params_before, params_after, fraction)
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def channel_counts(model: nn.Module) -> dict[str, int]:
