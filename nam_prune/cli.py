@@ -63,19 +63,55 @@ def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool,
 @click.option("--data", "data", help="Evaluate on a recipe's data (a .yaml) or a data set name.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--onnx", "with_onnx", is_flag=True, help="Add onnxruntime CPU latency (batch 1).")
-def report(model: Path, data: str | None, as_json: bool, with_onnx: bool) -> None:
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write gamma/channel plots here.")
+def report(model: Path, data: str | None, as_json: bool, with_onnx: bool, plots: Path | None) -> None:
     """Params, MACs and the per-layer table of a saved MODEL; accuracy with --data."""
     from nam_prune.report import inspect_checkpoint, layer_table, summary_table
 
     summary = inspect_checkpoint(model, data, with_onnx=with_onnx)
+    if plots is not None:
+        from nam_prune.checkpoint import load_with_metadata
+        from nam_prune.plots import gamma_plots
+
+        module, payload = load_with_metadata(model)
+        summary["plots"] = [str(p) for p in gamma_plots(module, payload, plots)]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     stages = {"this model": summary}
+    for path in summary.get("plots", []):
+        console.print(f"wrote {path}", soft_wrap=True)
     if summary.get("recorded"):
         stages = {**summary["recorded"], "this model": summary}
     console.print(summary_table(stages, title=f"{model}"))
     console.print(layer_table(summary["layers"], only_changed=False))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--criteria", default="nam,bn_slimming,l1,random", show_default=True)
+@click.option("--budgets", default="0.3,0.5,0.7", show_default=True, help="Shares of the MACs to remove.")
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Default: runs/compare-<name>")
+def compare(recipe: Path, overrides: tuple[str, ...], criteria: str, budgets: str, seeds: str, output: Path | None) -> None:
+    """Compare ranking criteria at matched MAC budgets on a RECIPE (resumes an interrupted comparison)."""
+    from nam_prune.compare import compare as run_compare
+    from nam_prune.compare import print_summary
+    from nam_prune.plots import plot_accuracy_vs_macs
+    from nam_prune.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    try:
+        budget_list = [float(b) for b in budgets.split(",")]
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise click.BadParameter("--budgets are numbers and --seeds integers, comma-separated") from None
+    folder = output or Path("runs") / f"compare-{loaded.name}"
+    state = run_compare(loaded, criteria.split(","), budget_list, seed_list, folder)
+    print_summary(state)
+    plot_accuracy_vs_macs(state["summary"], folder / "accuracy_vs_macs.png")
+    console.print(f"wrote {folder / 'compare.json'} and {folder / 'accuracy_vs_macs.png'}", soft_wrap=True)
 
 
 @cli.command()

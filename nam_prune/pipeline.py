@@ -224,7 +224,13 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
             results["sparsity_log"] = [asdict(e) for e in sparsity_log]
 
             tick = time.perf_counter()
-            record = replace(record, history=record.history + _prune_steps(model, example, recipe, data, device, before.macs))
+            history, threshold = _prune_steps(model, example, recipe, data, device, before.macs)
+            record = replace(record, history=record.history + history)
+            results["prune_threshold"] = threshold
+            if main:  # let `report dense.pt --plots` mark where the cut fell
+                dense_payload = read_checkpoint(folder / "dense.pt")
+                dense_payload["metrics"]["prune_threshold"] = threshold
+                atomic_write(folder / "dense.pt", lambda tmp: torch.save(dense_payload, tmp))
             if recipe.prune.strip_gates:
                 strip_gates(model)
                 record = replace(record, stripped=True)
@@ -249,9 +255,11 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
     timings["total_s"] = timings.get("total_s", 0.0) + time.perf_counter() - started
 
     stages = {"before": results["before"], "pruned": results["pruned"], "after": after.to_dict()}
+    threshold = results["prune_threshold"]
     final = {
         **stages,
         "macs_kept": after.macs / stages["before"]["macs"],
+        "prune_threshold": threshold,
         "layers": layers,
         "training": {"sparsity": results["sparsity_log"], "finetune": [asdict(e) for e in finetune_log]},
         "timings": timings,
@@ -262,7 +270,8 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
     }
     distributed.check_replicas_identical(model, "fine-tuning")
     if main:
-        save_checkpoint(folder / "model.pt", model, record, recipe=recipe_dict, metrics=stages, layers=layers)
+        metrics = {**stages, "prune_threshold": threshold}
+        save_checkpoint(folder / "model.pt", model, record, recipe=recipe_dict, metrics=metrics, layers=layers)
         atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
         (folder / LAST).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
         print_report({"dense": stages["before"], "pruned": stages["pruned"], "fine-tuned": stages["after"]}, layers)
@@ -273,8 +282,8 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
 
 def _prune_steps(
     model: nn.Module, example: torch.Tensor, recipe: Recipe, data: DataBundle, device: torch.device, dense_macs: int
-) -> list:
-    """One-shot or iterative pruning to the recipe's target; returns the pruning history."""
+) -> tuple[list, float]:
+    """One-shot or iterative pruning to the recipe's target; returns the history and the last cut's threshold."""
     config = recipe.prune
     initial_channels: dict[str, int] = {}
     history = []
@@ -289,4 +298,4 @@ def _prune_steps(
         if step < config.steps and config.epochs_between_steps:
             between = replace(recipe.finetune, epochs=config.epochs_between_steps)
             fit(model, data.train, between, device, f"step {step}")
-    return history
+    return history, result.threshold

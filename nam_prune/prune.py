@@ -180,9 +180,14 @@ def score_groups(
     graph: tp.DependencyGraph,
     config: PruneConfig,
     initial_channels: dict[str, int],
+    importance: tp.importance.Importance | None = None,
 ) -> list[ScoredGroup]:
-    """Score every prunable group; ``initial_channels`` (root name -> channels) bounds each cut."""
-    importance = NAMImportance(model, config.normalizer, config.fallback)
+    """Score every prunable group; ``initial_channels`` (root name -> channels) bounds each cut.
+
+    ``importance`` defaults to ``NAMImportance``; any torch-pruning importance works (the
+    ``compare`` command passes L1-norm and random ones).
+    """
+    importance = importance or NAMImportance(model, config.normalizer, config.fallback)
     ignored = [m for layer in head_layers(model) + _resolve(model, config.ignore) for m in layer.modules()]
     names = {m: n for n, m in model.named_modules()}
     scored = []
@@ -261,12 +266,11 @@ def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[in
 
 
 def _trial_macs(
-    model: nn.Module, example_input: torch.Tensor, config: PruneConfig, fraction: float, initial: dict[str, int]
+    model: nn.Module, example_input: torch.Tensor, config: PruneConfig, groups: list[ScoredGroup], fraction: float
 ) -> int:
+    """MACs of a copy pruned by ``fraction``, reusing the scores computed on the original."""
     trial = copy.deepcopy(model)
-    graph = build_graph(trial, example_input)
-    groups = score_groups(trial, graph, config, dict(initial))
-    apply_plan(trial, graph, groups, plan_cut(groups, fraction, config))
+    apply_plan(trial, build_graph(trial, example_input), groups, plan_cut(groups, fraction, config))
     return count_macs_params(trial, example_input)[0]
 
 
@@ -275,7 +279,7 @@ def fraction_for_macs(
     example_input: torch.Tensor,
     config: PruneConfig,
     target_macs: float,
-    initial_channels: dict[str, int],
+    groups: list[ScoredGroup],
     iterations: int = 14,
 ) -> float:
     """Binary-search the channel fraction whose pruned model first meets ``target_macs``.
@@ -284,7 +288,7 @@ def fraction_for_macs(
     architecture's coupling; 14 halvings resolve the fraction to 1e-4.
     """
     low, high = 0.0, 1.0
-    floor = _trial_macs(model, example_input, config, high, initial_channels)
+    floor = _trial_macs(model, example_input, config, groups, high)
     if floor > target_macs:
         raise NamPruneError(
             f"cannot reach {target_macs / 1e6:.2f}M MACs: with prune.max_pruning_ratio="
@@ -293,7 +297,7 @@ def fraction_for_macs(
         )
     for _ in range(iterations):
         middle = (low + high) / 2
-        if _trial_macs(model, example_input, config, middle, initial_channels) <= target_macs:
+        if _trial_macs(model, example_input, config, groups, middle) <= target_macs:
             high = middle
         else:
             low = middle
@@ -306,6 +310,7 @@ class PruneResult:
     params_before: int
     params_after: int
     fraction: float
+    threshold: float  # the largest score that was cut (in the normalizer's units)
 
 
 def warn_if_untrained(groups: list[ScoredGroup]) -> None:
@@ -326,6 +331,7 @@ def prune_model(
     target_macs: float | None = None,
     channel_fraction: float | None = None,
     initial_channels: dict[str, int] | None = None,
+    importance: tp.importance.Importance | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``target_macs`` or by ``channel_fraction`` of its current channels.
 
@@ -337,15 +343,17 @@ def prune_model(
     initial_channels = {} if initial_channels is None else initial_channels
     params_before = _parameter_count(model)
     graph = build_graph(model, example_input)
-    groups = score_groups(model, graph, config, initial_channels)
+    groups = score_groups(model, graph, config, initial_channels, importance)
     warn_if_untrained(groups)
     if target_macs is not None:
-        fraction = fraction_for_macs(model, example_input, config, target_macs, initial_channels)
+        fraction = fraction_for_macs(model, example_input, config, target_macs, groups)
     elif channel_fraction is not None:
         fraction = channel_fraction
     else:
         raise NamPruneError("prune_model needs target_macs or channel_fraction")
     plan = plan_cut(groups, fraction, config)
+    scores = {g.root: g.scores for g in groups}
+    threshold = max(float(scores[root][idxs].max()) for root, idxs in plan.items()) if plan else float("nan")
     history = apply_plan(model, graph, groups, plan)
     params_after = _parameter_count(model)  # cheap: MACs are counted by the caller's report
     if params_after >= params_before:
@@ -357,7 +365,7 @@ def prune_model(
         "pruned %d layer group(s) (channel share %.3f): params %.3fM -> %.3fM",
         len(plan), fraction, params_before / 1e6, params_after / 1e6,
     )
-    return PruneResult(history, params_before, params_after, fraction)
+    return PruneResult(history, params_before, params_after, fraction, threshold)
 
 
 def _parameter_count(model: nn.Module) -> int:

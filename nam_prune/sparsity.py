@@ -9,6 +9,7 @@ code walks ``model._modules`` for ``layer1..4`` and silently does nothing once w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -21,11 +22,18 @@ def gate_scales(model: nn.Module) -> list[torch.Tensor]:
     return [m.gamma for m in model.modules() if isinstance(m, (NAMChannelGate, NAMSpatialGate))]
 
 
+def batchnorm_scales(model: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm2d gamma: what network slimming (Liu et al., 2017) penalises."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
+
+
 @torch.no_grad()
-def apply_sparsity_penalty(model: nn.Module, strength: float) -> float:
-    """Add ``strength * sign(scale)`` to each gate scale's gradient; return the penalty value."""
+def apply_sparsity_penalty(
+    model: nn.Module, strength: float, scales: Callable[[nn.Module], list[torch.Tensor]] = gate_scales
+) -> float:
+    """Add ``strength * sign(scale)`` to each penalised scale's gradient; return the penalty value."""
     total = 0.0
-    for scale in gate_scales(model):
+    for scale in scales(model):
         if strength > 0 and scale.grad is not None:
             scale.grad.add_(torch.sign(scale), alpha=strength)
         total += float(scale.abs().sum())

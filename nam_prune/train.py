@@ -18,7 +18,7 @@ from nam_prune import distributed
 from nam_prune.config import bounded
 from nam_prune.console import progress_bar
 from nam_prune.errors import NamPruneError
-from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats
+from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats, gate_scales
 
 log = logging.getLogger("nam_prune")
 
@@ -97,11 +97,13 @@ def fit(
     stage: str,
     on_epoch_end: Callable[[TrainState], None] | None = None,
     resume: TrainState | None = None,
+    penalised: Callable[[nn.Module], list[torch.Tensor]] = gate_scales,
 ) -> list[EpochLog]:
     """Train ``model`` for ``config.epochs``; the NAM penalty is applied when ``config.penalty > 0``.
 
     ``on_epoch_end`` receives the state after each complete epoch (to checkpoint it);
-    ``resume`` continues from such a state with the same optimizer and schedule.
+    ``resume`` continues from such a state with the same optimizer and schedule;
+    ``penalised`` picks the scales the L1 penalty acts on (NAM gates by default).
     """
     if config.epochs == 0:
         return []
@@ -134,7 +136,7 @@ def fit(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                penalty = apply_sparsity_penalty(trained, config.penalty)
+                penalty = apply_sparsity_penalty(trained, config.penalty, penalised)
                 optimizer.step()
                 scheduler.step()
                 seen += labels.numel()
