@@ -12,43 +12,25 @@ random here (no training offline); the ranking does not change latency, the widt
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-from nam_prune.export import ort_session, write_onnx
+from nam_prune.export import ort_latency_ms
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
+from nam_prune.report import cpu_latency_ms
 from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
 
 
-def torch_latency(model, x, runs):
-    with torch.inference_mode():
-        model(x)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def ort_latency(model, x, runs, folder: Path):
-    path = folder / f"m{id(model)}_{x.shape[0]}.onnx"
-    write_onnx(model, x, path)
-    session, feed = ort_session(path), {"input": x.numpy()}
-    session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def latencies(model, x1, x32, args) -> list[float]:
+    """Seconds: torch bs 1, torch bs 32, onnxruntime bs 1, onnxruntime bs 32 (medians)."""
+    return [
+        cpu_latency_ms(model, x1, args.runs1, 1) / 1e3,
+        cpu_latency_ms(model, x32, args.runs32, 1) / 1e3,
+        ort_latency_ms(model, x1, args.runs1, 1) / 1e3,
+        ort_latency_ms(model, x32, args.runs32, 1) / 1e3,
+    ]
 
 
 def pruned_variant(name: str, round_to: int, strip: bool, keep: float):
@@ -67,7 +49,7 @@ def pruned_variant(name: str, round_to: int, strip: bool, keep: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,mobilenet_v2")
-    parser.add_argument("--round-to", default="1,8,16")
+    parser.add_argument("--round-to", default="1,8,16,32")
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of MACs kept")
     parser.add_argument("--runs1", type=int, default=20)
     parser.add_argument("--runs32", type=int, default=3)
@@ -76,31 +58,23 @@ def main() -> None:
     header = f"{'model':>13} {'variant':>18} {'MACs x':>7} " + " ".join(
         f"{k:>13}" for k in ("torch bs1", "torch bs32", "ort bs1", "ort bs32")
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        for name in args.models.split(","):
-            print(header)
-            dense = build_model(ModelSpec(name, num_classes=1000)).eval()
-            x1, x32 = torch.randn(1, 3, 224, 224), torch.randn(32, 3, 224, 224)
-            dense_macs = count_macs_params(dense, x1)[0]
-            base = [
-                torch_latency(dense, x1, args.runs1), torch_latency(dense, x32, args.runs32),
-                ort_latency(dense, x1, args.runs1, folder), ort_latency(dense, x32, args.runs32, folder),
-            ]
-            print(f"{name:>13} {'dense':>18} {1.0:7.2f} " + " ".join(f"{1e3 * t:10.1f} ms" for t in base))
-            variants = [(int(r), True) for r in args.round_to.split(",")] + [(8, False)]
-            for round_to, strip in variants:
-                model = pruned_variant(name, round_to, strip, args.keep)
-                macs_x = dense_macs / count_macs_params(model, x1)[0]
-                lat = [
-                    torch_latency(model, x1, args.runs1), torch_latency(model, x32, args.runs32),
-                    ort_latency(model, x1, args.runs1, folder), ort_latency(model, x32, args.runs32, folder),
-                ]
-                label = f"round_to={round_to}" + ("" if strip else " +gates")
-                ratios = " ".join(f"{(b / t) / macs_x:13.2f}" for b, t in zip(base, lat))
-                print(f"{name:>13} {label:>18} {macs_x:7.2f} {ratios}")
-            print("(pruned rows: latency speed-up / MACs speed-up; targets: ResNet-50 bs1 >= 0.8, bs32 >= 0.95, "
-                  "MobileNetV2 bs1 >= 0.6)")
+    for name in args.models.split(","):
+        print(header)
+        dense = build_model(ModelSpec(name, num_classes=1000)).eval()
+        x1, x32 = torch.randn(1, 3, 224, 224), torch.randn(32, 3, 224, 224)
+        dense_macs = count_macs_params(dense, x1)[0]
+        base = latencies(dense, x1, x32, args)
+        print(f"{name:>13} {'dense':>18} {1.0:7.2f} " + " ".join(f"{1e3 * t:10.1f} ms" for t in base))
+        variants = [(int(r), True) for r in args.round_to.split(",")] + [(8, False)]
+        for round_to, strip in variants:
+            model = pruned_variant(name, round_to, strip, args.keep)
+            macs_x = dense_macs / count_macs_params(model, x1)[0]
+            lat = latencies(model, x1, x32, args)
+            label = f"round_to={round_to}" + ("" if strip else " +gates")
+            ratios = " ".join(f"{(b / t) / macs_x:13.2f}" for b, t in zip(base, lat))
+            print(f"{name:>13} {label:>18} {macs_x:7.2f} {ratios}")
+        print("(pruned rows: latency speed-up / MACs speed-up; targets: ResNet-50 bs1 >= 0.8, bs32 >= 0.95, "
+              "MobileNetV2 bs1 >= 0.6)")
 
 
 if __name__ == "__main__":

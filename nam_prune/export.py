@@ -87,12 +87,12 @@ def export_onnx(
 
 
 def ort_latency_ms(model: nn.Module, example: torch.Tensor, runs: int, warmup: int) -> float:
-    """Median onnxruntime CPU latency at batch 1, via a temporary export."""
+    """Median onnxruntime CPU latency on ``example``'s batch, via a temporary export."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        write_onnx(model, example[:1], path)
+        write_onnx(model, example, path)
         session = ort_session(path)
-        x = {"input": example[:1].cpu().numpy()}
+        x = {"input": example.cpu().numpy()}
         for _ in range(warmup):
             session.run(None, x)
         times = []

@@ -40,9 +40,9 @@ class Metrics:
 
 @torch.inference_mode()
 def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, warmup: int) -> float:
-    """Median wall time of one batch-1 forward pass on the CPU, in milliseconds."""
+    """Median wall time of one forward pass on ``example_input`` on the CPU, in milliseconds."""
     model = copy.deepcopy(model).cpu().eval()
-    x = example_input[:1].cpu()
+    x = example_input.cpu()
     for _ in range(warmup):
         model(x)
     times = []

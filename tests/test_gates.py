@@ -45,6 +45,18 @@ class ReferencePixelAtt(nn.Module):
         return torch.sigmoid(weighted.permute(0, 2, 1).reshape(n, c, h, w)) * x
 
 
+def _forward_backward_both(ours, ref, shape, generator):
+    """Same input and upstream gradient through both modules; returns both inputs and outputs."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_ref = ours(x_ours), ref(x_ref)
+    upstream = torch.randn(out_ref.shape, generator=generator, dtype=torch.float64)
+    (out_ours * upstream).sum().backward()
+    (out_ref * upstream).sum().backward()
+    torch.testing.assert_close(out_ours, out_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-6, rtol=0)
+
+
 def _randomize_bn(bn_weight, bn_bias, generator):
     with torch.no_grad():
         bn_weight.copy_(torch.randn(bn_weight.shape, generator=generator))
@@ -64,14 +76,7 @@ def test_channel_gate_matches_reference(shape, train, grad_through_weights):
         x_warm = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1
         ours.train()(x_warm), ref.train()(x_warm)
     ours.train(train), ref.train(train)
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ours, out_ref = ours(x_ours), ref(x_ref)
-    upstream = torch.randn(out_ref.shape, generator=g, dtype=torch.float64)
-    (out_ours * upstream).sum().backward()
-    (out_ref * upstream).sum().backward()
-    torch.testing.assert_close(out_ours, out_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-6, rtol=0)
+    _forward_backward_both(ours, ref, shape, g)
     torch.testing.assert_close(ours.bn.weight.grad, ref.bn2.weight.grad, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours.bn.bias.grad, ref.bn2.bias.grad, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours.bn.running_mean, ref.bn2.running_mean, atol=1e-6, rtol=0)
@@ -107,14 +112,7 @@ def test_spatial_gate_matches_pixel_batchnorm(shape, train):
         ours.train()(x_warm), ref.train()(x_warm)
         torch.testing.assert_close(ours.running_var.flatten(), ref.bn.running_var, atol=1e-6, rtol=0)
     ours.train(train), ref.train(train)
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ours, out_ref = ours(x_ours), ref(x_ref)
-    upstream = torch.randn(out_ref.shape, generator=g, dtype=torch.float64)
-    (out_ours * upstream).sum().backward()
-    (out_ref * upstream).sum().backward()
-    torch.testing.assert_close(out_ours, out_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-6, rtol=0)
+    _forward_backward_both(ours, ref, shape, g)
     torch.testing.assert_close(ours.weight.grad.flatten(), ref.bn.weight.grad, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours.bias.grad.flatten(), ref.bn.bias.grad, atol=1e-6, rtol=0)
 
