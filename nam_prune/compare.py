@@ -8,6 +8,9 @@ training penalises and how channels are ranked differ:
 * ``l1``: no gates, no penalty, ranked by the L1 norm of each conv filter;
 * ``random``: no gates, no penalty, random ranking (seeded).
 
+With ``prune.strip_gates: true`` the NAM arm drops its gates after pruning (gate-then-strip),
+so its MACs and latency are those of a plain model like the other arms'.
+
 Budgets are shares of the dense MACs removed; every arm is pruned by bisection to its
 budget, so achieved MACs sit just under the target. Each finished arm is written to
 ``compare.json`` at once, and each criterion's trained dense model is cached, so an
@@ -39,7 +42,7 @@ from nam_prune.prune import NAMImportance, count_macs_params, prune_model
 from nam_prune.recipe import Recipe
 from nam_prune.report import cpu_latency_ms
 from nam_prune.sparsity import batchnorm_scales, gate_scales
-from nam_prune.surgery import insert_nam
+from nam_prune.surgery import insert_nam, strip_gates
 from nam_prune.train import evaluate, fit
 
 log = logging.getLogger("nam_prune")
@@ -103,6 +106,9 @@ def _arm(criterion: str, budget: float, seed: int, dense: nn.Module, record: Mod
     removed = 1 - macs / dense_macs
     if abs(removed - budget) > MACS_TOLERANCE:
         raise NamPruneError(f"{criterion} at budget {budget}: removed {removed:.3f} of the MACs, outside ±{MACS_TOLERANCE}")
+    if criterion == "nam" and recipe.prune.strip_gates:  # gate-then-strip: fine-tune the plain model
+        strip_gates(model)
+        macs, params = count_macs_params(model, example)
     pruned_accuracy = evaluate(model, data.test, device, "eval pruned")
     seed_everything(seed)
     fit(model, data.train, recipe.finetune, device, f"finetune {criterion} {budget} seed {seed}")
