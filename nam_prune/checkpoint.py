@@ -13,7 +13,6 @@ import os
 import pickle
 import platform
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,17 +106,22 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        detail = f" ({lines[0][:160]})" if lines else ""
+        lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported global" in line]
+        if not lines:  # an invalid opcode or a broken stream, not a class reference: damaged bytes
+            raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or not a torch file") from None
+        detail = f" ({lines[0][:160]})"
         raise NamPruneError(
             f"refused to load {path}: it holds pickled objects that weights-only loading does not allow"
             f"{detail}; re-save it as a plain state dict, or set model.trust_pickle: true only if you trust its source"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise NamPruneError(
-            f"cannot read checkpoint {path}: it is corrupt or truncated ({str(error).splitlines()[0][:160]})"
-        ) from None
+    except Exception as error:  # truncated zips, random bytes: torch raises many types for these
+        raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or truncated ({_first_line(error)})") from None
     return payload
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
 def is_nam_checkpoint(payload: Any) -> bool:

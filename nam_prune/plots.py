@@ -106,5 +106,5 @@ def gamma_plots(model: nn.Module, payload: dict[str, Any], folder: Path) -> list
 
 def _mark(axis, threshold: float | None) -> None:
     if threshold is not None:
-        axis.axvline(threshold, color="tab:red", linestyle="--", label=f"pruning threshold {threshold:.3g}")
+        axis.axvline(threshold, color="tab:red", linestyle="--", label=f"pruning threshold {threshold:.4g}")
         axis.legend(fontsize=7)
