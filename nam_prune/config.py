@@ -53,6 +53,11 @@ def _type_name(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+def printable(text: Any) -> str:
+    """Text safe for a one-line message: newlines and other control characters escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
 def _float_text(text: str) -> Any:
     """PyYAML reads ``1e-4`` (no dot) as a string; accept it as the number the user meant."""
     try:
@@ -107,7 +112,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             suggestion = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise NamPruneError(f"unknown key '{prefix}{key}' in {section}{suggestion}")
+            raise NamPruneError(f"unknown key '{prefix}{printable(key)}' in {section}{suggestion}")
         full_key = f"{prefix}{key}"
         coerced = _coerce(full_key, value, hints[key])
         if isinstance(coerced, (int, float)) and not isinstance(coerced, bool) and fields[key].metadata:

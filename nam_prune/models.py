@@ -17,6 +17,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from nam_prune.config import printable
 from nam_prune.errors import NamPruneError
 
 
@@ -142,7 +143,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     close = difflib.get_close_matches(spec.name, available_models(), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise NamPruneError(
-        f"unknown model.name '{spec.name}'{hint}; use a CIFAR ResNet (resnet20, resnet56, "
+        f"unknown model.name '{printable(spec.name)}'{hint}; use a CIFAR ResNet (resnet20, resnet56, "
         "resnet50_cifar), a torchvision name, 'timm:NAME' or 'package.module:factory'"
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from nam_prune.config import bounded, from_dict
+from nam_prune.config import bounded, from_dict, printable
 from nam_prune.data import DataConfig
 from nam_prune.errors import NamPruneError
 from nam_prune.prune import PruneConfig
@@ -59,7 +59,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise NamPruneError(f"override '{dotted}': '{key}' is a value, not a section")
+            raise NamPruneError(f"override '{printable(dotted)}': '{printable(key)}' is a value, not a section")
         node = child
     node[keys[-1]] = value
 
@@ -70,7 +70,9 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise NamPruneError(f"override '{item}' must look like section.key=value, e.g. prune.macs_keep=0.4")
+            raise NamPruneError(
+                f"override '{printable(item)}' must look like section.key=value, e.g. prune.macs_keep=0.4"
+            )
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:

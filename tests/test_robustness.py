@@ -180,7 +180,7 @@ recipe_trees = st.one_of(
         max_size=3,
     ),
 )
-overrides = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz._=0123456789-: [],", max_size=30), max_size=3)
+overrides = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz._=0123456789-: [],\n\t", max_size=30), max_size=3)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
