@@ -122,3 +122,56 @@ def test_digits_short_finetune_beats_chance(tmp_path):
     assert result.results["after"]["accuracy"] > 0.5
     assert result.results["after"]["macs"] < result.results["before"]["macs"]
     assert (result.folder / "model.pt").is_file()
+
+
+def test_report_evaluates_on_a_named_data_set(quick_run):
+    run_dir, _ = quick_run
+    report = _cli("report", str(run_dir / "model.pt"), "--data", "fashion_mnist", "--json", cwd=run_dir)
+    assert report.returncode == 0, report.stderr
+    accuracy = json.loads(report.stdout)["accuracy"]
+    assert 0.3 < accuracy <= 1.0  # the full 10,000-image test split
+
+
+def _digits_recipe(tmp_path, **sections):
+    tree = {
+        "output": str(tmp_path / "digits"),
+        "model": {"name": "resnet8", "width": 8},
+        "data": {"name": "digits", "batch_size": 64},
+        "sparsity": {"epochs": 1},
+        "prune": {"target": "channels", "channel_ratio": 0.3},
+        "finetune": {"epochs": 1, "lr": 0.05},
+        "report": {"latency_runs": 1, "warmup": 0},
+    }
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value}
+    return recipe_from_dict(tree)
+
+
+def test_plain_state_dict_starts_a_run(tmp_path):
+    """A torchvision-style state dict (no NAM) is loaded before the gates go in."""
+    from nam_prune.models import ModelSpec, build_model
+
+    dense = build_model(ModelSpec("resnet8", num_classes=10, in_channels=1, width=8))
+    with torch.no_grad():
+        dense.conv1.weight.fill_(0.25)
+    torch.save(dense.state_dict(), tmp_path / "plain.pt")
+    recipe = _digits_recipe(tmp_path, model={"weights": str(tmp_path / "plain.pt")}, sparsity={"epochs": 0})
+    result = nam_prune.run(recipe)
+    assert result.results["before"]["params"] > result.results["after"]["params"]
+    dense_start = nam_prune.load(result.folder / "dense.pt")
+    assert torch.all(dense_start.conv1.weight == 0.25)  # no sparsity epochs: the given weights are kept
+
+
+def test_iterative_pruning_keeps_max_ratio_of_original_layers(tmp_path):
+    recipe = _digits_recipe(
+        tmp_path, prune={"steps": 3, "epochs_between_steps": 1, "channel_ratio": 0.6, "max_pruning_ratio": 0.7}
+    )
+    result = nam_prune.run(recipe)
+    for row in result.results["layers"]:
+        assert row["after"] >= row["before"] * 0.3 - 1e-9
+    removed = 1 - sum(r["after"] for r in result.results["layers"][:-1]) / sum(r["before"] for r in result.results["layers"][:-1])
+    assert 0.4 < removed < 0.7
+    reloaded = nam_prune.load(result.folder / "model.pt")
+    with torch.no_grad():
+        x = torch.randn(2, 1, 8, 8)
+        assert torch.equal(reloaded(x), result.model.cpu().eval()(x))
