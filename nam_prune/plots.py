@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from nam_prune.checkpoint import atomic_write
-from nam_prune.gates import NAMChannelGate, NAMSpatialGate
+from nam_prune.gates import channel_gates, spatial_gates
 from nam_prune.prune import normalize_scores
 
 
@@ -59,7 +59,7 @@ def gamma_plots(model: nn.Module, payload: dict[str, Any], folder: Path) -> list
     folder.mkdir(parents=True, exist_ok=True)
     normalizer = (payload.get("recipe") or {}).get("prune", {}).get("normalizer", "mean")
     threshold = (payload.get("metrics") or {}).get("prune_threshold")
-    gates = [(n, m) for n, m in model.named_modules() if isinstance(m, NAMChannelGate)]
+    gates = channel_gates(model)
     written = []
     if gates:
         scores = {n: normalize_scores(m.gamma.detach().abs().float().cpu(), normalizer) for n, m in gates}
@@ -93,7 +93,7 @@ def gamma_plots(model: nn.Module, payload: dict[str, Any], folder: Path) -> list
         fig.tight_layout()
         _save(fig, folder / "channels_kept.png")
         written.append(folder / "channels_kept.png")
-    for name, gate in ((n, m) for n, m in model.named_modules() if isinstance(m, NAMSpatialGate)):
+    for name, gate in spatial_gates(model):
         fig, axis = plt.subplots(figsize=(4, 4))
         image = axis.imshow(normalize_scores(gate.gamma.detach().abs().float(), "mean").numpy(), cmap="viridis")
         fig.colorbar(image, ax=axis)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from nam_prune.gates import NAMChannelGate, NAMSpatialGate
+from nam_prune.gates import NAMChannelGate, NAMSpatialGate, channel_gates
 
 
 def gate_scales(model: nn.Module) -> list[torch.Tensor]:
@@ -56,7 +56,7 @@ class GammaStats:
 @torch.no_grad()
 def gamma_stats(model: nn.Module, threshold: float = 1e-2) -> GammaStats:
     """Count near-zero NAM gammas and name the gates whose gammas are *all* near zero."""
-    gates = [(name, m.gamma.abs()) for name, m in model.named_modules() if isinstance(m, NAMChannelGate)]
+    gates = [(name, m.gamma.abs()) for name, m in channel_gates(model)]
     if not gates:
         return GammaStats(0, 0, threshold, [])
     flat = torch.cat([g for _, g in gates])

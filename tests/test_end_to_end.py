@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nam_prune
-from nam_prune.data import DataConfig, load_data
+from nam_prune.data import load_data
 from nam_prune.recipe import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,18 +107,7 @@ def test_bad_inputs_print_one_line(args, message):
 
 def test_digits_short_finetune_beats_chance(tmp_path):
     """A second real data set (scikit-learn digits), through the API."""
-    recipe = recipe_from_dict(
-        {
-            "output": str(tmp_path / "digits"),
-            "model": {"name": "resnet8", "width": 8},
-            "data": {"name": "digits", "batch_size": 64},
-            "sparsity": {"epochs": 1},
-            "prune": {"target": "channels", "channel_ratio": 0.3},
-            "finetune": {"epochs": 3, "lr": 0.05},
-            "report": {"latency_runs": 2, "warmup": 0},
-        }
-    )
-    result = nam_prune.run(recipe)
+    result = nam_prune.run(_digits_recipe(tmp_path, finetune={"epochs": 3}))
     assert result.results["after"]["accuracy"] > 0.5
     assert result.results["after"]["macs"] < result.results["before"]["macs"]
     assert (result.folder / "model.pt").is_file()

@@ -1,7 +1,6 @@
 """Never lose a run, never crash with a traceback: resume after kill -9, Ctrl-C, NaN, bad inputs, fuzz."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
