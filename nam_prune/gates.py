@@ -22,9 +22,13 @@ from nam_prune.errors import NamPruneError
 
 
 def normalized_scale(scale: torch.Tensor, detach: bool) -> torch.Tensor:
-    """Return ``|scale| / sum |scale|``; detached like the reference (``gamma.data``) unless asked."""
+    """Return ``|scale| / sum |scale|``; detached like the reference (``gamma.data``) unless asked.
+
+    A gate whose scales all reached zero gets ``w = 0`` (a constant 0.5 gate) instead of the
+    reference's 0/0 = NaN, which would poison the whole loss.
+    """
     magnitude = scale.detach().abs() if detach else scale.abs()
-    return magnitude / magnitude.sum()
+    return magnitude / magnitude.sum().clamp_min(torch.finfo(magnitude.dtype).tiny)
 
 
 def _channel(v: torch.Tensor) -> torch.Tensor:

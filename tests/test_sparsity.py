@@ -59,3 +59,18 @@ def test_penalty_value_and_gamma_stats(tiny_nam_resnet):
     assert value == pytest.approx(1e-3 * (channels - gates[0].gamma.numel()))
     stats = gamma_stats(tiny_nam_resnet)
     assert (stats.channels, stats.near_zero) == (channels, gates[0].gamma.numel())
+    assert stats.dead_layers == ["bn1.channel"]  # a gate whose gammas all reached zero is named
+
+
+def test_dead_gate_is_reported_during_training(tiny_nam_resnet, caplog):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nam_prune.train import TrainConfig, fit
+
+    gate = next(m for m in tiny_nam_resnet.modules() if isinstance(m, NAMChannelGate))
+    with torch.no_grad():
+        gate.gamma.zero_()
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))), batch_size=4)
+    with caplog.at_level("WARNING", logger="nam_prune"):
+        fit(tiny_nam_resnet, data, TrainConfig(epochs=1, lr=1e-6), torch.device("cpu"), "sparsity")
+    assert "every NAM gamma of bn1.channel is below" in caplog.text
