@@ -68,13 +68,7 @@ def report(model: Path, data: str | None, as_json: bool, with_onnx: bool, plots:
     """Params, MACs and the per-layer table of a saved MODEL; accuracy with --data."""
     from nam_prune.report import inspect_checkpoint, layer_table, summary_table
 
-    summary = inspect_checkpoint(model, data, with_onnx=with_onnx)
-    if plots is not None:
-        from nam_prune.checkpoint import load_with_metadata
-        from nam_prune.plots import gamma_plots
-
-        module, payload = load_with_metadata(model)
-        summary["plots"] = [str(p) for p in gamma_plots(module, payload, plots)]
+    summary = inspect_checkpoint(model, data, with_onnx=with_onnx, plots=plots)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

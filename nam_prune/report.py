@@ -127,10 +127,14 @@ def _data_config(data: str):
 
 
 def inspect_checkpoint(
-    path: str | Path, data: str | None = None, config: ReportConfig | None = None, with_onnx: bool = False
+    path: str | Path,
+    data: str | None = None,
+    config: ReportConfig | None = None,
+    with_onnx: bool = False,
+    plots: Path | None = None,
 ) -> dict[str, Any]:
     """What ``nam-prune report`` shows: params, MACs, layers, latency, accuracy when data is given,
-    and onnxruntime latency with ``with_onnx``."""
+    onnxruntime latency with ``with_onnx``, and the gamma/channel plots written to ``plots``."""
     from nam_prune.checkpoint import load_with_metadata, record_of
     from nam_prune.data import load_data
     from nam_prune.prune import channel_counts
@@ -154,6 +158,10 @@ def inspect_checkpoint(
         from nam_prune.export import ort_latency_ms
 
         extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup)
+    if plots is not None:
+        from nam_prune.plots import gamma_plots
+
+        extra["plots"] = [str(p) for p in gamma_plots(model, payload, plots)]
     counts = channel_counts(model)
     layers = payload.get("layers") or layer_changes(counts, counts)
     return {

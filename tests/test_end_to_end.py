@@ -164,3 +164,24 @@ def test_iterative_pruning_keeps_max_ratio_of_original_layers(tmp_path):
     with torch.no_grad():
         x = torch.randn(2, 1, 8, 8)
         assert torch.equal(reloaded(x), result.model.cpu().eval()(x))
+
+
+def test_report_plots(quick_run, tmp_path):
+    run_dir, _ = quick_run
+    report = _cli("report", str(run_dir / "model.pt"), "--plots", str(tmp_path / "plots"), "--json", cwd=run_dir)
+    assert report.returncode == 0, report.stderr
+    written = sorted(Path(p).name for p in json.loads(report.stdout)["plots"])
+    assert written == ["channels_kept.png", "gamma_hist.png", "gamma_hist_per_layer.png"]
+    for name in written:
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spatial_lambda_maps_are_plotted(tmp_path):
+    from nam_prune.models import ModelSpec, build_model
+    from nam_prune.plots import gamma_plots
+    from nam_prune.surgery import NAMConfig, insert_nam
+
+    model = insert_nam(build_model(ModelSpec("resnet8", in_channels=1, width=8)), NAMConfig(spatial=True),
+                       torch.zeros(1, 1, 28, 28))
+    written = gamma_plots(model, {"metrics": {"prune_threshold": 0.8}}, tmp_path)
+    assert len([p for p in written if p.name.startswith("lambda_")]) == 9
