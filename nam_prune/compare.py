@@ -71,6 +71,13 @@ def _importance(criterion: str, model: nn.Module, recipe: Recipe, seed: int) -> 
     return SeededRandomImportance(seed)
 
 
+def _same_data_order(data, seed: int) -> None:
+    """Every arm trains on the same images in the same order: reseed torch and the loader's shuffle."""
+    seed_everything(seed)
+    if data.train.generator is not None:
+        data.train.generator.manual_seed(seed)
+
+
 def _dense(criterion: str, recipe: Recipe, seed: int, folder: Path, data, device) -> tuple[nn.Module, ModelRecord]:
     """The trained dense model of one (criterion, seed), cached in ``folder``."""
     spec = ModelSpec(recipe.model.name, data.num_classes, data.input_shape[0], recipe.model.width)
@@ -88,6 +95,7 @@ def _dense(criterion: str, recipe: Recipe, seed: int, folder: Path, data, device
     if criterion in ("l1", "random"):
         sparsity = replace(sparsity, penalty=0.0)
     penalised = batchnorm_scales if criterion == "bn_slimming" else gate_scales
+    _same_data_order(data, seed)
     fit(model, data.train, sparsity, device, f"{criterion} seed {seed}", penalised=penalised)
     save_checkpoint(path, model, record)
     return model, record
@@ -110,7 +118,7 @@ def _arm(criterion: str, budget: float, seed: int, dense: nn.Module, record: Mod
         strip_gates(model)
         macs, params = count_macs_params(model, example)
     pruned_accuracy = evaluate(model, data.test, device, "eval pruned")
-    seed_everything(seed)
+    _same_data_order(data, seed)
     fit(model, data.train, recipe.finetune, device, f"finetune {criterion} {budget} seed {seed}")
     return {
         "criterion": criterion, "budget": budget, "seed": seed,
