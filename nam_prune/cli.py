@@ -31,10 +31,11 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks (for bug reports).")
 @click.option("-v", "--verbose", is_flag=True, help="More log output.")
 @click.version_option(package_name="nam-prune")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
-    """Compress convolutional networks with NAM (normalization-based attention) pruning."""
-    ctx.obj = {"debug": debug}
+def cli(debug: bool, verbose: bool) -> None:
+    """Compress convolutional networks with NAM (normalization-based attention) pruning.
+
+    ``--debug`` is read by ``main`` from argv, since errors are handled outside click.
+    """
     _setup_logging(verbose)
 
 

@@ -101,11 +101,13 @@ def _dense(criterion: str, recipe: Recipe, seed: int, folder: Path, data, device
     return model, record
 
 
-def _arm(criterion: str, budget: float, seed: int, dense: nn.Module, record: ModelRecord, recipe: Recipe, data, device):
-    """Prune a copy of ``dense`` to remove ``budget`` of its MACs, fine-tune, measure."""
+def _arm(
+    criterion: str, budget: float, seed: int, dense: nn.Module, dense_macs: int, record: ModelRecord,
+    recipe: Recipe, data, device,
+):
+    """Prune a copy of ``dense`` (``dense_macs`` MACs) to remove ``budget`` of its MACs, fine-tune, measure."""
     model = copy.deepcopy(dense)
     example = record.example_input(device)
-    dense_macs = count_macs_params(dense, example)[0]
     prune_model(
         model, example, recipe.prune, target_macs=(1 - budget) * dense_macs,
         importance=_importance(criterion, model, recipe, seed),
@@ -151,8 +153,10 @@ def compare(
             if not todo:
                 continue
             dense, record = _dense(criterion, recipe, seed, folder, data, device)
+            dense_macs = count_macs_params(dense, record.example_input(device))[0]
             for budget in todo:
-                state["arms"].append(_arm(criterion, budget, seed, dense, record, recipe, data, device))
+                arm = _arm(criterion, budget, seed, dense, dense_macs, record, recipe, data, device)
+                state["arms"].append(arm)
                 atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))
                 log.info("finished %s at budget %.2f, seed %d", criterion, budget, seed)
     state["summary"] = summarize(state["arms"], criteria, budgets, seeds)

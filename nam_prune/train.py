@@ -159,10 +159,9 @@ def fit(
                     "%s: every NAM gamma of %s is below %g; pruning keeps at least one channel there",
                     stage, ", ".join(stats.dead_layers), stats.threshold,
                 )
+            distributed.sync_buffers(model)  # every rank ends each epoch with rank 0's BN statistics
             if on_epoch_end is not None:
-                distributed.sync_buffers(model)
                 on_epoch_end(TrainState(epoch, list(history), optimizer.state_dict(), scheduler.state_dict()))
-    distributed.sync_buffers(model)
     return history
 
 
