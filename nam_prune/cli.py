@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -67,18 +68,24 @@ def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool,
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write gamma/channel plots here.")
 def report(model: Path, data: str | None, as_json: bool, with_onnx: bool, plots: Path | None) -> None:
     """Params, MACs and the per-layer table of a saved MODEL; accuracy with --data."""
-    from nam_prune.report import inspect_checkpoint, layer_table, summary_table
+    from nam_prune.report import CLASSIFICATION_COLUMNS, inspect_checkpoint, layer_table, summary_table
 
-    summary = inspect_checkpoint(model, data, with_onnx=with_onnx, plots=plots)
+    # with --json, stdout carries only the JSON object: ultralytics (imported here) logs to stdout
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        summary = inspect_checkpoint(model, data, with_onnx=with_onnx, plots=plots)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     stages = {"this model": summary}
     for path in summary.get("plots", []):
         console.print(f"wrote {path}", soft_wrap=True)
-    if summary.get("recorded"):
-        stages = {**summary["recorded"], "this model": summary}
-    console.print(summary_table(stages, title=f"{model}"))
+    recorded = {k: v for k, v in summary.get("recorded", {}).items() if isinstance(v, dict) and "params" in v}
+    if recorded:
+        stages = {**recorded, "this model": summary}
+    columns = CLASSIFICATION_COLUMNS
+    if summary["detector"]:
+        from nam_prune.yolo.pipeline import DETECTION_COLUMNS as columns
+    console.print(summary_table(stages, title=f"{model}", columns=columns))
     console.print(layer_table(summary["layers"], only_changed=False))
 
 
@@ -119,11 +126,13 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path 
     """Export a saved MODEL (ONNX), check it and verify onnxruntime matches torch within 1e-4."""
     from nam_prune.checkpoint import load_with_metadata, record_of
     from nam_prune.export import export_onnx
+    from nam_prune.report import deployable
 
     module, payload = load_with_metadata(model)
-    result = export_onnx(
-        module, record_of(payload).example_input(), output or model.with_suffix(f".{fmt}"), opset, dynamic_batch
-    )
+    with deployable(module):
+        result = export_onnx(
+            module, record_of(payload).example_input(), output or model.with_suffix(f".{fmt}"), opset, dynamic_batch
+        )
     console.print(
         f"wrote {result.path} (opset {result.opset}, max |torch - onnxruntime| = {result.max_abs_diff:.1e})",
         soft_wrap=True,

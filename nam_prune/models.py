@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 import torchvision
@@ -23,12 +24,17 @@ from nam_prune.errors import NamPruneError
 
 @dataclass
 class ModelSpec:
-    """What is needed to rebuild a dense model: name, classes, input channels, width."""
+    """What is needed to rebuild a dense model: name, classes, input channels, width.
+
+    ``config`` is the architecture yaml (as plain values) of a YOLO model loaded from an
+    ultralytics checkpoint, whose name alone does not say how it was built.
+    """
 
     name: str = "resnet20"
     num_classes: int = 10
     in_channels: int = 3
     width: int = 16
+    config: dict[str, Any] | None = None
 
 
 class CifarResNet(nn.Module):
@@ -119,6 +125,11 @@ def _set_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     raise NamPruneError("model has no Conv2d layer: nam-prune compresses convolutional networks")
 
 
+def is_yolo_name(name: str) -> bool:
+    """Model names handed to ultralytics: a model yaml (``yolov8n.yaml``) or an ultralytics checkpoint."""
+    return name.endswith((".yaml", ".yml", ".pt"))
+
+
 def available_models() -> list[str]:
     return sorted(CIFAR_MODELS) + sorted(torchvision.models.list_models(torchvision.models))
 
@@ -127,6 +138,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
     """Build the dense, randomly initialised model a spec describes (no download, ever)."""
     if spec.name in CIFAR_MODELS:
         return CIFAR_MODELS[spec.name](spec)
+    if is_yolo_name(spec.name):
+        from nam_prune.yolo.models import build_yolo
+
+        return build_yolo(spec.name, spec.num_classes, spec.in_channels, spec.config)
     if spec.name.startswith("timm:"):
         try:
             timm = importlib.import_module("timm")
@@ -144,7 +159,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise NamPruneError(
         f"unknown model.name '{printable(spec.name)}'{hint}; use a CIFAR ResNet (resnet20, resnet56, "
-        "resnet50_cifar), a torchvision name, 'timm:NAME' or 'package.module:factory'"
+        "resnet50_cifar), a torchvision name, 'timm:NAME', 'package.module:factory' or a YOLO yaml (yolov8n.yaml)"
     )
 
 

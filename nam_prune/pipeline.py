@@ -31,8 +31,8 @@ from nam_prune.console import console
 from nam_prune.data import DataBundle, load_data
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import use_compiled_gates
-from nam_prune.models import ModelSpec, build_model
-from nam_prune.prune import channel_counts, prune_model
+from nam_prune.models import ModelSpec, build_model, is_yolo_name
+from nam_prune.prune import channel_counts, channel_step_fraction, prune_model
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, measure, print_report
 from nam_prune.surgery import insert_nam, strip_gates
@@ -108,13 +108,6 @@ def prepare_model(recipe: Recipe, data: DataBundle) -> tuple[nn.Module, ModelRec
     return model, record
 
 
-def _channel_step_fraction(total_ratio: float, step: int, steps: int) -> float:
-    """Share of the *current* channels to cut at ``step`` so ``total_ratio`` is gone after ``steps``."""
-    keep_now = 1 - total_ratio * (step - 1) / steps
-    keep_next = 1 - total_ratio * step / steps
-    return 1 - keep_next / keep_now
-
-
 @dataclass
 class RunResult:
     folder: Path
@@ -159,11 +152,29 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
     with the same seed would. Under torchrun every rank runs this; only rank 0 writes.
     """
     device = resolve_device(recipe.device)
+    if is_yolo_name(recipe.model.name):
+        return _run_detector(recipe, device, overwrite, resume)
     distributed.init_from_env(device)
     try:
         return _run(recipe, distributed.local_device(device), overwrite, resume)
     finally:
         distributed.shutdown()
+
+
+def _run_detector(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) -> RunResult:
+    """YOLO recipes train through ultralytics' trainer (which keeps its own last.pt per stage)."""
+    if resume:
+        raise NamPruneError(
+            "--resume is not available for YOLO runs; each stage's ultralytics weights are in <run>/<stage>/weights"
+        )
+    if distributed.world_size() > 1:
+        raise NamPruneError("YOLO runs take one process (--nproc 1); ultralytics picks the GPU from device:")
+    from nam_prune.yolo.pipeline import run_detector
+
+    seed_everything(recipe.seed)
+    folder = run_folder(recipe, overwrite)
+    results, model = run_detector(recipe, device, folder)
+    return RunResult(folder, results, model)
 
 
 def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) -> RunResult:
@@ -292,7 +303,7 @@ def _prune_steps(
             target = dense_macs * (1 - (1 - config.macs_keep) * step / config.steps)
             result = prune_model(model, example, config, target_macs=target, initial_channels=initial_channels)
         else:
-            fraction = _channel_step_fraction(config.channel_ratio, step, config.steps)
+            fraction = channel_step_fraction(config.channel_ratio, step, config.steps)
             result = prune_model(model, example, config, channel_fraction=fraction, initial_channels=initial_channels)
         history += result.history
         if step < config.steps and config.epochs_between_steps:

@@ -13,11 +13,13 @@ broken by each channel's rank within its layer, so equal scores spread the cut e
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -124,6 +126,41 @@ class NAMImportance(tp.importance.Importance):
 
 
 @dataclass
+class IntactBlock:
+    """A block whose inner channels must not change (attention heads, a detection head).
+
+    Only the input channels of its ``entries`` (the convs fed from outside) may follow
+    the layer that feeds the block; any other cut that reaches inside it is skipped.
+    """
+
+    name: str
+    module: nn.Module
+    entries: list[nn.Module]
+
+
+@dataclass
+class Protected:
+    """What a model-specific caller keeps: ``layers`` are never pruning roots, ``blocks`` stay intact."""
+
+    layers: list[nn.Module] = field(default_factory=list)
+    blocks: list[IntactBlock] = field(default_factory=list)
+
+
+def reaches_into(group: tp.Group, graph: tp.DependencyGraph, blocks: list[IntactBlock]) -> str | None:
+    """The name of the first intact block this group would change inside, if any."""
+    for block in blocks:
+        inside = set(block.module.modules())
+        for item in group:
+            module = item.dep.target.module
+            if module not in inside:
+                continue
+            if module in block.entries and not graph.is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            return block.name
+    return None
+
+
+@dataclass
 class ScoredGroup:
     """One prunable coupled group: its root layer, channel count and channel scores."""
 
@@ -139,6 +176,24 @@ def head_layers(model: nn.Module) -> list[nn.Module]:
     return layers[-1:]
 
 
+TRACE_STAND_INS: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {}
+"""Block types traced through a simpler forward with the same convs and shapes (model families
+register theirs: torch-pruning cannot map the reshapes inside YOLO attention blocks). Such
+blocks must also be kept intact (``IntactBlock``), since the stand-in hides their real coupling."""
+
+
+@contextlib.contextmanager
+def _stand_ins(model: nn.Module):
+    swapped = [m for m in model.modules() if type(m) in TRACE_STAND_INS]
+    for module in swapped:
+        module.forward = functools.partial(TRACE_STAND_INS[type(module)], module)
+    try:
+        yield
+    finally:
+        for module in swapped:
+            del module.forward
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph, traced with the gates in ``tracing_mode``.
 
@@ -151,11 +206,12 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     model.eval()
     try:
         # tracing needs autograd even when the caller is under no_grad / inference_mode
-        with warnings.catch_warnings(), tracing_mode(model), torch.inference_mode(False), torch.enable_grad():
+        with warnings.catch_warnings(), tracing_mode(model), torch.inference_mode(False), torch.enable_grad():  # noqa: E501
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input.clone(), ignored_params=pixel_params
-            )
+            with _stand_ins(model):
+                return tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_input.clone(), ignored_params=pixel_params
+                )
     except NamPruneError:
         raise
     except Exception as error:  # torch-pruning raises many types while tracing
@@ -181,17 +237,23 @@ def score_groups(
     config: PruneConfig,
     initial_channels: dict[str, int],
     importance: tp.importance.Importance | None = None,
+    protected: Protected | None = None,
 ) -> list[ScoredGroup]:
     """Score every prunable group; ``initial_channels`` (root name -> channels) bounds each cut.
 
     ``importance`` defaults to ``NAMImportance``; any torch-pruning importance works (the
-    ``compare`` command passes L1-norm and random ones).
+    ``compare`` command passes L1-norm and random ones). Groups that would change the
+    inside of a ``protected`` block are left out.
     """
     importance = importance or NAMImportance(model, config.normalizer, config.fallback)
-    ignored = [m for layer in head_layers(model) + _resolve(model, config.ignore) for m in layer.modules()]
+    protected = protected or Protected()
+    roots_kept = head_layers(model) + _resolve(model, config.ignore) + protected.layers
+    ignored = [m for layer in roots_kept for m in layer.modules()]
     names = {m: n for n, m in model.named_modules()}
     scored = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        if reaches_into(group, graph, protected.blocks):
+            continue
         scores = importance(group)
         if scores is None:
             continue
@@ -332,18 +394,20 @@ def prune_model(
     channel_fraction: float | None = None,
     initial_channels: dict[str, int] | None = None,
     importance: tp.importance.Importance | None = None,
+    protected: Protected | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``target_macs`` or by ``channel_fraction`` of its current channels.
 
     ``initial_channels`` (root layer -> channels before the first step) is filled on the
     first call and bounds later steps, so ``max_pruning_ratio`` refers to the original model.
+    ``protected`` keeps model-specific parts (a detection head, attention blocks) unpruned.
 
     Raises if the model does not shrink: a pruning step never reports success for nothing.
     """
     initial_channels = {} if initial_channels is None else initial_channels
     params_before = _parameter_count(model)
     graph = build_graph(model, example_input)
-    groups = score_groups(model, graph, config, initial_channels, importance)
+    groups = score_groups(model, graph, config, initial_channels, importance, protected)
     warn_if_untrained(groups)
     if target_macs is not None:
         fraction = fraction_for_macs(model, example_input, config, target_macs, groups)
@@ -366,6 +430,13 @@ def prune_model(
         len(plan), fraction, params_before / 1e6, params_after / 1e6,
     )
     return PruneResult(history, params_before, params_after, fraction, threshold)
+
+
+def channel_step_fraction(total_ratio: float, step: int, steps: int) -> float:
+    """Share of the *current* channels to cut at ``step`` so ``total_ratio`` is gone after ``steps``."""
+    keep_now = 1 - total_ratio * (step - 1) / steps
+    keep_next = 1 - total_ratio * step / steps
+    return 1 - keep_next / keep_now
 
 
 def _parameter_count(model: nn.Module) -> int:

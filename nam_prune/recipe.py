@@ -19,11 +19,13 @@ from nam_prune.prune import PruneConfig
 from nam_prune.report import ReportConfig
 from nam_prune.surgery import NAMConfig
 from nam_prune.train import TrainConfig
+from nam_prune.yolo.config import YoloConfig
 
 
 @dataclass
 class ModelConfig:
-    """name: a CIFAR ResNet, torchvision name, ``timm:NAME`` or ``module:factory``.
+    """name: a CIFAR ResNet, torchvision name, ``timm:NAME``, ``module:factory``, or a YOLO
+    yaml (``yolov8n.yaml``) / ultralytics ``.pt`` (then the ``yolo:`` section applies).
     width: base width of the CIFAR ResNets. weights: a state dict or nam-prune checkpoint to start from.
     trust_pickle: allow ``weights`` to be a pickled file (a whole saved model); it can run code.
     """
@@ -51,6 +53,7 @@ class Recipe:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    yolo: YoloConfig = field(default_factory=YoloConfig)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

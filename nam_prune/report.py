@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -16,6 +17,7 @@ from rich.table import Table
 from nam_prune.config import bounded
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
+from nam_prune.models import is_yolo_name
 from nam_prune.prune import count_macs_params
 
 
@@ -70,6 +72,15 @@ def layer_changes(before: dict[str, int], after: dict[str, int]) -> list[dict[st
     return rows
 
 
+CLASSIFICATION_COLUMNS = (
+    ("params", "params"),
+    ("macs", "MACs"),
+    ("accuracy", "top-1"),
+    ("latency_ms", "latency ms (CPU, bs 1)"),
+)
+SCORES = frozenset({"accuracy", "map50_95", "map50"})  # fractions 0-1: shown in %, changes in points
+
+
 def _fmt(value: float | None, kind: str) -> str:
     if value is None:
         return "-"
@@ -77,26 +88,30 @@ def _fmt(value: float | None, kind: str) -> str:
         return f"{value / 1e6:.3f}M"
     if kind == "macs":
         return f"{value / 1e6:.2f}M"
-    if kind == "accuracy":
+    if kind in SCORES:
         return f"{100 * value:.2f}%"
     return f"{value:.2f}"
 
 
-def summary_table(stages: dict[str, dict[str, Any]], title: str = "nam-prune report") -> Table:
+def summary_table(
+    stages: dict[str, dict[str, Any]],
+    title: str = "nam-prune report",
+    columns: tuple[tuple[str, str], ...] = CLASSIFICATION_COLUMNS,
+) -> Table:
     """One row per stage (dense, pruned, fine-tuned) with the change against the first."""
     table = Table(title=title)
     table.add_column("stage")
-    for column in ("params", "MACs", "top-1", "latency ms (CPU, bs 1)"):
-        table.add_column(column, justify="right")
+    for _, header in columns:
+        table.add_column(header, justify="right")
     first = next(iter(stages.values()))
     for stage, metrics in stages.items():
         cells = []
-        for key in ("params", "macs", "accuracy", "latency_ms"):
+        for key, _ in columns:
             text = _fmt(metrics.get(key), key)
             base, value = first.get(key), metrics.get(key)
             if stage != next(iter(stages)) and base and value is not None:
-                delta = (value - base) * 100 if key == "accuracy" else 100 * (value / base - 1)
-                text += f" ({delta:+.1f}{' pt' if key == 'accuracy' else '%'})"
+                delta = (value - base) * 100 if key in SCORES else 100 * (value / base - 1)
+                text += f" ({delta:+.1f}{' pt' if key in SCORES else '%'})"
             cells.append(text)
         table.add_row(stage, *cells)
     return table
@@ -126,6 +141,19 @@ def _data_config(data: str):
     return from_dict(DataConfig, {"name": data}, prefix="data.")
 
 
+@contextlib.contextmanager
+def deployable(model: nn.Module):
+    """The model as it is deployed: YOLO Detect heads return only the decoded boxes and scores."""
+    heads = [m for m in model.modules() if type(m).__name__ == "Detect" and hasattr(m, "export")]
+    for head in heads:
+        head.export = True
+    try:
+        yield model
+    finally:
+        for head in heads:
+            head.export = False
+
+
 def inspect_checkpoint(
     path: str | Path,
     data: str | None = None,
@@ -143,21 +171,29 @@ def inspect_checkpoint(
     model, payload = load_with_metadata(path)
     record = record_of(payload)
     example = record.example_input()
-    accuracy = None
-    if data:
+    detector = is_yolo_name(record.spec.name)
+    config = config or ReportConfig()
+    scores: dict[str, Any] = {}
+    if data and detector:
+        from nam_prune.yolo.config import YoloConfig
+        from nam_prune.yolo.train import validate_detector
+
+        size = record.input_shape[-1]
+        scores = validate_detector(model, Path(data), YoloConfig(data=data, imgsz=size), torch.device("cpu"))
+    elif data:
         bundle = load_data(_data_config(data))
         if tuple(bundle.input_shape) != tuple(record.input_shape):
             raise NamPruneError(
                 f"--data gives inputs {tuple(bundle.input_shape)} but the model takes {tuple(record.input_shape)}"
             )
-        accuracy = evaluate(model, bundle.test, torch.device("cpu"))
-    config = config or ReportConfig()
-    metrics = measure(model, example, config, accuracy)
-    extra = {}
+        scores["accuracy"] = evaluate(model, bundle.test, torch.device("cpu"))
+    metrics = measure(model, example, config, scores.get("accuracy"))
+    extra: dict[str, Any] = {**scores, "gflops": 2 * metrics.macs / 1e9}
     if with_onnx:
         from nam_prune.export import ort_latency_ms
 
-        extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup)
+        with deployable(model):
+            extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup)
     if plots is not None:
         from nam_prune.plots import gamma_plots
 
@@ -170,6 +206,7 @@ def inspect_checkpoint(
         "model": asdict(record.spec),
         "nam": asdict(record.nam) if record.nam else None,
         "input_shape": list(record.input_shape),
+        "detector": detector,
         "pruned": bool(record.history),
         "layers": layers,
         "recorded": payload.get("metrics", {}),

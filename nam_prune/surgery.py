@@ -8,7 +8,7 @@ model's own ``forward`` keeps working unchanged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -35,12 +35,15 @@ class NAMConfig:
     grad_through_weights: let the gradient flow through ``w = |gamma|/sum|gamma|``
         (the reference detaches it).
     compile: fuse the training gates with ``torch.compile`` (faster on large feature maps).
+    include: gate only modules whose names start with one of these prefixes (empty: all);
+        the YOLO pipeline fills it with the backbone (and neck) layers.
     """
 
     placement: Placement = "every_bn"
     spatial: bool = False
     grad_through_weights: bool = False
     compile: bool = False
+    include: list[str] = field(default_factory=list)
 
 
 def _block_end_norms(model: nn.Module) -> set[nn.Module]:
@@ -85,7 +88,18 @@ def _gated_norms(model: nn.Module) -> set[nn.Module]:
     for module in model.modules():
         if isinstance(module, NAMGated):
             taken.update(module.modules())
+        if _fusable(module) and isinstance(module.act, NAMGated):
+            taken.add(module.bn)
     return taken
+
+
+def _fusable(module: nn.Module) -> bool:
+    """An ultralytics-style ``Conv`` (conv -> bn -> act) that ``model.fuse()`` folds at predict time.
+
+    Its gate goes after ``act`` rather than replacing ``bn``, so fusing the BN into the conv
+    stays exact and ultralytics' own predict/export paths keep working.
+    """
+    return all(hasattr(module, a) for a in ("conv", "bn", "act", "forward_fuse")) and isinstance(module.bn, nn.BatchNorm2d)
 
 
 def insert_nam(
@@ -104,6 +118,7 @@ def insert_nam(
     taken = _gated_norms(model)
     wanted = _block_end_norms(model) if config.placement == "block_end" else None
     sizes = _bn_output_sizes(model, example_input) if config.spatial else {}
+    names = {m: n for n, m in model.named_modules()}
     inserted = 0
     for parent in list(model.modules()):
         if isinstance(parent, (NAMGated, NAMChannelGate)):
@@ -113,12 +128,16 @@ def insert_nam(
                 continue
             if wanted is not None and child not in wanted:
                 continue
+            if config.include and not names[child].startswith(tuple(config.include)):
+                continue
             spatial = None
             if config.spatial:
                 spatial = NAMSpatialGate(*sizes[child], grad_through_weights=config.grad_through_weights)
             gate = NAMChannelGate(child.num_features, grad_through_weights=config.grad_through_weights)
-            gated = NAMGated(child, gate, spatial).to(child.weight.device)
-            setattr(parent, child_name, gated)
+            if _fusable(parent) and parent.bn is child:
+                parent.act = NAMGated(parent.act, gate, spatial).to(child.weight.device)
+            else:
+                setattr(parent, child_name, NAMGated(child, gate, spatial).to(child.weight.device))
             inserted += 1
     if inserted == 0 and not taken:
         raise NamPruneError(

@@ -1,0 +1,29 @@
+"""The ``yolo:`` recipe section (kept free of ultralytics imports so recipes validate without it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from nam_prune.config import bounded
+
+
+@dataclass
+class YoloConfig:
+    """The ``yolo:`` section of a detector recipe.
+
+    data: an ultralytics data yaml, or ``demo`` (two photos shipped with ultralytics).
+    scope: where NAM gates go and what is pruned: ``backbone`` or ``backbone+neck``.
+    imgsz: training and validation image size. report_imgsz: size at which GFLOPs and
+        latency are reported. batch, workers, amp: as in ultralytics (AMP only acts on CUDA).
+    warmup_epochs: ultralytics' learning-rate warm-up (its default 3 suits long runs only).
+    """
+
+    data: str = "demo"
+    scope: Literal["backbone", "backbone+neck"] = "backbone"
+    imgsz: int = bounded(640, low=32)
+    report_imgsz: int = bounded(640, low=32)
+    batch: int = bounded(16, low=1)
+    workers: int = bounded(0, low=0)
+    amp: bool = True
+    warmup_epochs: float = bounded(0.0, low=0)

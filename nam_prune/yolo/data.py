@@ -1,0 +1,91 @@
+"""Stage 0 for detectors: the data yaml ultralytics trains on.
+
+``data: demo`` builds a two-image detection set from the photos that ship inside the
+ultralytics package (``bus.jpg``, ``zidane.jpg``), with boxes written down once below.
+It exercises every step offline; it is far too small to say anything about mAP.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from nam_prune.errors import NamPruneError
+
+DEMO_NAMES = {0: "person", 1: "bus", 2: "tie"}
+DEMO_BOXES: dict[str, list[tuple[int, int, int, int, int]]] = {
+    # class, x0, y0, x1, y1 in pixels, read off the images once (bus.jpg is 810x1080, zidane.jpg 1280x720)
+    "bus.jpg": [
+        (1, 17, 230, 801, 740),
+        (0, 48, 398, 245, 902),
+        (0, 221, 405, 344, 857),
+        (0, 670, 380, 810, 875),
+        (0, 0, 550, 63, 873),
+    ],
+    "zidane.jpg": [
+        (0, 743, 48, 1141, 720),
+        (0, 123, 197, 712, 720),
+        (2, 437, 437, 524, 709),
+    ],
+}
+
+
+def ultralytics_assets() -> Path:
+    try:
+        from ultralytics.utils import ASSETS
+    except ImportError:
+        raise NamPruneError("YOLO data needs ultralytics: pip install 'nam-prune[yolo]'") from None
+    return Path(ASSETS)
+
+
+def build_demo_set(folder: Path) -> Path:
+    """Write the demo images, YOLO-format labels and ``data.yaml`` under ``folder``; returns the yaml.
+
+    Train and val are the same two images: the set checks plumbing, not generalisation.
+    """
+    from PIL import Image
+
+    images, labels = folder / "images", folder / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    for name, boxes in DEMO_BOXES.items():
+        source = ultralytics_assets() / name
+        if not source.is_file():
+            raise NamPruneError(f"the ultralytics package has no {source}; reinstall ultralytics")
+        shutil.copyfile(source, images / name)
+        width, height = Image.open(source).size
+        rows = [
+            f"{cls} {(x0 + x1) / 2 / width:.6f} {(y0 + y1) / 2 / height:.6f} {(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}"
+            for cls, x0, y0, x1, y1 in boxes
+        ]
+        (labels / f"{Path(name).stem}.txt").write_text("\n".join(rows) + "\n")
+    data_yaml = folder / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump({"path": str(folder.resolve()), "train": "images", "val": "images", "names": DEMO_NAMES}))
+    return data_yaml
+
+
+def resolve_data(data: str, run_folder: Path) -> Path:
+    """``demo`` (built into the run folder) or the user's ultralytics data yaml, checked to exist."""
+    if data == "demo":
+        return build_demo_set(run_folder / "demo_data")
+    path = Path(data)
+    if not path.is_file():
+        raise NamPruneError(
+            f"yolo.data {data!r} not found: give an ultralytics data yaml (path, train, val, names) or 'demo'"
+        )
+    return path
+
+
+def class_names(data_yaml: Path) -> dict[int, str]:
+    """The ``names`` of a data yaml as {index: name} (ultralytics accepts a list or a mapping)."""
+    try:
+        names = yaml.safe_load(data_yaml.read_text()).get("names")
+    except (yaml.YAMLError, AttributeError):
+        raise NamPruneError(f"{data_yaml} is not an ultralytics data yaml (a mapping with 'names')") from None
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict) or not names:
+        raise NamPruneError(f"{data_yaml} has no 'names': list the class names of the data set")
+    return {int(k): str(v) for k, v in names.items()}

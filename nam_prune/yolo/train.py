@@ -1,0 +1,132 @@
+"""Stages 2 and 5 for detectors: sparsity training and fine-tuning through ultralytics' own trainer.
+
+:class:`NAMDetectionTrainer` is ultralytics' ``DetectionTrainer`` with two changes:
+
+* ``get_model`` keeps the model it is given. ultralytics rebuilds every model from its
+  yaml before training, which would silently turn a pruned model back into a dense one
+  (loading only the weights whose shapes still match).
+* ``optimizer_step`` adds the NAM penalty ``p * sign(gamma)`` to the gate gradients after
+  the AMP gradient scaler has unscaled them, so ``p`` means the same with and without AMP.
+
+To train a pruned checkpoint further with ultralytics' API::
+
+    YOLO("runs/yolov8n_backbone/model_ultralytics.pt").train(data="my.yaml", trainer=NAMDetectionTrainer)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from nam_prune.errors import NamPruneError
+from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats
+from nam_prune.train import TrainConfig
+
+from nam_prune.yolo.config import YoloConfig
+from nam_prune.yolo.models import ultralytics_module
+
+ultralytics_module()  # a one-line error, not an ImportError, when ultralytics is missing
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator  # noqa: E402
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class NAMDetectionTrainer(DetectionTrainer):
+    """ultralytics' detection trainer for NAM-gated and pruned models (see the module docstring)."""
+
+    nam_penalty = 0.0  # set on the instance; 0 trains without the sparsity penalty
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        if isinstance(weights, nn.Module):
+            classes = weights.model[-1].nc
+            if classes != self.data["nc"]:
+                raise NamPruneError(
+                    f"the model detects {classes} classes but the data yaml has {self.data['nc']}; "
+                    "prune a model built for this data set"
+                )
+            return weights
+        return super().get_model(cfg, weights, verbose)
+
+    def optimizer_step(self):
+        """ultralytics' step (unscale, clip, step, EMA) with the NAM penalty added after unscaling."""
+        self.scaler.unscale_(self.optimizer)
+        if self.nam_penalty:
+            apply_sparsity_penalty(_unwrap(self.model), self.nam_penalty)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
+
+
+def trainer_overrides(
+    config: TrainConfig, yolo: YoloConfig, data_yaml: Path, device: torch.device, folder: Path, stage: str, seed: int
+) -> dict[str, Any]:
+    """ultralytics ``train`` arguments for one stage of a recipe (the model itself is handed over in memory)."""
+    if config.schedule == "multistep":
+        raise NamPruneError(f"{stage}.schedule: multistep is not available with the ultralytics trainer; use cosine or constant")
+    return {
+        "model": "nam-prune",  # a label: NAMDetectionTrainer is given the model object
+        "data": str(data_yaml),
+        "epochs": config.epochs,
+        "imgsz": yolo.imgsz,
+        "batch": yolo.batch,
+        "workers": yolo.workers,
+        "device": "cpu" if device.type == "cpu" else str(device.index or 0),
+        "optimizer": {"sgd": "SGD", "adamw": "AdamW"}[config.optimizer],
+        "lr0": config.lr,
+        "lrf": 1.0 if config.schedule == "constant" else 0.01,
+        "cos_lr": config.schedule == "cosine",
+        "momentum": config.momentum,
+        "weight_decay": config.weight_decay,
+        "warmup_epochs": yolo.warmup_epochs,
+        "amp": yolo.amp,
+        "seed": seed,
+        "deterministic": True,
+        "project": str(folder.resolve()),
+        "name": stage,
+        "exist_ok": True,
+        "plots": False,
+        "verbose": False,
+    }
+
+
+@dataclass
+class StageLog:
+    epochs: int
+    metrics: dict[str, float]
+    near_zero_gammas: int
+
+
+def train_detector(model: nn.Module, overrides: dict[str, Any], penalty: float) -> StageLog:
+    """Train ``model`` in place with ultralytics (EMA weights kept, as ultralytics deploys them)."""
+    if overrides["epochs"] == 0:
+        return StageLog(0, {}, gamma_stats(model).near_zero)
+    trainer = NAMDetectionTrainer(overrides=overrides)
+    trainer.nam_penalty = penalty
+    trainer.model = model
+    trainer.train()
+    trained = trainer.ema.ema if trainer.ema is not None else _unwrap(trainer.model)
+    model.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
+    metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
+    return StageLog(overrides["epochs"], metrics, gamma_stats(model).near_zero)
+
+
+def validate_detector(model: nn.Module, data_yaml: Path, yolo: YoloConfig, device: torch.device) -> dict[str, float]:
+    """mAP50-95 and mAP50 on the data yaml's val split (a copy is validated: ultralytics fuses it)."""
+    args = {
+        "data": str(data_yaml), "imgsz": yolo.imgsz, "batch": yolo.batch, "workers": yolo.workers,
+        "device": "cpu" if device.type == "cpu" else str(device.index or 0), "plots": False, "verbose": False,
+        "mode": "val",
+    }
+    validator = DetectionValidator(args=args)
+    results = validator(model=copy.deepcopy(model).eval())
+    return {"map50_95": float(results["metrics/mAP50-95(B)"]), "map50": float(results["metrics/mAP50(B)"])}
