@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models and tiny real data (scikit-learn digits, Fashion-MNIST)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 from nam_prune.data import DEFAULT_ROOTS, DataConfig, load_data
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.surgery import NAMConfig, insert_nam
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics must never reach for the hub in tests
 
 FASHION_ROOT = Path(DEFAULT_ROOTS["fashion_mnist"])
 

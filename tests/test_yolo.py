@@ -1,0 +1,221 @@
+"""ultralytics YOLO: split-free conversion, gates, intact head/attention, GFLOPs, checkpoints, ONNX."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ultralytics")
+
+from ultralytics import YOLO  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+from nam_prune.checkpoint import ModelRecord, load, save_checkpoint  # noqa: E402
+from nam_prune.errors import NamPruneError  # noqa: E402
+from nam_prune.gates import NAMGated, channel_gates  # noqa: E402
+from nam_prune.models import ModelSpec  # noqa: E402
+from nam_prune.prune import PruneConfig, count_macs_params, prune_model  # noqa: E402
+from nam_prune.recipe import load_recipe  # noqa: E402
+from nam_prune.report import deployable  # noqa: E402
+from nam_prune.surgery import NAMConfig, insert_nam  # noqa: E402
+from nam_prune.yolo.data import build_demo_set, ultralytics_assets  # noqa: E402
+from nam_prune.yolo.models import C2fSplitFree, build_yolo, make_split_free, scope_prefixes  # noqa: E402
+from nam_prune.yolo.pipeline import protection, save_ultralytics  # noqa: E402
+from nam_prune.yolo.train import NAMDetectionTrainer  # noqa: E402
+
+SIZE = 128
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), deployable(model.eval()):
+        return model(x)
+
+
+def _gated(name: str, scope: str = "backbone") -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_yolo(name, 3, 3)
+    insert_nam(model, NAMConfig(include=scope_prefixes(model, scope)))
+    for _, gate in channel_gates(model):  # distinct gammas, as after sparsity training
+        gate.bn.weight.data.uniform_(0.05, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_split_free_conversion_keeps_outputs(name: str) -> None:
+    torch.manual_seed(0)
+    original = DetectionModel(name, nc=3, verbose=False)
+    for module in original.modules():  # non-trivial BN statistics so a wrong slice would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    converted = copy.deepcopy(original)
+    assert make_split_free(converted) == 8
+    assert not any(type(m).__name__ in {"C2f", "C3k2"} for m in converted.modules())
+    assert sum(isinstance(m, C2fSplitFree) for m in converted.modules()) == 8
+    x = torch.rand(2, 3, SIZE, SIZE)
+    assert (_outputs(original, x) - _outputs(converted, x)).abs().max().item() <= 1e-5
+    original.train()
+    converted.train()
+    raw_a, raw_b = original(x), converted(x)
+    assert max((raw_a[k] - raw_b[k]).abs().max().item() for k in ("boxes", "scores")) <= 1e-5
+
+
+def test_gates_sit_after_the_activation_and_survive_fusing() -> None:
+    model = _gated("yolov8n.yaml")
+    backbone = len(model.yaml["backbone"])
+    gated_layers = {n.split(".")[1] for n, m in model.named_modules() if isinstance(m, NAMGated)}
+    assert gated_layers == {str(i) for i in range(backbone)}  # backbone only, never neck or Detect
+    x = torch.rand(1, 3, SIZE, SIZE)
+    expected = _outputs(model, x)
+    fused = copy.deepcopy(model).fuse(verbose=False)  # what ultralytics does before predicting
+    assert (_outputs(fused, x) - expected).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("name,keep", [("yolov8n.yaml", 0.6), ("yolo11n.yaml", 0.7)])
+def test_prune_meets_the_gflops_target_and_leaves_head_and_attention_intact(name: str, keep: float) -> None:
+    model = _gated(name, "backbone")
+    example = torch.zeros(1, 3, SIZE, SIZE)
+    macs_before, params_before = count_macs_params(model, example)
+    protected = protection(model, "backbone")
+    shapes = {b.name: [tuple(p.shape) for p in b.module.parameters()] for b in protected.blocks}
+    neck = {n: tuple(p.shape) for n, p in model.named_parameters() if int(n.split(".")[1]) >= len(model.yaml["backbone"])}
+    prune_model(model, example, PruneConfig(macs_keep=keep, max_pruning_ratio=0.9), target_macs=keep * macs_before, protected=protected)
+    macs_after, params_after = count_macs_params(model, example)
+    assert keep - 0.03 <= macs_after / macs_before <= keep
+    assert params_after < params_before
+    blocks = {b.name: b for b in protected.blocks}
+    assert [tuple(p.shape) for p in blocks["detect head"].module.parameters()] == shapes["detect head"]
+    if name == "yolo11n.yaml":
+        psa = next(b for b in protected.blocks if "C2PSA" in b.name)
+        after = [tuple(p.shape) for p in psa.module.parameters()]
+        assert [s[:1] + s[2:] for s in after] == [s[:1] + s[2:] for s in shapes[psa.name]]  # only cv1's inputs
+    # backbone scope: the neck's own widths stay; only inputs fed by the backbone shrink
+    for n, p in model.named_parameters():
+        if n in neck:
+            assert p.shape[0] == neck[n][0], n
+    assert _outputs(model, torch.rand(1, 3, SIZE, SIZE)).shape == (1, 4 + 3, (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2)
+
+
+def test_pruned_detector_reloads_from_weights_only_checkpoint(tmp_path: Path) -> None:
+    model = _gated("yolo11n.yaml", "backbone+neck")
+    example = torch.zeros(1, 3, SIZE, SIZE)
+    macs, _ = count_macs_params(model, example)
+    result = prune_model(model, example, PruneConfig(), target_macs=0.5 * macs, protected=protection(model, "backbone+neck"))
+    nam = NAMConfig(include=scope_prefixes(model, "backbone+neck"))
+    record = ModelRecord(ModelSpec("yolo11n.yaml", 3, 3), (3, SIZE, SIZE), nam, result.history)
+    save_checkpoint(tmp_path / "model.pt", model, record)
+    reloaded = load(tmp_path / "model.pt")
+    x = torch.rand(1, 3, SIZE, SIZE)
+    assert torch.equal(_outputs(model, x), _outputs(reloaded, x))
+    assert count_macs_params(reloaded, example)[0] == count_macs_params(model, example)[0]
+
+
+@pytest.fixture(scope="module")
+def demo_yaml(tmp_path_factory) -> Path:
+    return build_demo_set(tmp_path_factory.mktemp("demo"))
+
+
+def test_demo_set_labels_are_valid_yolo_boxes(demo_yaml: Path) -> None:
+    labels = sorted((demo_yaml.parent / "labels").glob("*.txt"))
+    assert [p.stem for p in labels] == ["bus", "zidane"]
+    rows = np.array([[float(v) for v in line.split()] for p in labels for line in p.read_text().splitlines()])
+    assert rows.shape == (8, 5)
+    assert set(rows[:, 0].astype(int)) == {0, 1, 2}
+    assert (rows[:, 1:] > 0).all() and (rows[:, 1:] <= 1).all()
+
+
+def test_ultralytics_checkpoint_loads_predicts_and_exports_onnx(tmp_path: Path, demo_yaml: Path) -> None:
+    model = _gated("yolov8n.yaml", "backbone+neck")
+    example = torch.zeros(1, 3, SIZE, SIZE)
+    macs, _ = count_macs_params(model, example)
+    prune_model(model, example, PruneConfig(), target_macs=0.55 * macs, protected=protection(model, "backbone+neck"))
+    model.names = {0: "person", 1: "bus", 2: "tie"}
+    path = tmp_path / "model_ultralytics.pt"
+    save_ultralytics(path, model, demo_yaml, SIZE)
+
+    yolo = YOLO(str(path))
+    assert yolo.task == "detect"
+    assert sum(p.numel() for p in yolo.model.parameters()) == sum(p.numel() for p in model.parameters())
+    result = yolo.predict(ultralytics_assets() / "bus.jpg", imgsz=SIZE, conf=0.0, verbose=False)[0]
+    assert result.orig_shape == (1080, 810) and len(result.boxes) > 0
+
+    with pytest.raises(NamPruneError, match="trainer=nam_prune.yolo.NAMDetectionTrainer"):
+        YOLO(str(path)).train(data=str(demo_yaml), epochs=1, imgsz=64, device="cpu", workers=0)
+
+    onnx_path = Path(YOLO(str(path)).export(format="onnx", imgsz=SIZE, simplify=False))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, SIZE, SIZE)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    expected = _outputs(YOLO(str(path)).model, x).numpy()
+    assert got.shape == expected.shape
+    assert np.abs(got[:, 4:] - expected[:, 4:]).max() <= 1e-4  # class scores
+    assert np.abs(got[:, :4] - expected[:, :4]).max() / SIZE <= 1e-4  # boxes, in image-size units
+
+
+def test_user_checkpoint_needs_the_trust_flag(tmp_path: Path, demo_yaml: Path) -> None:
+    path = tmp_path / "user.pt"
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    torch.save({"model": model}, path)
+    recipe = load_recipe(ROOT / "recipes/yolov8n_backbone.yaml", [f"model.name={path}", f"yolo.data={demo_yaml}"])
+    from nam_prune.yolo.pipeline import prepare_detector
+
+    with pytest.raises(NamPruneError, match="trust_pickle"):
+        prepare_detector(recipe, {0: "person", 1: "bus", 2: "tie"})
+    recipe.model.trust_pickle = True
+    loaded, record = prepare_detector(recipe, {0: "person", 1: "bus", 2: "tie"})
+    assert record.spec.config["backbone"] == model.yaml["backbone"]
+    assert all(p.requires_grad for n, p in loaded.named_parameters() if ".dfl." not in n)
+    fused = DetectionModel("yolov8n.yaml", nc=3, verbose=False).fuse(verbose=False)
+    torch.save({"model": fused}, path)
+    with pytest.raises(NamPruneError, match="fused"):
+        prepare_detector(recipe, {0: "person", 1: "bus", 2: "tie"})
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nam_prune", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def test_yolov8n_recipe_end_to_end_then_ultralytics_trains_further(tmp_path: Path) -> None:
+    tiny = ["yolo.imgsz=64", "yolo.report_imgsz=128", "report.latency_runs=2", "report.warmup=1",
+            "sparsity.epochs=1", "finetune.epochs=1", f"output={tmp_path / 'run'}"]
+    done = _cli("run", str(ROOT / "recipes/yolov8n_backbone.yaml"), *tiny, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    assert results["gflops_reduction"] >= 0.40
+    assert results["after"]["params"] < results["before"]["params"]
+    assert results["protected"]["detect head"].startswith("intact")
+    report = _cli("report", str(tmp_path / "run/model.pt"), "--json", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert json.loads(report.stdout)["macs"] == results["after"]["macs"]
+
+    yolo = YOLO(str(tmp_path / "run/model_ultralytics.pt"))
+    params = sum(p.numel() for p in yolo.model.parameters())
+    yolo.train(data=results["data"], epochs=1, imgsz=64, batch=2, workers=0, device="cpu", plots=False,
+               project=str(tmp_path), name="further", trainer=NAMDetectionTrainer)
+    assert sum(p.numel() for p in yolo.model.parameters()) == params  # still the pruned model
+    assert (tmp_path / "further/weights/last.pt").is_file()
+
+
+def test_yolo_recipe_errors_are_one_line(tmp_path: Path) -> None:
+    cases = {
+        ("yolo.data=/nowhere/data.yaml",): "yolo.data",
+        ("model.name=yolov8q.yaml",): "no model yaml",
+        ("nam.spatial=true",): "nam.spatial",
+        ("yolo.scope=neck",): "yolo.scope",
+    }
+    for overrides, message in cases.items():
+        done = _cli("run", str(ROOT / "recipes/yolov8n_backbone.yaml"), *overrides, f"output={tmp_path / 'r'}", cwd=tmp_path)
+        assert done.returncode == 2, (overrides, done.stderr[-1000:])
+        assert message in done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
