@@ -126,13 +126,11 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path 
     """Export a saved MODEL (ONNX), check it and verify onnxruntime matches torch within 1e-4."""
     from nam_prune.checkpoint import load_with_metadata, record_of
     from nam_prune.export import export_onnx
-    from nam_prune.report import deployable
 
     module, payload = load_with_metadata(model)
-    with deployable(module):
-        result = export_onnx(
-            module, record_of(payload).example_input(), output or model.with_suffix(f".{fmt}"), opset, dynamic_batch
-        )
+    result = export_onnx(
+        module, record_of(payload).example_input(), output or model.with_suffix(f".{fmt}"), opset, dynamic_batch
+    )
     console.print(
         f"wrote {result.path} (opset {result.opset}, max |torch - onnxruntime| = {result.max_abs_diff:.1e})",
         soft_wrap=True,

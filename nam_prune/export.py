@@ -5,6 +5,7 @@ Gates export in their folded eval form ``x * sigmoid(a x + b)`` (BN folded away)
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
@@ -38,6 +39,20 @@ def _onnx_modules():
     return onnx, onnxruntime
 
 
+@contextlib.contextmanager
+def deployable(model: nn.Module):
+    """The model as it is deployed: YOLO Detect heads return only the decoded boxes and scores
+    (ultralytics' exporter sets the same flag); other models are unchanged."""
+    heads = [m for m in model.modules() if type(m).__name__ == "Detect" and hasattr(m, "export")]
+    for head in heads:
+        head.export = True
+    try:
+        yield model
+    finally:
+        for head in heads:
+            head.export = False
+
+
 def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17, dynamic_batch: bool = False) -> None:
     """torch.onnx.export (TorchScript exporter: conv nets need no dynamic control flow) then onnx.checker."""
     onnx, _ = _onnx_modules()
@@ -45,7 +60,7 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int =
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
 
     def export(tmp: str) -> None:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), deployable(model):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, (example.cpu(),), tmp, input_names=["input"], output_names=["logits"],
@@ -73,7 +88,7 @@ def parity(model: nn.Module, path: Path, example: torch.Tensor) -> float:
     cannot resolve 1e-4 (YOLO box coordinates in pixels: one ulp at 640 is 6e-5).
     """
     x = torch.rand_like(example.cpu())
-    with torch.inference_mode():
+    with torch.inference_mode(), deployable(model):
         expected = model.cpu().eval()(x).numpy()
     got = ort_session(path).run(None, {"input": x.numpy()})[0]
     return float((np.abs(expected - got) / np.maximum(1.0, np.abs(expected))).max())

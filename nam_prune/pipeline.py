@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,11 +32,11 @@ from nam_prune.data import DataBundle, load_data
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import use_compiled_gates
 from nam_prune.models import ModelSpec, build_model, is_yolo_name
-from nam_prune.prune import channel_counts, channel_step_fraction, prune_model
+from nam_prune.prune import Protected, channel_counts, channel_step_fraction, prune_model
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, measure, print_report
 from nam_prune.surgery import insert_nam, strip_gates
-from nam_prune.train import TrainState, evaluate, fit
+from nam_prune.train import TrainConfig, TrainState, evaluate, fit
 
 log = logging.getLogger("nam_prune")
 
@@ -235,7 +235,10 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
             results["sparsity_log"] = [asdict(e) for e in sparsity_log]
 
             tick = time.perf_counter()
-            history, threshold = _prune_steps(model, example, recipe, data, device, before.macs)
+            history, threshold = prune_steps(
+                model, example, recipe, before.macs,
+                train_between=lambda config, label: fit(model, data.train, config, device, label),
+            )
             record = replace(record, history=record.history + history)
             results["prune_threshold"] = threshold
             if main:  # let `report dense.pt --plots` mark where the cut fell
@@ -291,22 +294,33 @@ def _run(recipe: Recipe, device: torch.device, overwrite: bool, resume: bool) ->
     return RunResult(folder, final, model)
 
 
-def _prune_steps(
-    model: nn.Module, example: torch.Tensor, recipe: Recipe, data: DataBundle, device: torch.device, dense_macs: int
+def prune_steps(
+    model: nn.Module,
+    example: torch.Tensor,
+    recipe: Recipe,
+    dense_macs: int,
+    train_between: Callable[[TrainConfig, str], Any],
+    protected: Protected | None = None,
 ) -> tuple[list, float]:
-    """One-shot or iterative pruning to the recipe's target; returns the history and the last cut's threshold."""
+    """One-shot or iterative pruning to the recipe's target; returns the history and the last cut's threshold.
+
+    ``train_between(config, label)`` fine-tunes between steps (the classifier loop or ultralytics' trainer).
+    """
     config = recipe.prune
     initial_channels: dict[str, int] = {}
     history = []
     for step in range(1, config.steps + 1):
         if config.target == "macs":
             target = dense_macs * (1 - (1 - config.macs_keep) * step / config.steps)
-            result = prune_model(model, example, config, target_macs=target, initial_channels=initial_channels)
+            result = prune_model(
+                model, example, config, target_macs=target, initial_channels=initial_channels, protected=protected
+            )
         else:
             fraction = channel_step_fraction(config.channel_ratio, step, config.steps)
-            result = prune_model(model, example, config, channel_fraction=fraction, initial_channels=initial_channels)
+            result = prune_model(
+                model, example, config, channel_fraction=fraction, initial_channels=initial_channels, protected=protected
+            )
         history += result.history
         if step < config.steps and config.epochs_between_steps:
-            between = replace(recipe.finetune, epochs=config.epochs_between_steps)
-            fit(model, data.train, between, device, f"step {step}")
+            train_between(replace(recipe.finetune, epochs=config.epochs_between_steps), f"step {step}")
     return history, result.threshold

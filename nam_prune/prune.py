@@ -136,6 +136,10 @@ class IntactBlock:
     name: str
     module: nn.Module
     entries: list[nn.Module]
+    members: set[nn.Module] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.members = set(self.module.modules())  # looked up for every candidate group
 
 
 @dataclass
@@ -149,10 +153,9 @@ class Protected:
 def reaches_into(group: tp.Group, graph: tp.DependencyGraph, blocks: list[IntactBlock]) -> str | None:
     """The name of the first intact block this group would change inside, if any."""
     for block in blocks:
-        inside = set(block.module.modules())
         for item in group:
             module = item.dep.target.module
-            if module not in inside:
+            if module not in block.members:
                 continue
             if module in block.entries and not graph.is_out_channel_pruning_fn(item.dep.handler):
                 continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import time
@@ -53,6 +52,11 @@ def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, war
         model(x)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def gflops(macs: int) -> float:
+    """GFLOPs as ultralytics reports them: two floating-point operations per multiply-accumulate."""
+    return 2 * macs / 1e9
 
 
 def measure(
@@ -141,19 +145,6 @@ def _data_config(data: str):
     return from_dict(DataConfig, {"name": data}, prefix="data.")
 
 
-@contextlib.contextmanager
-def deployable(model: nn.Module):
-    """The model as it is deployed: YOLO Detect heads return only the decoded boxes and scores."""
-    heads = [m for m in model.modules() if type(m).__name__ == "Detect" and hasattr(m, "export")]
-    for head in heads:
-        head.export = True
-    try:
-        yield model
-    finally:
-        for head in heads:
-            head.export = False
-
-
 def inspect_checkpoint(
     path: str | Path,
     data: str | None = None,
@@ -188,12 +179,11 @@ def inspect_checkpoint(
             )
         scores["accuracy"] = evaluate(model, bundle.test, torch.device("cpu"))
     metrics = measure(model, example, config, scores.get("accuracy"))
-    extra: dict[str, Any] = {**scores, "gflops": 2 * metrics.macs / 1e9}
+    extra: dict[str, Any] = {**scores, "gflops": gflops(metrics.macs)}
     if with_onnx:
         from nam_prune.export import ort_latency_ms
 
-        with deployable(model):
-            extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup)
+        extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup)
     if plots is not None:
         from nam_prune.plots import gamma_plots
 

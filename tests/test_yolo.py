@@ -23,7 +23,7 @@ from nam_prune.gates import NAMGated, channel_gates  # noqa: E402
 from nam_prune.models import ModelSpec  # noqa: E402
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model  # noqa: E402
 from nam_prune.recipe import load_recipe  # noqa: E402
-from nam_prune.report import deployable  # noqa: E402
+from nam_prune.export import deployable  # noqa: E402
 from nam_prune.surgery import NAMConfig, insert_nam  # noqa: E402
 from nam_prune.yolo.data import build_demo_set, ultralytics_assets  # noqa: E402
 from nam_prune.yolo.models import C2fSplitFree, build_yolo, make_split_free, scope_prefixes  # noqa: E402

@@ -201,15 +201,14 @@ def _branch_entries(head: nn.Module) -> list[nn.Conv2d]:
     return entries
 
 
-def backbone_layers(model: nn.Module) -> int:
-    """How many of ``model.model``'s layers form the backbone (the yaml's ``backbone`` rows)."""
-    return len(model.yaml["backbone"])
+def scope_end(model: nn.Module, scope: str) -> int:
+    """Layers ``model.model[:end]`` are in scope: the backbone (the yaml's ``backbone`` rows), or all but Detect."""
+    return len(model.yaml["backbone"]) if scope == "backbone" else len(model.model) - 1
 
 
 def scope_prefixes(model: nn.Module, scope: str) -> list[str]:
-    """Module-name prefixes of the layers NAM gates go into: the backbone, or backbone and neck."""
-    count = backbone_layers(model) if scope == "backbone" else len(model.model) - 1
-    return [f"model.{i}." for i in range(count)]
+    """Module-name prefixes of the layers NAM gates go into."""
+    return [f"model.{i}." for i in range(scope_end(model, scope))]
 
 
 def _register() -> None:

@@ -23,9 +23,10 @@ from nam_prune.console import console
 from nam_prune.errors import NamPruneError
 from nam_prune.export import ort_latency_ms
 from nam_prune.models import ModelSpec
-from nam_prune.prune import Protected, channel_counts, channel_step_fraction, count_macs_params, prune_model
+from nam_prune.prune import IntactBlock, Protected, channel_counts
 from nam_prune.recipe import Recipe
-from nam_prune.report import cpu_latency_ms, deployable, layer_changes, layer_table, summary_table
+from nam_prune.pipeline import prune_steps
+from nam_prune.report import gflops, layer_changes, layer_table, measure, summary_table
 from nam_prune.surgery import insert_nam, strip_gates
 from nam_prune.yolo.data import class_names, resolve_data
 from nam_prune.yolo.models import (
@@ -33,6 +34,7 @@ from nam_prune.yolo.models import (
     load_ultralytics_checkpoint,
     marked_yaml,
     protected_parts,
+    scope_end,
     scope_prefixes,
 )
 from nam_prune.yolo.train import train_detector, trainer_overrides, validate_detector
@@ -71,17 +73,20 @@ def prepare_detector(recipe: Recipe, names: dict[int, str]) -> tuple[nn.Module, 
 
 
 def protection(model: nn.Module, scope: str) -> Protected:
-    """The Detect head and attention blocks stay intact; with ``scope: backbone`` the neck is never a root."""
+    """The Detect head and attention blocks stay intact; layers outside the scope are never roots."""
     head, blocks = protected_parts(model)
-    first_neck = len(model.yaml["backbone"]) if scope == "backbone" else len(model.model) - 1
-    return Protected(layers=[*head, *model.model[first_neck:-1]], blocks=blocks)
+    return Protected(layers=[*head, *model.model[scope_end(model, scope):-1]], blocks=blocks)
 
 
-def _intact_report(model: nn.Module, blocks: list, before: dict[str, list[tuple[int, ...]]]) -> dict[str, str]:
-    """Per protected block: 'intact', or 'intact (input width only)' when its entry conv lost inputs."""
+def _parameter_shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in module.parameters()]
+
+
+def _intact_report(blocks: list[IntactBlock], before: dict[str, list[tuple[int, ...]]]) -> dict[str, str]:
+    """Per protected block: 'intact', or 'intact (input width ...)' when its entry conv lost inputs."""
     states = {}
     for block in blocks:
-        shapes = [tuple(p.shape) for p in block.module.parameters()]
+        shapes = _parameter_shapes(block.module)
         if shapes == before[block.name]:
             states[block.name] = "intact"
         elif [s[:1] + s[2:] for s in shapes] == [s[:1] + s[2:] for s in before[block.name]]:
@@ -92,28 +97,19 @@ def _intact_report(model: nn.Module, blocks: list, before: dict[str, list[tuple[
 
 
 def measure_detector(
-    model: nn.Module, example: torch.Tensor, recipe: Recipe, data_yaml: Path, device: torch.device, with_map: bool
+    model: nn.Module, example: torch.Tensor, recipe: Recipe, data_yaml: Path, device: torch.device
 ) -> dict[str, Any]:
     """Params, MACs and GFLOPs at the report size, CPU latency (torch, onnxruntime) and mAP."""
-    macs, params = count_macs_params(model, example)
     config = recipe.report
-    metrics: dict[str, Any] = {
-        "params": params,
-        "macs": macs,
-        "gflops": 2 * macs / 1e9,
+    metrics = measure(model, example, config).to_dict()
+    del metrics["accuracy"]  # detectors are scored by mAP
+    return {
+        **metrics,
+        "gflops": gflops(metrics["macs"]),
         "imgsz": example.shape[-1],
-        "latency_ms": cpu_latency_ms(model, example, config.latency_runs, config.warmup),
-        "onnx_latency_ms": detector_onnx_latency(model, example, config.latency_runs, config.warmup),
+        "onnx_latency_ms": ort_latency_ms(model, example, config.latency_runs, config.warmup),
+        **validate_detector(model, data_yaml, recipe.yolo, device),
     }
-    if with_map:
-        metrics.update(validate_detector(model, data_yaml, recipe.yolo, device))
-    return metrics
-
-
-def detector_onnx_latency(model: nn.Module, example: torch.Tensor, runs: int, warmup: int) -> float:
-    """onnxruntime CPU latency of the deployable graph (Detect returning one tensor, as exported)."""
-    with deployable(model):
-        return ort_latency_ms(model, example, runs, warmup)
 
 
 def save_ultralytics(path: Path, model: nn.Module, data_yaml: Path, imgsz: int) -> None:
@@ -153,39 +149,32 @@ def run_detector(recipe: Recipe, device: torch.device, folder: Path) -> tuple[di
         return train_detector(model, overrides, penalty)
 
     sparsity_log = train("sparsity", recipe.sparsity, recipe.sparsity.penalty)
-    before = measure_detector(model, example, recipe, data_yaml, device, with_map=True)
+    before = measure_detector(model, example, recipe, data_yaml, device)
     save_checkpoint(folder / "dense.pt", model, record, recipe=recipe_dict, metrics={"before": before})
     dense_channels = channel_counts(model)
 
     protected = protection(model, recipe.yolo.scope)
-    block_shapes = {b.name: [tuple(p.shape) for p in b.module.parameters()] for b in protected.blocks}
-    history, initial = [], {}
-    for step in range(1, recipe.prune.steps + 1):
-        if recipe.prune.target == "macs":
-            target = before["macs"] * (1 - (1 - recipe.prune.macs_keep) * step / recipe.prune.steps)
-            result = prune_model(model, example, recipe.prune, target_macs=target, initial_channels=initial, protected=protected)
-        else:
-            fraction = channel_step_fraction(recipe.prune.channel_ratio, step, recipe.prune.steps)
-            result = prune_model(model, example, recipe.prune, channel_fraction=fraction, initial_channels=initial, protected=protected)
-        history += result.history
-        if step < recipe.prune.steps and recipe.prune.epochs_between_steps:
-            train(f"step{step}", replace(recipe.finetune, epochs=recipe.prune.epochs_between_steps), 0.0)
+    block_shapes = {b.name: _parameter_shapes(b.module) for b in protected.blocks}
+    history, threshold = prune_steps(
+        model, example, recipe, before["macs"],
+        train_between=lambda config, label: train(label.replace(" ", ""), config, 0.0), protected=protected,
+    )
     record = replace(record, history=history)
     if recipe.prune.strip_gates:
         strip_gates(model)
         record = replace(record, stripped=True)
-    intact = _intact_report(model, protected.blocks, block_shapes)
-    pruned = measure_detector(model, example, recipe, data_yaml, device, with_map=True)
+    intact = _intact_report(protected.blocks, block_shapes)
+    pruned = measure_detector(model, example, recipe, data_yaml, device)
 
     finetune_log = train("finetune", recipe.finetune, 0.0)
-    after = measure_detector(model, example, recipe, data_yaml, device, with_map=True)
+    after = measure_detector(model, example, recipe, data_yaml, device)
     layers = layer_changes(dense_channels, channel_counts(model))
     stages = {"before": before, "pruned": pruned, "after": after}
     results = {
         **stages,
         "macs_kept": after["macs"] / before["macs"],
         "gflops_reduction": 1 - after["gflops"] / before["gflops"],
-        "prune_threshold": result.threshold,
+        "prune_threshold": threshold,
         "protected": intact,
         "layers": layers,
         "training": {"sparsity": asdict(sparsity_log), "finetune": asdict(finetune_log)},
@@ -195,7 +184,7 @@ def run_detector(recipe: Recipe, device: torch.device, folder: Path) -> tuple[di
         "recipe": recipe_dict,
         "versions": library_versions(),
     }
-    metrics = {**stages, "prune_threshold": result.threshold, "protected": intact}
+    metrics = {**stages, "prune_threshold": threshold, "protected": intact}
     save_checkpoint(folder / "model.pt", model, record, recipe=recipe_dict, metrics=metrics, layers=layers, names=names)
     save_ultralytics(folder / "model_ultralytics.pt", model, data_yaml, recipe.yolo.imgsz)
     atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))

@@ -67,6 +67,11 @@ class NAMDetectionTrainer(DetectionTrainer):
             self.ema.update(self.model)
 
 
+def ultralytics_device(device: torch.device) -> str:
+    """ultralytics names devices ``cpu`` or by CUDA index."""
+    return "cpu" if device.type == "cpu" else str(device.index or 0)
+
+
 def trainer_overrides(
     config: TrainConfig, yolo: YoloConfig, data_yaml: Path, device: torch.device, folder: Path, stage: str, seed: int
 ) -> dict[str, Any]:
@@ -80,7 +85,7 @@ def trainer_overrides(
         "imgsz": yolo.imgsz,
         "batch": yolo.batch,
         "workers": yolo.workers,
-        "device": "cpu" if device.type == "cpu" else str(device.index or 0),
+        "device": ultralytics_device(device),
         "optimizer": {"sgd": "SGD", "adamw": "AdamW"}[config.optimizer],
         "lr0": config.lr,
         "lrf": 1.0 if config.schedule == "constant" else 0.01,
@@ -124,7 +129,7 @@ def validate_detector(model: nn.Module, data_yaml: Path, yolo: YoloConfig, devic
     """mAP50-95 and mAP50 on the data yaml's val split (a copy is validated: ultralytics fuses it)."""
     args = {
         "data": str(data_yaml), "imgsz": yolo.imgsz, "batch": yolo.batch, "workers": yolo.workers,
-        "device": "cpu" if device.type == "cpu" else str(device.index or 0), "plots": False, "verbose": False,
+        "device": ultralytics_device(device), "plots": False, "verbose": False,
         "mode": "val",
     }
     validator = DetectionValidator(args=args)
