@@ -1,7 +1,7 @@
 """nam-prune's pruning step vs a bare torch-pruning call with the same importance, on ResNet-50.
 
 Both cut 30% of each layer's channels (local scope, same ``NAMImportance``); ours also
-counts MACs before and after to refuse a step that removed nothing. Target <= 1.2x.
+counts parameters before and after to refuse a step that removed nothing. Target <= 1.2x.
 
     python benchmarks/prune_overhead.py [--repeats 3]
 """
@@ -31,7 +31,7 @@ def bare_torch_pruning(model, x):
 
 
 def ours(model, x):
-    prune_model(model, x, PruneConfig(target="channels", scope="local"), channel_fraction=0.3)
+    prune_model(model, x, PruneConfig(target="channels", scope="local", channel_ratio=0.3))
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ import torch
 
 from nam_prune.export import ort_latency_ms
 from nam_prune.gates import NAMChannelGate
+from nam_prune.measure import cpu_latency_ms
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
-from nam_prune.report import cpu_latency_ms
 from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
 
 
@@ -41,8 +41,7 @@ def pruned_variant(name: str, round_to: int, strip: bool, keep: float):
             if isinstance(gate, NAMChannelGate):
                 gate.gamma.uniform_(0.05, 1.0)
     x = torch.zeros(1, 3, 224, 224)
-    dense_macs = count_macs_params(build_model(ModelSpec(name, num_classes=1000)), x)[0]
-    prune_model(model, x, PruneConfig(round_to=round_to, max_pruning_ratio=0.8), target_macs=keep * dense_macs)
+    prune_model(model, x, PruneConfig(round_to=round_to, max_pruning_ratio=0.8, macs_keep=keep))
     return strip_gates(model) if strip else model
 
 

@@ -40,13 +40,20 @@ def cli(debug: bool, verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def _global_flags(ctx: click.Context) -> list[str]:
+    """The group's --debug / -v, to hand on to processes started under torchrun."""
+    params = ctx.find_root().params
+    return [*(["--debug"] if params.get("debug") else []), *(["-v"] if params.get("verbose") else [])]
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder instead of numbering a new one.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete epoch.")
+@click.option("--resume", is_flag=True, help="Continue the latest interrupted run of RECIPE from its last complete epoch.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, help="Processes to start under torchrun (DDP).")
-def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool, nproc: int) -> None:
+@click.pass_context
+def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool, nproc: int) -> None:
     """Run the pipeline a RECIPE describes; OVERRIDES are section.key=value pairs."""
     from nam_prune import distributed
     from nam_prune.pipeline import run as run_pipeline
@@ -54,25 +61,45 @@ def run(recipe: Path, overrides: tuple[str, ...], overwrite: bool, resume: bool,
 
     loaded = load_recipe(recipe, overrides)  # validate before starting any process
     if nproc > 1 and not distributed.launched_by_torchrun():
-        argv = ["run", str(recipe), *overrides, *(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
-        distributed.launch(nproc, argv)
+        flags = [*(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
+        distributed.launch(nproc, [*_global_flags(ctx), "run", str(recipe), *overrides, *flags])
         return
     run_pipeline(loaded, overwrite=overwrite, resume=resume)
 
 
+def parse_data_option(text: str):
+    """``report --data``: a data set name, a recipe (its ``data:`` section) or an ultralytics data yaml."""
+    import yaml
+
+    from nam_prune.config import from_dict
+    from nam_prune.data import DataConfig
+    from nam_prune.recipe import load_recipe
+
+    if not text.endswith((".yaml", ".yml")):
+        return from_dict(DataConfig, {"name": text}, prefix="data.")
+    path = Path(text)
+    try:
+        tree = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        tree = None
+    if isinstance(tree, dict) and "names" in tree:  # ultralytics data yaml (path, train, val, names)
+        return path
+    return load_recipe(path).data
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", "data", help="Evaluate on a recipe's data (a .yaml) or a data set name.")
+@click.option("--data", "data", help="Score on a data set name, a recipe's data (.yaml) or an ultralytics data yaml.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--onnx", "with_onnx", is_flag=True, help="Add onnxruntime CPU latency (batch 1).")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write gamma/channel plots here.")
 def report(model: Path, data: str | None, as_json: bool, with_onnx: bool, plots: Path | None) -> None:
-    """Params, MACs and the per-layer table of a saved MODEL; accuracy with --data."""
-    from nam_prune.report import CLASSIFICATION_COLUMNS, inspect_checkpoint, layer_table, summary_table
+    """Params, MACs and the per-layer table of a saved MODEL; its score with --data."""
+    from nam_prune.report import inspect_checkpoint, layer_table, summary_table
 
     # with --json, stdout carries only the JSON object: ultralytics (imported here) logs to stdout
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        summary = inspect_checkpoint(model, data, with_onnx=with_onnx, plots=plots)
+        summary = inspect_checkpoint(model, parse_data_option(data) if data else None, with_onnx=with_onnx, plots=plots)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -82,9 +109,7 @@ def report(model: Path, data: str | None, as_json: bool, with_onnx: bool, plots:
     recorded = {k: v for k, v in summary.get("recorded", {}).items() if isinstance(v, dict) and "params" in v}
     if recorded:
         stages = {**recorded, "this model": summary}
-    columns = CLASSIFICATION_COLUMNS
-    if summary["detector"]:
-        from nam_prune.yolo.pipeline import DETECTION_COLUMNS as columns
+    columns = tuple(tuple(column) for column in summary["columns"])
     console.print(summary_table(stages, title=f"{model}", columns=columns))
     console.print(layer_table(summary["layers"], only_changed=False))
 
@@ -124,12 +149,15 @@ def compare(recipe: Path, overrides: tuple[str, ...], criteria: str, budgets: st
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL with .onnx")
 def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path | None) -> None:
     """Export a saved MODEL (ONNX), check it and verify onnxruntime matches torch within 1e-4."""
-    from nam_prune.checkpoint import load_with_metadata, record_of
+    from nam_prune.artifact import load_with_metadata, record_of
     from nam_prune.export import export_onnx
+    from nam_prune.tasks import task_class
 
     module, payload = load_with_metadata(model)
+    record = record_of(payload)
     result = export_onnx(
-        module, record_of(payload).example_input(), output or model.with_suffix(f".{fmt}"), opset, dynamic_batch
+        module, record.example_input(), output or model.with_suffix(f".{fmt}"), opset, dynamic_batch,
+        task_class(record.spec.name).deploy_mode,
     )
     console.print(
         f"wrote {result.path} (opset {result.opset}, max |torch - onnxruntime| = {result.max_abs_diff:.1e})",

@@ -23,7 +23,7 @@ import copy
 import json
 import logging
 import statistics
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +32,16 @@ import torch.nn as nn
 import torch_pruning as tp
 from rich.table import Table
 
-from nam_prune.checkpoint import ModelRecord, atomic_write, load_state, read_checkpoint, save_checkpoint
+from nam_prune.artifact import ModelRecord, load_state, save
+from nam_prune.checkpoint import atomic_write, read_checkpoint
 from nam_prune.console import console
 from nam_prune.data import load_data
 from nam_prune.errors import NamPruneError
+from nam_prune.measure import cpu_latency_ms
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.pipeline import resolve_device, seed_everything
 from nam_prune.prune import NAMImportance, count_macs_params, prune_model
 from nam_prune.recipe import Recipe
-from nam_prune.report import cpu_latency_ms
 from nam_prune.sparsity import batchnorm_scales, gate_scales
 from nam_prune.surgery import insert_nam, strip_gates
 from nam_prune.train import evaluate, fit
@@ -52,7 +53,8 @@ MACS_TOLERANCE = 0.02
 
 
 class SeededRandomImportance(tp.importance.Importance):
-    """Random channel scores that are the same every time a group is scored (seeded by its size and order)."""
+    """Random channel scores from a generator seeded once: the same sequence of groups gets the
+    same scores in every run with that seed (a second call on a group draws new numbers)."""
 
     def __init__(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
@@ -97,7 +99,7 @@ def _dense(criterion: str, recipe: Recipe, seed: int, folder: Path, data, device
     penalised = batchnorm_scales if criterion == "bn_slimming" else gate_scales
     _same_data_order(data, seed)
     fit(model, data.train, sparsity, device, f"{criterion} seed {seed}", penalised=penalised)
-    save_checkpoint(path, model, record)
+    save(path, model, record)
     return model, record
 
 
@@ -108,10 +110,8 @@ def _arm(
     """Prune a copy of ``dense`` (``dense_macs`` MACs) to remove ``budget`` of its MACs, fine-tune, measure."""
     model = copy.deepcopy(dense)
     example = record.example_input(device)
-    prune_model(
-        model, example, recipe.prune, target_macs=(1 - budget) * dense_macs,
-        importance=_importance(criterion, model, recipe, seed),
-    )
+    config = replace(recipe.prune, target="macs", macs_keep=1 - budget, steps=1)
+    prune_model(model, example, config, importance=_importance(criterion, model, recipe, seed))
     macs, params = count_macs_params(model, example)
     removed = 1 - macs / dense_macs
     if abs(removed - budget) > MACS_TOLERANCE:
@@ -142,8 +142,8 @@ def compare(
     device = resolve_device(recipe.device)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "compare.json"
-    state = json.loads(path.read_text()) if path.is_file() else {"recipe": asdict(recipe), "arms": []}
-    if state["recipe"] != asdict(recipe):
+    state = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe.to_dict(), "arms": []}
+    if state["recipe"] != recipe.to_dict():
         raise NamPruneError(f"{path} holds a comparison of another recipe; use another --output or delete it")
     done = {(a["criterion"], a["budget"], a["seed"]) for a in state["arms"]}
     data = load_data(recipe.data, recipe.seed)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from nam_prune import distributed
+from nam_prune.config import bounded
 from nam_prune.errors import NamPruneError
 
 DatasetName = Literal["fashion_mnist", "cifar10", "digits", "image_folder"]
@@ -42,20 +43,24 @@ class DataConfig:
 
     name: DatasetName = "fashion_mnist"
     root: str = ""
-    batch_size: int = 128
-    train_subset: int = 0
-    test_subset: int = 0
+    batch_size: int = bounded(128, low=1)
+    train_subset: int = bounded(0, low=0)
+    test_subset: int = bounded(0, low=0)
     download: bool = False
-    workers: int = 0
+    workers: int = bounded(0, low=0)
     augment: bool = True
 
 
 @dataclass
 class DataBundle:
+    """train: shuffled training batches. calibration: the same images in an order of their own,
+    for BN recalibration (it never advances the training order, so resumed runs stay exact)."""
+
     train: DataLoader
     test: DataLoader
     num_classes: int
     input_shape: tuple[int, int, int]
+    calibration: DataLoader
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -95,7 +100,10 @@ def _fashion_mnist(root: Path) -> tuple[Dataset, Dataset, int]:
 
 def _digits() -> tuple[Dataset, Dataset, int]:
     """scikit-learn's 8x8 digits, 1797 images, a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise NamPruneError("data.name: digits needs scikit-learn: pip install 'nam-prune[digits]'") from None
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).sub_(0.5).div_(0.5).unsqueeze(1)
@@ -175,5 +183,13 @@ def load_data(config: DataConfig, seed: int = 0) -> DataBundle:
             generator=torch.Generator().manual_seed(seed),
             drop_last=drop_last,
         )
+    if distributed.active():
+        order = DistributedSampler(train, shuffle=True, seed=seed + 1)
+        calibration = DataLoader(train, batch_size=config.batch_size, sampler=order, num_workers=config.workers)
+    else:
+        calibration = DataLoader(
+            train, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
     test_loader = DataLoader(test, batch_size=max(config.batch_size, 256), num_workers=config.workers)
-    return DataBundle(train_loader, test_loader, classes, shape)  # type: ignore[arg-type]
+    return DataBundle(train_loader, test_loader, classes, shape, calibration)  # type: ignore[arg-type]

@@ -100,6 +100,15 @@ def sync_buffers(model: nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
+def average_buffers(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks (statistics each rank estimated on its shard)."""
+    if not active():
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor.div_(world_size())
+
+
 def state_digest(model: nn.Module) -> str:
     """A hash of every parameter and buffer, to check replicas are bit-identical."""
     digest = hashlib.sha256()

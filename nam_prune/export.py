@@ -1,6 +1,8 @@
 """Deployment: export a saved model to ONNX, check it, and compare onnxruntime with torch.
 
-Gates export in their folded eval form ``x * sigmoid(a x + b)`` (BN folded away).
+Gates export in their folded eval form ``x * sigmoid(a x + b)`` (BN folded away). A
+``deploy_mode`` (a model family's ``Task.deploy_mode``) puts the model in the form it is
+deployed in, e.g. a detector returning only its decoded boxes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -21,6 +24,8 @@ from nam_prune.checkpoint import atomic_write
 from nam_prune.errors import NamPruneError
 
 PARITY_TOLERANCE = 1e-4
+
+DeployMode = Callable[[nn.Module], ContextManager[nn.Module]]
 
 
 @dataclass
@@ -39,28 +44,21 @@ def _onnx_modules():
     return onnx, onnxruntime
 
 
-@contextlib.contextmanager
-def deployable(model: nn.Module):
-    """The model as it is deployed: YOLO Detect heads return only the decoded boxes and scores
-    (ultralytics' exporter sets the same flag); other models are unchanged."""
-    heads = [m for m in model.modules() if type(m).__name__ == "Detect" and hasattr(m, "export")]
-    for head in heads:
-        head.export = True
-    try:
-        yield model
-    finally:
-        for head in heads:
-            head.export = False
-
-
-def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17, dynamic_batch: bool = False) -> None:
+def write_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int = 17,
+    dynamic_batch: bool = False,
+    deploy_mode: DeployMode = contextlib.nullcontext,
+) -> None:
     """torch.onnx.export (TorchScript exporter: conv nets need no dynamic control flow) then onnx.checker."""
     onnx, _ = _onnx_modules()
     model = model.cpu().eval()
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
 
     def export(tmp: str) -> None:
-        with warnings.catch_warnings(), deployable(model):
+        with warnings.catch_warnings(), deploy_mode(model):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, (example.cpu(),), tmp, input_names=["input"], output_names=["logits"],
@@ -81,35 +79,44 @@ def ort_session(path: Path):
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def parity(model: nn.Module, path: Path, example: torch.Tensor) -> float:
+def parity(
+    model: nn.Module, path: Path, example: torch.Tensor, deploy_mode: DeployMode = contextlib.nullcontext
+) -> float:
     """Largest |torch - onnxruntime| / max(1, |torch|) on a random input of the example's shape.
 
     Absolute for values up to 1 (logits, scores); relative above, where float32 itself
     cannot resolve 1e-4 (YOLO box coordinates in pixels: one ulp at 640 is 6e-5).
     """
     x = torch.rand_like(example.cpu())
-    with torch.inference_mode(), deployable(model):
+    with torch.inference_mode(), deploy_mode(model):
         expected = model.cpu().eval()(x).numpy()
     got = ort_session(path).run(None, {"input": x.numpy()})[0]
     return float((np.abs(expected - got) / np.maximum(1.0, np.abs(expected))).max())
 
 
 def export_onnx(
-    model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17, dynamic_batch: bool = False
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int = 17,
+    dynamic_batch: bool = False,
+    deploy_mode: DeployMode = contextlib.nullcontext,
 ) -> ExportResult:
     """Write, check and verify an ONNX file; a parity miss beyond 1e-4 is an error."""
-    write_onnx(model, example, path, opset, dynamic_batch)
-    diff = parity(model, path, example)
+    write_onnx(model, example, path, opset, dynamic_batch, deploy_mode)
+    diff = parity(model, path, example, deploy_mode)
     if diff > PARITY_TOLERANCE:
         raise NamPruneError(f"ONNX output differs from torch by {diff:.2e} (> {PARITY_TOLERANCE}); try another --opset")
     return ExportResult(path, diff, opset)
 
 
-def ort_latency_ms(model: nn.Module, example: torch.Tensor, runs: int, warmup: int) -> float:
+def ort_latency_ms(
+    model: nn.Module, example: torch.Tensor, runs: int, warmup: int, deploy_mode: DeployMode = contextlib.nullcontext
+) -> float:
     """Median onnxruntime CPU latency on ``example``'s batch, via a temporary export."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        write_onnx(model, example, path)
+        write_onnx(model, example, path, deploy_mode=deploy_mode)
         session = ort_session(path)
         x = {"input": example.cpu().numpy()}
         for _ in range(warmup):

@@ -45,7 +45,7 @@ class _TrainChannelGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, w):  # noqa: D401 - autograd signature
+    def forward(ctx, x, weight, bias, mean, invstd, w):
         a = w * weight * invstd
         b = w * (bias - mean * weight * invstd)
         out = torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a))).mul_(x)

@@ -2,21 +2,26 @@
 
 Every model is described by a small :class:`ModelSpec` of plain values, so a saved
 checkpoint can rebuild the exact architecture without pickling any class.
-Sources: CIFAR-style ResNets (ours, the standard pruning benchmark), any torchvision
-classification model by name, timm models (``timm:NAME``, when timm is installed) and a
-user factory (``module.path:function``).
+
+Model families are plug-ins (:class:`ModelFamily`). Built in: CIFAR-style ResNets (ours,
+the standard pruning benchmark), torchvision classification models by name, timm models
+(``timm:NAME``) and a user factory (``module.path:function``). Other families register
+through the ``nam_prune.families`` entry-point group (nam-prune's own YOLO family does),
+so the core never imports them and nothing of theirs loads until a model of theirs is used.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from importlib.metadata import entry_points
+from typing import Any, Callable
 
 import torch.nn as nn
 import torchvision
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
 
 from nam_prune.config import printable
 from nam_prune.errors import NamPruneError
@@ -125,42 +130,17 @@ def _set_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     raise NamPruneError("model has no Conv2d layer: nam-prune compresses convolutional networks")
 
 
-def is_yolo_name(name: str) -> bool:
-    """Model names handed to ultralytics: a model yaml (``yolov8n.yaml``) or an ultralytics checkpoint."""
-    return name.endswith((".yaml", ".yml", ".pt"))
+def _torchvision(spec: ModelSpec) -> nn.Module:
+    model = torchvision.models.get_model(spec.name, weights=None, num_classes=spec.num_classes)
+    return _set_input_channels(model, spec.in_channels) if spec.in_channels != 3 else model
 
 
-def available_models() -> list[str]:
-    return sorted(CIFAR_MODELS) + sorted(torchvision.models.list_models(torchvision.models))
-
-
-def build_model(spec: ModelSpec) -> nn.Module:
-    """Build the dense, randomly initialised model a spec describes (no download, ever)."""
-    if spec.name in CIFAR_MODELS:
-        return CIFAR_MODELS[spec.name](spec)
-    if is_yolo_name(spec.name):
-        from nam_prune.yolo.models import build_yolo
-
-        return build_yolo(spec.name, spec.num_classes, spec.in_channels, spec.config)
-    if spec.name.startswith("timm:"):
-        try:
-            timm = importlib.import_module("timm")
-        except ImportError:
-            raise NamPruneError("model.name uses timm but timm is not installed: pip install timm") from None
-        return timm.create_model(
-            spec.name[5:], pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_channels
-        )
-    if ":" in spec.name:
-        return _from_factory(spec)
-    if spec.name in torchvision.models.list_models(torchvision.models):
-        model = torchvision.models.get_model(spec.name, weights=None, num_classes=spec.num_classes)
-        return _set_input_channels(model, spec.in_channels) if spec.in_channels != 3 else model
-    close = difflib.get_close_matches(spec.name, available_models(), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise NamPruneError(
-        f"unknown model.name '{printable(spec.name)}'{hint}; use a CIFAR ResNet (resnet20, resnet56, "
-        "resnet50_cifar), a torchvision name, 'timm:NAME', 'package.module:factory' or a YOLO yaml (yolov8n.yaml)"
-    )
+def _timm(spec: ModelSpec) -> nn.Module:
+    try:
+        timm = importlib.import_module("timm")
+    except ImportError:
+        raise NamPruneError("model.name uses timm but timm is not installed: pip install 'nam-prune[timm]'") from None
+    return timm.create_model(spec.name[5:], pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_channels)
 
 
 def _from_factory(spec: ModelSpec) -> nn.Module:
@@ -178,5 +158,68 @@ def _from_factory(spec: ModelSpec) -> nn.Module:
     return model
 
 
-RESIDUAL_BLOCK_LAST_NORM = {BasicBlock: "bn2", Bottleneck: "bn3"}
-"""Where the reference puts NAM in a residual block: on the last BN, before the addition."""
+@dataclass(frozen=True)
+class ModelFamily:
+    """A source of models the pipeline can compress.
+
+    claims: whether a ``model.name`` belongs to this family. build: the dense, randomly
+    initialised model of a spec. section: the recipe section (name, config dataclass) the
+    family reads. trace_stand_ins: block types torch-pruning should trace through a simpler
+    forward with the same convs and shapes (it cannot map some reshapes), loaded on use.
+    task: the run-time adapter class (see ``nam_prune.tasks.Task``), loaded on use; ``None``
+    means image classification.
+    """
+
+    name: str
+    claims: Callable[[str], bool]
+    build: Callable[[ModelSpec], nn.Module]
+    section: tuple[str, type] | None = None
+    trace_stand_ins: Callable[[], dict[type, Callable[[nn.Module, Any], Any]]] | None = None
+    task: Callable[[], type] | None = None
+
+
+BUILTIN_FAMILIES = (
+    ModelFamily("cifar", lambda name: name in CIFAR_MODELS, lambda spec: CIFAR_MODELS[spec.name](spec)),
+    ModelFamily("timm", lambda name: name.startswith("timm:"), _timm),
+    ModelFamily("torchvision", lambda name: name in torchvision.models.list_models(torchvision.models), _torchvision),
+)
+FACTORY_FAMILY = ModelFamily("factory", lambda name: ":" in name, _from_factory)
+"""Tried last: a ``module:function`` name that no other family claims."""
+
+
+@functools.cache
+def plugin_families() -> tuple[ModelFamily, ...]:
+    """Families registered by installed packages under the ``nam_prune.families`` entry-point group."""
+    found = []
+    for point in entry_points(group="nam_prune.families"):
+        family = point.load()
+        if not isinstance(family, ModelFamily):
+            raise NamPruneError(f"entry point {point.value} is not a nam_prune.models.ModelFamily")
+        found.append(family)
+    return tuple(found)
+
+
+def families() -> tuple[ModelFamily, ...]:
+    return (*BUILTIN_FAMILIES, *plugin_families(), FACTORY_FAMILY)
+
+
+def available_models() -> list[str]:
+    return sorted(CIFAR_MODELS) + sorted(torchvision.models.list_models(torchvision.models))
+
+
+def family_for(name: str) -> ModelFamily:
+    """The family that claims ``name``; an unknown name suggests the closest known one."""
+    for family in families():
+        if family.claims(name):
+            return family
+    close = difflib.get_close_matches(name, available_models(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise NamPruneError(
+        f"unknown model.name '{printable(name)}'{hint}; use a CIFAR ResNet (resnet20, resnet56, "
+        "resnet50_cifar), a torchvision name, 'timm:NAME', 'package.module:factory' or a YOLO yaml (yolov8n.yaml)"
+    )
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the dense, randomly initialised model a spec describes (no download, ever)."""
+    return family_for(spec.name).build(spec)

@@ -1,12 +1,13 @@
 """The YAML recipe that drives a whole run, validated into typed dataclasses.
 
 ``load_recipe(path, ["prune.macs_keep=0.4"])`` reads the file, applies dotted overrides
-(values parsed as YAML) and validates everything with the same one-line errors.
+(values parsed as YAML) and validates everything with the same one-line errors. Model
+families may add a section of their own (``yolo:``); it is validated by their dataclass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ import yaml
 from nam_prune.config import bounded, from_dict, printable
 from nam_prune.data import DataConfig
 from nam_prune.errors import NamPruneError
+from nam_prune.measure import ReportConfig
+from nam_prune.models import families
 from nam_prune.prune import PruneConfig
-from nam_prune.report import ReportConfig
+from nam_prune.recalibrate import RecalibrateConfig
 from nam_prune.surgery import NAMConfig
 from nam_prune.train import TrainConfig
-from nam_prune.yolo.config import YoloConfig
 
 
 @dataclass
@@ -51,9 +53,21 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     sparsity: TrainConfig = field(default_factory=_sparsity_defaults)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    recalibrate: RecalibrateConfig = field(default_factory=RecalibrateConfig)
     finetune: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-    yolo: YoloConfig = field(default_factory=YoloConfig)
+    sections: dict[str, Any] = field(default_factory=dict)
+    """Model families' own sections, by name (``sections["yolo"]``), validated by their dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain values, laid out like its YAML (family sections at the top level)."""
+        tree = asdict(self)
+        return {**tree, **tree.pop("sections")}
+
+
+def family_sections() -> dict[str, type]:
+    """Recipe sections that model families add: name -> config dataclass."""
+    return dict(family.section for family in families() if family.section)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -91,7 +105,13 @@ def recipe_from_dict(tree: Any, overrides: list[str] | tuple[str, ...] = ()) -> 
     tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}  # overrides never touch the input
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
-    return from_dict(Recipe, tree)
+    if "sections" in tree:
+        raise NamPruneError("unknown key 'sections' in recipe; put a family's section at the top level (yolo:)")
+    extra = family_sections()
+    given = {name: tree.pop(name) for name in extra if name in tree}
+    recipe = from_dict(Recipe, tree)
+    recipe.sections = {name: from_dict(cls, given.get(name), prefix=f"{name}.") for name, cls in extra.items()}
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -1,70 +1,22 @@
-"""Stage 6b: what a model costs and how well it does: params, MACs, accuracy, latency, per layer."""
+"""Stage 6c: what a run or a saved model shows: summary and per-layer tables, and
+``nam-prune report`` (params, MACs, latency, per layer; scores when data is given)."""
 
 from __future__ import annotations
 
-import copy
-import statistics
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn as nn
 from rich.table import Table
 
-from nam_prune.config import bounded
-from nam_prune.console import console
-from nam_prune.errors import NamPruneError
-from nam_prune.models import is_yolo_name
-from nam_prune.prune import count_macs_params
+from nam_prune.artifact import load_with_metadata, record_of
+from nam_prune.export import ort_latency_ms
+from nam_prune.measure import ReportConfig, gflops, measure
+from nam_prune.plots import gamma_plots
+from nam_prune.prune.graph import channel_counts
+from nam_prune.tasks import CLASSIFICATION_COLUMNS, Columns, task_class
 
-
-@dataclass
-class ReportConfig:
-    """Latency is the median of ``latency_runs`` CPU forward passes at batch 1, after ``warmup``."""
-
-    latency_runs: int = bounded(30, low=1)
-    warmup: int = bounded(5, low=0)
-
-
-@dataclass
-class Metrics:
-    params: int
-    macs: int
-    accuracy: float | None
-    latency_ms: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@torch.inference_mode()
-def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, warmup: int) -> float:
-    """Median wall time of one forward pass on ``example_input`` on the CPU, in milliseconds."""
-    model = copy.deepcopy(model).cpu().eval()
-    x = example_input.cpu()
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def gflops(macs: int) -> float:
-    """GFLOPs as ultralytics reports them: two floating-point operations per multiply-accumulate."""
-    return 2 * macs / 1e9
-
-
-def measure(
-    model: nn.Module, example_input: torch.Tensor, config: ReportConfig, accuracy: float | None = None
-) -> Metrics:
-    macs, params = count_macs_params(model, example_input)
-    latency = cpu_latency_ms(model, example_input, config.latency_runs, config.warmup)
-    return Metrics(params=params, macs=macs, accuracy=accuracy, latency_ms=latency)
+SCORES = frozenset({"accuracy", "map50_95", "map50"})  # fractions 0-1: shown in %, changes in points
 
 
 def layer_changes(before: dict[str, int], after: dict[str, int]) -> list[dict[str, Any]]:
@@ -74,15 +26,6 @@ def layer_changes(before: dict[str, int], after: dict[str, int]) -> list[dict[st
         kept = after.get(name, count)
         rows.append({"layer": name, "before": count, "after": kept, "pruned": round(1 - kept / count, 4)})
     return rows
-
-
-CLASSIFICATION_COLUMNS = (
-    ("params", "params"),
-    ("macs", "MACs"),
-    ("accuracy", "top-1"),
-    ("latency_ms", "latency ms (CPU, bs 1)"),
-)
-SCORES = frozenset({"accuracy", "map50_95", "map50"})  # fractions 0-1: shown in %, changes in points
 
 
 def _fmt(value: float | None, kind: str) -> str:
@@ -100,7 +43,7 @@ def _fmt(value: float | None, kind: str) -> str:
 def summary_table(
     stages: dict[str, dict[str, Any]],
     title: str = "nam-prune report",
-    columns: tuple[tuple[str, str], ...] = CLASSIFICATION_COLUMNS,
+    columns: Columns = CLASSIFICATION_COLUMNS,
 ) -> Table:
     """One row per stage (dense, pruned, fine-tuned) with the change against the first."""
     table = Table(title=title)
@@ -134,59 +77,27 @@ def layer_table(rows: list[dict[str, Any]], only_changed: bool = False) -> Table
     return table
 
 
-def _data_config(data: str):
-    """``--data`` is a recipe file (its ``data:`` section) or a data set name."""
-    from nam_prune.config import from_dict
-    from nam_prune.data import DataConfig
-    from nam_prune.recipe import load_recipe
-
-    if data.endswith((".yaml", ".yml")):
-        return load_recipe(data).data
-    return from_dict(DataConfig, {"name": data}, prefix="data.")
-
-
 def inspect_checkpoint(
     path: str | Path,
-    data: str | None = None,
+    data: Any = None,
     config: ReportConfig | None = None,
     with_onnx: bool = False,
     plots: Path | None = None,
 ) -> dict[str, Any]:
-    """What ``nam-prune report`` shows: params, MACs, layers, latency, accuracy when data is given,
-    onnxruntime latency with ``with_onnx``, and the gamma/channel plots written to ``plots``."""
-    from nam_prune.checkpoint import load_with_metadata, record_of
-    from nam_prune.data import load_data
-    from nam_prune.prune import channel_counts
-    from nam_prune.train import evaluate
-
+    """What ``nam-prune report`` shows: params, MACs, layers, latency, the task's scores on
+    ``data`` (a ``DataConfig`` for classifiers, a data yaml path for detectors), onnxruntime
+    latency with ``with_onnx``, and the gamma/channel plots written to ``plots``."""
     model, payload = load_with_metadata(path)
     record = record_of(payload)
+    task = task_class(record.spec.name)
     example = record.example_input()
-    detector = is_yolo_name(record.spec.name)
     config = config or ReportConfig()
-    scores: dict[str, Any] = {}
-    if data and detector:
-        from nam_prune.yolo.config import YoloConfig
-        from nam_prune.yolo.train import validate_detector
-
-        size = record.input_shape[-1]
-        scores = validate_detector(model, Path(data), YoloConfig(data=data, imgsz=size), torch.device("cpu"))
-    elif data:
-        bundle = load_data(_data_config(data))
-        if tuple(bundle.input_shape) != tuple(record.input_shape):
-            raise NamPruneError(
-                f"--data gives inputs {tuple(bundle.input_shape)} but the model takes {tuple(record.input_shape)}"
-            )
-        scores["accuracy"] = evaluate(model, bundle.test, torch.device("cpu"))
+    scores = task.evaluate_checkpoint(model, record, data) if data is not None else {}
     metrics = measure(model, example, config, scores.get("accuracy"))
     extra: dict[str, Any] = {**scores, "gflops": gflops(metrics.macs)}
     if with_onnx:
-        from nam_prune.export import ort_latency_ms
-
-        extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup)
+        extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup, task.deploy_mode)
     if plots is not None:
-        from nam_prune.plots import gamma_plots
-
         extra["plots"] = [str(p) for p in gamma_plots(model, payload, plots)]
     counts = channel_counts(model)
     layers = payload.get("layers") or layer_changes(counts, counts)
@@ -196,14 +107,10 @@ def inspect_checkpoint(
         "model": asdict(record.spec),
         "nam": asdict(record.nam) if record.nam else None,
         "input_shape": list(record.input_shape),
-        "detector": detector,
+        "task": task.__name__,
+        "columns": [list(column) for column in task.columns],
         "pruned": bool(record.history),
         "layers": layers,
         "recorded": payload.get("metrics", {}),
         "versions": payload.get("versions", {}),
     }
-
-
-def print_report(stages: dict[str, dict[str, Any]], layers: list[dict[str, Any]]) -> None:
-    console.print(summary_table(stages))
-    console.print(layer_table(layers))

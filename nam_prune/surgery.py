@@ -14,14 +14,17 @@ from typing import Literal
 import torch
 import torch.nn as nn
 from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate
-from nam_prune.models import RESIDUAL_BLOCK_LAST_NORM
 
 log = logging.getLogger("nam_prune")
 
 Placement = Literal["every_bn", "block_end"]
+
+RESIDUAL_BLOCK_LAST_NORM = {BasicBlock: "bn2", Bottleneck: "bn3"}
+"""Where the reference puts NAM in a residual block: on the last BN, before the addition."""
 
 
 @dataclass

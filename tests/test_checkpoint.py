@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import nam_prune
-from nam_prune.checkpoint import ModelRecord, atomic_write, save_checkpoint
+from nam_prune.artifact import ModelRecord, save
+from nam_prune.checkpoint import atomic_write
 from nam_prune.errors import NamPruneError
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, prune_model
@@ -27,9 +28,9 @@ def pruned_checkpoint(tmp_path):
             p.uniform_(0.1, 1.0)
     model.train()(X)  # non-trivial running statistics
     model.eval()
-    result = prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels"), channel_fraction=0.4)
+    result = prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels", channel_ratio=0.4))
     path = tmp_path / "model.pt"
-    save_checkpoint(path, model, ModelRecord(spec, (1, 28, 28), nam, result.history), metrics={"note": "test"})
+    save(path, model, ModelRecord(spec, (1, 28, 28), nam, result.history), metrics={"note": "test"})
     return path, model
 
 
@@ -118,10 +119,10 @@ def test_stripped_model_reloads(tmp_path):
 
     spec = ModelSpec("resnet8", num_classes=10, in_channels=1, width=8)
     model = insert_nam(build_model(spec), NAMConfig())
-    result = prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels"), channel_fraction=0.3)
+    result = prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels", channel_ratio=0.3))
     strip_gates(model.eval())
     assert not any(type(m).__name__.startswith("NAM") for m in model.modules())
     path = tmp_path / "stripped.pt"
-    save_checkpoint(path, model, ModelRecord(spec, (1, 28, 28), NAMConfig(), result.history, stripped=True))
+    save(path, model, ModelRecord(spec, (1, 28, 28), NAMConfig(), result.history, stripped=True))
     with torch.no_grad():
         assert torch.equal(nam_prune.load(path)(X), model(X))

@@ -74,7 +74,7 @@ def test_report_with_data_reproduces_accuracy(quick_run):
     assert nam_prune.evaluate(model, data.test, torch.device("cpu")) == pytest.approx(results["after"]["accuracy"])
 
 
-def test_existing_run_folder_is_not_overwritten(quick_run, tmp_path):
+def test_existing_run_folder_is_not_overwritten(tmp_path):
     recipe = recipe_from_dict({"output": str(tmp_path / "r")})
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "model.pt").write_text("keep me")

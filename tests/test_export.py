@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from nam_prune.checkpoint import ModelRecord, save_checkpoint
+from nam_prune.artifact import ModelRecord, save
 from nam_prune.export import export_onnx, ort_session
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, prune_model
@@ -27,9 +27,9 @@ def pruned(tmp_path):
             if hasattr(gate, "gamma"):
                 gate.gamma.uniform_(0.1, 1)
     model.train()(torch.randn(16, 1, 28, 28))
-    result = prune_model(model.eval(), torch.zeros(1, 1, 28, 28), PruneConfig(), target_macs=1.2e6)
+    result = prune_model(model.eval(), torch.zeros(1, 1, 28, 28), PruneConfig(macs_keep=0.5))
     path = tmp_path / "model.pt"
-    save_checkpoint(path, model, ModelRecord(spec, (1, 28, 28), nam, result.history))
+    save(path, model, ModelRecord(spec, (1, 28, 28), nam, result.history))
     return model, path
 
 

@@ -32,7 +32,7 @@ def test_untrained_gammas_trap_torch_pruning_prunes_nothing(tiny_nam_resnet):
 def test_untrained_gammas_trap_nam_prune_meets_target(tiny_nam_resnet):
     """...while nam-prune spreads the tied cut evenly and meets the MACs target."""
     macs_before = count_macs_params(tiny_nam_resnet, X)[0]
-    prune_model(tiny_nam_resnet, X, PruneConfig(), target_macs=0.5 * macs_before)
+    prune_model(tiny_nam_resnet, X, PruneConfig(macs_keep=0.5))
     macs_after = count_macs_params(tiny_nam_resnet, X)[0]
     assert 0.48 * macs_before <= macs_after <= 0.5 * macs_before
     widths = [g.bn.num_features for g in _gates(tiny_nam_resnet)]
@@ -50,7 +50,7 @@ def test_lowest_gamma_channels_are_the_ones_removed():
         original = model[0].weight.detach().clone()
     x = torch.zeros(1, 1, 6, 6)
     # the last conv is the head; only conv 0's 8 output channels are prunable: cut 3 of them
-    prune_model(model, x, PruneConfig(target="channels", max_pruning_ratio=0.9), channel_fraction=3 / 8)
+    prune_model(model, x, PruneConfig(target="channels", max_pruning_ratio=0.9, channel_ratio=3 / 8))
     kept = [0, 2, 4, 5, 7]
     torch.testing.assert_close(model[0].weight, original[kept])
     torch.testing.assert_close(model[1].channel.bn.weight.detach(), gamma[kept])
@@ -62,9 +62,9 @@ def test_macs_before_after_exact():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1, bias=False))
     insert_nam(model, NAMConfig())
     x = torch.zeros(1, 1, 6, 6)
-    conv_macs = lambda c: 36 * (9 * c + c * 4)  # noqa: E731 - two convs on 6x6
+    conv_macs = lambda c: 36 * (9 * c + c * 4)
     macs_before, params_before = count_macs_params(model, x)
-    result = prune_model(model, x, PruneConfig(target="channels"), channel_fraction=0.5)
+    result = prune_model(model, x, PruneConfig(target="channels", channel_ratio=0.5))
     macs_after, params_after = count_macs_params(model, x)
     assert params_before == result.params_before == 8 * 9 + 8 * 2 + 8 * 2 + 8 * 4  # conv, host BN, gate BN, conv
     assert params_after == result.params_after == 4 * 9 + 4 * 2 + 4 * 2 + 4 * 4
@@ -83,7 +83,7 @@ def test_no_layer_is_emptied_and_max_ratio_holds(tiny_nam_resnet):
     before = [g.bn.num_features for g in _gates(tiny_nam_resnet)]
     with torch.no_grad():  # one layer's gates all ~0: a greedy global ranking would empty it
         _gates(tiny_nam_resnet)[3].gamma.fill_(1e-6)
-    prune_model(tiny_nam_resnet, X, PruneConfig(target="channels", max_pruning_ratio=0.75), channel_fraction=0.6)
+    prune_model(tiny_nam_resnet, X, PruneConfig(target="channels", max_pruning_ratio=0.75, channel_ratio=0.6))
     after = [g.bn.num_features for g in _gates(tiny_nam_resnet)]
     assert all(a >= b * 0.25 for a, b in zip(after, before))
 
@@ -91,12 +91,12 @@ def test_no_layer_is_emptied_and_max_ratio_holds(tiny_nam_resnet):
 def test_unreachable_macs_target_is_an_error(tiny_nam_resnet):
     macs, _ = count_macs_params(tiny_nam_resnet, X)
     with pytest.raises(NamPruneError, match="cannot reach"):
-        prune_model(tiny_nam_resnet, X, PruneConfig(max_pruning_ratio=0.2), target_macs=0.1 * macs)
+        prune_model(tiny_nam_resnet, X, PruneConfig(max_pruning_ratio=0.2, macs_keep=0.1))
 
 
 def test_pruning_nothing_is_an_error(tiny_nam_resnet):
     with pytest.raises(NamPruneError, match="removed nothing"):
-        prune_model(tiny_nam_resnet, X, PruneConfig(target="channels"), channel_fraction=0.0)
+        prune_model(tiny_nam_resnet, X, PruneConfig(target="channels", channel_ratio=0.0))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
@@ -107,6 +107,6 @@ def test_torchvision_models_prune_to_macs_target(name):
         for gate in _gates(model):
             gate.gamma.uniform_(0, 1)
     macs, _ = count_macs_params(model, x)
-    prune_model(model, x, PruneConfig(round_to=8), target_macs=0.6 * macs)
+    prune_model(model, x, PruneConfig(round_to=8, macs_keep=0.6))
     assert 0.55 * macs <= count_macs_params(model, x)[0] <= 0.6 * macs
     assert model.eval()(x).shape == (1, 10)

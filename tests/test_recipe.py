@@ -32,7 +32,10 @@ def test_resnet50_cifar_recipe_settings():
         ({"sparsity": {"penalty": -1e-4}}, r"sparsity.penalty = -0.0001 is out of range: expected 0 <= value"),
         ({"sparsity": {"epochs": 2.5}}, "sparsity.epochs must be an integer"),
         ({"nam": {"spatial": "yes"}}, "nam.spatial must be true or false"),
-        ({"prune": {"scope": "globl"}}, "prune.scope = 'globl' is not allowed: expected one of 'global', 'local' \\(did you mean 'global'\\?\\)"),
+        (
+            {"prune": {"scope": "globl"}},
+            "prune.scope = 'globl' is not allowed: expected one of 'global', 'local' \\(did you mean 'global'\\?\\)",
+        ),
         ({"data": ["fashion_mnist"]}, "data must be a mapping"),
         (["not", "a", "mapping"], "a recipe must be a YAML mapping"),
     ],

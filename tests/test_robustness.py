@@ -47,10 +47,7 @@ def _start_and_wait_for_checkpoint(folder: Path, stage: str) -> subprocess.Popen
     while time.time() < deadline and process.poll() is None:
         last = folder / "last.pt"
         if last.is_file():
-            try:
-                progress = read_checkpoint(last)["progress"]
-            except NamPruneError:  # caught between write and rename? never: writes are atomic
-                raise
+            progress = read_checkpoint(last)["progress"]  # never half-written: writes are atomic
             if progress["stage"] == stage and progress["epoch"] >= 1:
                 return process
         time.sleep(0.05)
@@ -152,7 +149,7 @@ class _ItemOutput(nn.Module):
 def test_untraceable_model_is_a_clear_error():
     model = insert_nam(_ItemOutput(), NAMConfig())
     with pytest.raises(NamPruneError, match="torch-pruning could not trace the model"):
-        prune_model(model, torch.zeros(1, 1, 8, 8), PruneConfig(target="channels"), channel_fraction=0.5)
+        prune_model(model, torch.zeros(1, 1, 8, 8), PruneConfig(target="channels", channel_ratio=0.5))
 
 
 @pytest.mark.parametrize("override", ["prune.max_pruning_ratio=1.0", "prune.channel_ratio=1", "prune.macs_keep=0"])
@@ -175,7 +172,9 @@ recipe_trees = st.one_of(
     st.dictionaries(known_sections, yaml_values, max_size=4),
     st.dictionaries(
         known_sections,
-        st.dictionaries(st.sampled_from(["epochs", "lr", "macs_keep", "name", "spatial", "scope", "milestones", "x"]), yaml_values, max_size=3),
+        st.dictionaries(
+            st.sampled_from(["epochs", "lr", "macs_keep", "name", "spatial", "scope", "milestones", "x"]), yaml_values, max_size=3
+        ),
         max_size=3,
     ),
 )

@@ -16,7 +16,7 @@ _LAZY = {
     "make_split_free": "nam_prune.yolo.models",
     "C2fSplitFree": "nam_prune.yolo.models",
     "build_demo_set": "nam_prune.yolo.data",
-    "run_detector": "nam_prune.yolo.pipeline",
+    "DetectionTask": "nam_prune.yolo.task",
 }
 
 

@@ -66,10 +66,8 @@ def build_demo_set(folder: Path) -> Path:
     return data_yaml
 
 
-def resolve_data(data: str, run_folder: Path) -> Path:
-    """``demo`` (built into the run folder) or the user's ultralytics data yaml, checked to exist."""
-    if data == "demo":
-        return build_demo_set(run_folder / "demo_data")
+def user_data_yaml(data: str) -> Path:
+    """The user's ultralytics data yaml (``yolo.data``), checked to exist."""
     path = Path(data)
     if not path.is_file():
         raise NamPruneError(

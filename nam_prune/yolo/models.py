@@ -22,10 +22,9 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from nam_prune.checkpoint import read_checkpoint
 from nam_prune.errors import NamPruneError
-from nam_prune.prune import TRACE_STAND_INS, IntactBlock
-
-os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for hub weights or update checks
+from nam_prune.prune.graph import IntactBlock, StandIns
 
 ATTENTION_BLOCKS = frozenset({"C2PSA", "PSA"})
 """ultralytics blocks whose channel counts encode attention heads: left intact but for their input width."""
@@ -35,6 +34,7 @@ RESIDUAL_ATTENTION = frozenset({"PSABlock"})
 
 def ultralytics_module():
     """``ultralytics.nn.tasks``, or a one-line error saying how to install ultralytics."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for hub weights or update checks
     try:
         from ultralytics.nn import tasks
     except ImportError:
@@ -54,6 +54,23 @@ class NAMPrunedModel(nn.Module):
             "this YOLO model was pruned by nam-prune and cannot be rebuilt from its yaml: train it with "
             "YOLO(path).train(..., trainer=nam_prune.yolo.NAMDetectionTrainer)"
         )
+
+
+def _yaml_marker() -> "YamlMarker":
+    """Make ultralytics' yaml parser resolve the marker row (it looks names up in its module).
+
+    Called when a nam-prune ultralytics checkpoint is unpickled (see :class:`YamlMarker`),
+    never on import: the one moment a marked yaml can reach ultralytics' own trainer.
+    """
+    ultralytics_module().NAMPrunedModel = NAMPrunedModel
+    return YamlMarker()
+
+
+class YamlMarker:
+    """Stored on a pruned ultralytics checkpoint's model; unpickling it runs :func:`_yaml_marker`."""
+
+    def __reduce__(self):
+        return _yaml_marker, ()
 
 
 def marked_yaml(config: dict[str, Any]) -> dict[str, Any]:
@@ -137,8 +154,6 @@ def load_ultralytics_checkpoint(path: str | Path, trust_pickle: bool) -> nn.Modu
             f"{path} is an ultralytics checkpoint, a pickle that can run code when loaded; set "
             "model.trust_pickle: true only if you trust its source"
         )
-    from nam_prune.checkpoint import read_checkpoint
-
     payload = read_checkpoint(path, trust_pickle=True)
     model = payload.get("ema") or payload.get("model") if isinstance(payload, dict) else None
     tasks = ultralytics_module()
@@ -163,12 +178,13 @@ def _ffn_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.ffn(x)
 
 
-def _register_attention_stand_ins() -> None:
+def attention_stand_ins() -> StandIns:
+    """How torch-pruning traces ultralytics' attention blocks (their reshapes defeat its index mapping)."""
+    ultralytics_module()
     from ultralytics.nn.modules import block
 
-    for name, stand_in in (("C2PSA", _cv2_of_cv1), ("PSA", _cv2_of_cv1), ("PSABlock", _ffn_residual)):
-        if hasattr(block, name):
-            TRACE_STAND_INS[getattr(block, name)] = stand_in
+    pairs = (("C2PSA", _cv2_of_cv1), ("PSA", _cv2_of_cv1), ("PSABlock", _ffn_residual))
+    return {getattr(block, name): stand_in for name, stand_in in pairs if hasattr(block, name)}
 
 
 def protected_parts(model: nn.Module) -> tuple[list[nn.Module], list[IntactBlock]]:
@@ -209,15 +225,3 @@ def scope_end(model: nn.Module, scope: str) -> int:
 def scope_prefixes(model: nn.Module, scope: str) -> list[str]:
     """Module-name prefixes of the layers NAM gates go into."""
     return [f"model.{i}." for i in range(scope_end(model, scope))]
-
-
-def _register() -> None:
-    """Tell torch-pruning how to trace attention blocks and ultralytics what a marked yaml row means.
-
-    Runs on import, which unpickling a nam-prune ultralytics checkpoint also triggers."""
-    tasks = ultralytics_module()
-    _register_attention_stand_ins()
-    tasks.NAMPrunedModel = NAMPrunedModel
-
-
-_register()

@@ -26,7 +26,6 @@ import torch.nn as nn
 from nam_prune.errors import NamPruneError
 from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats
 from nam_prune.train import TrainConfig
-
 from nam_prune.yolo.config import YoloConfig
 from nam_prune.yolo.models import ultralytics_module
 
@@ -76,8 +75,6 @@ def trainer_overrides(
     config: TrainConfig, yolo: YoloConfig, data_yaml: Path, device: torch.device, folder: Path, stage: str, seed: int
 ) -> dict[str, Any]:
     """ultralytics ``train`` arguments for one stage of a recipe (the model itself is handed over in memory)."""
-    if config.schedule == "multistep":
-        raise NamPruneError(f"{stage}.schedule: multistep is not available with the ultralytics trainer; use cosine or constant")
     return {
         "model": "nam-prune",  # a label: NAMDetectionTrainer is given the model object
         "data": str(data_yaml),

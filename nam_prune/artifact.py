@@ -1,0 +1,123 @@
+"""Stage 6a: save and load models as weights-only files that never run code when read.
+
+A saved model holds only tensors and plain values: the model spec, the NAM config, the
+input shape, torch-pruning's pruning history and the state dict (plus recipe, metrics
+and versions). Loading rebuilds the dense model, re-inserts the gates, replays the
+pruning through the dependency graph and loads the weights, so the result is the exact
+saved module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint, write_checkpoint
+from nam_prune.errors import NamPruneError
+from nam_prune.models import ModelSpec, family_for
+from nam_prune.prune.graph import PruningHistory, replay
+from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
+
+
+@dataclass
+class ModelRecord:
+    """Everything needed to rebuild a saved model, in plain values."""
+
+    spec: ModelSpec
+    input_shape: tuple[int, ...]
+    nam: NAMConfig | None = None
+    history: PruningHistory = field(default_factory=list)
+    stripped: bool = False
+
+    def example_input(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.zeros(1, *self.input_shape, device=device)
+
+
+def save(
+    path: Path, model: nn.Module, record: ModelRecord, state_dict: dict[str, torch.Tensor] | None = None, **extra: Any
+) -> None:
+    """Write a weights-only checkpoint; ``extra`` (recipe, metrics, layers) must be plain values.
+
+    ``state_dict`` saves weights taken earlier (a snapshot) instead of the model's current ones.
+    """
+    state = model.state_dict() if state_dict is None else state_dict
+    write_checkpoint(
+        path,
+        {
+            "model": asdict(record.spec),
+            "input_shape": list(record.input_shape),
+            "nam": asdict(record.nam) if record.nam else None,
+            "pruning_history": [[name, out, list(idxs)] for name, out, idxs in record.history],
+            "gates_stripped": record.stripped,
+            "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+            **extra,
+        },
+    )
+
+
+def record_of(payload: dict[str, Any]) -> ModelRecord:
+    try:
+        return ModelRecord(
+            spec=ModelSpec(**payload["model"]),
+            input_shape=tuple(payload["input_shape"]),
+            nam=NAMConfig(**payload["nam"]) if payload.get("nam") else None,
+            history=[(n, bool(o), list(i)) for n, o, i in payload.get("pruning_history", [])],
+            stripped=bool(payload.get("gates_stripped", False)),
+        )
+    except (KeyError, TypeError) as error:
+        raise NamPruneError(f"checkpoint is missing or has a malformed field ({error}); re-save it") from None
+
+
+def rebuild(record: ModelRecord) -> nn.Module:
+    """The architecture a record describes, with fresh weights."""
+    family = family_for(record.spec.name)
+    model = family.build(record.spec)
+    if record.nam is not None:
+        insert_nam(model, record.nam, record.example_input())
+    if record.history:
+        stand_ins = family.trace_stand_ins() if family.trace_stand_ins else None
+        replay(model, record.example_input(), record.history, stand_ins)
+    if record.stripped:
+        strip_gates(model)
+    return model
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, naming mismatched keys and shapes instead of dumping torch's message."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if names:
+                parts.append(f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})")
+        raise NamPruneError(f"{source} does not match the model architecture: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load a nam-prune checkpoint and return the exact saved module (in eval mode)."""
+    model, _ = load_with_metadata(path)
+    return model
+
+
+def load_with_metadata(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    payload = read_checkpoint(path)
+    if not is_nam_checkpoint(payload):
+        raise NamPruneError(
+            f"{path} is not a nam-prune checkpoint; a plain state dict can start a run via model.weights"
+        )
+    model = rebuild(record_of(payload))
+    load_state(model, payload["state_dict"], str(path))
+    return model.eval(), payload
+
+
+__all__ = ["ModelRecord", "load", "load_state", "load_with_metadata", "rebuild", "record_of", "save"]

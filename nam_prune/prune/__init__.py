@@ -1,0 +1,35 @@
+"""Stages 3-4: rank channels by the NAM gates and remove them structurally with torch-pruning.
+
+Laid out as Torch-Pruning separates its parts: ``importance`` (NAM's ranking), ``graph``
+(tracing, protected blocks, counting, replay), ``planning`` (scoring, budget allocation,
+bisection to a MAC target, apply) and ``schedule`` (the ``prune_model`` verb, in steps).
+"""
+
+from nam_prune.prune.graph import (
+    IntactBlock,
+    Protected,
+    PruningHistory,
+    build_graph,
+    channel_counts,
+    count_macs_params,
+    replay,
+)
+from nam_prune.prune.importance import NAMImportance, normalize_scores
+from nam_prune.prune.planning import PruneConfig
+from nam_prune.prune.schedule import PruneResult, channel_step_fraction, prune_model
+
+__all__ = [
+    "IntactBlock",
+    "NAMImportance",
+    "Protected",
+    "PruneConfig",
+    "PruneResult",
+    "PruningHistory",
+    "build_graph",
+    "channel_counts",
+    "channel_step_fraction",
+    "count_macs_params",
+    "normalize_scores",
+    "prune_model",
+    "replay",
+]

@@ -1,0 +1,139 @@
+"""Stage 4a: torch-pruning's dependency graph of a gated model, what it must leave alone,
+counting, and replaying a recorded pruning (how checkpoints are rebuilt)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from nam_prune.errors import NamPruneError
+from nam_prune.gates import NAMSpatialGate, tracing_mode
+
+PruningHistory = list[tuple[str, bool, list[int]]]
+StandIns = dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+"""Block types traced through a simpler forward with the same convs and shapes (torch-pruning
+cannot map the reshapes inside YOLO attention blocks). Such blocks must also be kept intact
+(``IntactBlock``), since the stand-in hides their real coupling."""
+
+
+@dataclass
+class IntactBlock:
+    """A block whose inner channels must not change (attention heads, a detection head).
+
+    Only the input channels of its ``entries`` (the convs fed from outside) may follow
+    the layer that feeds the block; any other cut that reaches inside it is skipped.
+    """
+
+    name: str
+    module: nn.Module
+    entries: list[nn.Module]
+    members: set[nn.Module] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.members = set(self.module.modules())  # looked up for every candidate group
+
+
+@dataclass
+class Protected:
+    """What a model family keeps: ``layers`` are never pruning roots, ``blocks`` stay intact,
+    ``stand_ins`` trace blocks torch-pruning cannot follow."""
+
+    layers: list[nn.Module] = field(default_factory=list)
+    blocks: list[IntactBlock] = field(default_factory=list)
+    stand_ins: StandIns = field(default_factory=dict)
+
+
+def reaches_into(group: tp.Group, graph: tp.DependencyGraph, blocks: list[IntactBlock]) -> str | None:
+    """The name of the first intact block this group would change inside, if any."""
+    for block in blocks:
+        for item in group:
+            module = item.dep.target.module
+            if module not in block.members:
+                continue
+            if module in block.entries and not graph.is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            return block.name
+    return None
+
+
+def head_layers(model: nn.Module) -> list[nn.Module]:
+    """The classifier head (the last Linear or Conv2d registered): never pruned."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return layers[-1:]
+
+
+@contextlib.contextmanager
+def _stand_ins(model: nn.Module, stand_ins: StandIns):
+    swapped = [m for m in model.modules() if type(m) in stand_ins]
+    for module in swapped:
+        module.forward = functools.partial(stand_ins[type(module)], module)
+    try:
+        yield
+    finally:
+        for module in swapped:
+            del module.forward
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor, stand_ins: StandIns | None = None) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph, traced with the gates in ``tracing_mode``.
+
+    Spatial gates are traced as identities: their parameters are indexed by pixel, not
+    channel, and their reductions over channels confuse torch-pruning's reshape inference
+    (it mis-maps the final flatten). They couple no channels, so the graph stays exact.
+    """
+    pixel_params = [p for m in model.modules() if isinstance(m, NAMSpatialGate) for p in m.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        # tracing needs autograd even when the caller is under no_grad / inference_mode
+        with warnings.catch_warnings(), tracing_mode(model), torch.inference_mode(False), torch.enable_grad():
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            with _stand_ins(model, stand_ins or {}):
+                return tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_input.clone(), ignored_params=pixel_params
+                )
+    except NamPruneError:
+        raise
+    except Exception as error:  # torch-pruning raises many types while tracing
+        raise NamPruneError(
+            f"torch-pruning could not trace the model ({type(error).__name__}: {error}); "
+            "the forward must run on one tensor input; list untraceable blocks in prune.ignore"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+    """MACs and parameters from torch-pruning's counter (gate norms counted as the BNs they are)."""
+    with tracing_mode(model):
+        macs, params = tp.utils.count_ops_and_params(model, example_input)
+    return int(macs), int(params)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def channel_counts(model: nn.Module) -> dict[str, int]:
+    """Output channels of every conv and linear layer, by name: the per-layer table's raw data."""
+    return {
+        name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+
+
+def replay(
+    model: nn.Module, example_input: torch.Tensor, history: PruningHistory, stand_ins: StandIns | None = None
+) -> nn.Module:
+    """Redo a recorded pruning on a freshly built dense model (how checkpoints are rebuilt)."""
+    graph = build_graph(model, example_input, stand_ins)
+    graph.load_pruning_history([[name, out, list(idxs)] for name, out, idxs in history])
+    return model

@@ -1,0 +1,191 @@
+"""What differs between model families inside the one stage sequence (``nam_prune.pipeline``).
+
+A :class:`Task` builds the model, trains it, scores it, says what must not be pruned and
+writes any extra outputs. Image classification is built in; a family that does something
+else (nam-prune's YOLO detectors) names its own ``Task`` subclass in its ``ModelFamily``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
+
+import torch
+import torch.nn as nn
+
+from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of
+from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
+from nam_prune.data import DataConfig, load_data
+from nam_prune.errors import NamPruneError
+from nam_prune.measure import measure
+from nam_prune.models import ModelSpec, build_model, family_for
+from nam_prune.prune.graph import Protected
+from nam_prune.recalibrate import recalibrate_bn
+from nam_prune.surgery import insert_nam
+from nam_prune.train import TrainConfig, TrainState, evaluate, fit
+
+if TYPE_CHECKING:
+    from nam_prune.recipe import Recipe
+
+Columns = tuple[tuple[str, str], ...]
+
+CLASSIFICATION_COLUMNS: Columns = (
+    ("params", "params"),
+    ("macs", "MACs"),
+    ("accuracy", "top-1"),
+    ("latency_ms", "latency ms (CPU, bs 1)"),
+)
+
+
+class Task:
+    """The family-specific half of a run; ``pipeline.run`` is the other half.
+
+    ``resumable``: checkpoints every epoch and takes ``--resume``. ``multi_process``: runs
+    under torchrun. ``columns``: (metric key, header) pairs of the summary table;
+    ``score_key``: the metric that says how good a model is (a fraction 0-1).
+    """
+
+    columns: Columns = CLASSIFICATION_COLUMNS
+    score_key = "accuracy"
+    resumable = True
+    multi_process = True
+
+    def __init__(self, recipe: "Recipe", device: torch.device) -> None:
+        self.recipe, self.device = recipe, device
+
+    def prepare(self) -> tuple[nn.Module, ModelRecord]:
+        """Build or load the model with its NAM gates (before the run folder exists)."""
+        raise NotImplementedError
+
+    def open(self, folder: Path) -> None:
+        """The run folder exists (a task may write its data there)."""
+
+    def train(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        stage: str,
+        on_epoch_end: Callable[[TrainState], None] | None = None,
+        resume: TrainState | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train in place for ``config.epochs``; returns one log entry per epoch (or stage)."""
+        raise NotImplementedError
+
+    def measure(self, model: nn.Module, example: torch.Tensor, stage: str) -> dict[str, Any]:
+        """The metrics of one stage (params, MACs, latency and the task's score)."""
+        raise NotImplementedError
+
+    def protected(self, model: nn.Module) -> Protected:
+        """What pruning must leave alone in this model."""
+        return Protected()
+
+    def recalibrate(self, model: nn.Module) -> int:
+        """Re-estimate BN running statistics on training data; returns the batches used."""
+        return 0
+
+    def rng_state(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state()}
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+
+    def outputs(
+        self, folder: Path, model: nn.Module, record: ModelRecord, stages: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Write extra files for the final model; returns extra entries for ``results.json``."""
+        return {}
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """Extra plain values stored in ``model.pt``."""
+        return {}
+
+    @classmethod
+    def evaluate_checkpoint(cls, model: nn.Module, record: ModelRecord, data: Any) -> dict[str, float]:
+        """Scores of a saved model on ``data`` (what ``report --data`` hands over)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def deploy_mode(model: nn.Module) -> ContextManager[nn.Module]:
+        """The model as it is deployed (a detector returns only its decoded boxes)."""
+        return contextlib.nullcontext(model)
+
+
+class ClassificationTask(Task):
+    """Image classifiers: torchvision-style data loaders, cross-entropy training, top-1."""
+
+    def __init__(self, recipe: "Recipe", device: torch.device) -> None:
+        super().__init__(recipe, device)
+        self.data = load_data(recipe.data, recipe.seed)
+
+    def prepare(self) -> tuple[nn.Module, ModelRecord]:
+        """Build (or load) the model and insert NAM gates unless the weights already have them."""
+        recipe, data = self.recipe, self.data
+        spec = ModelSpec(recipe.model.name, data.num_classes, data.input_shape[0], recipe.model.width)
+        record = ModelRecord(spec=spec, input_shape=data.input_shape, nam=recipe.nam)
+        weights = recipe.model.weights
+        payload = read_checkpoint(weights, recipe.model.trust_pickle) if weights else None
+        if payload is not None and is_nam_checkpoint(payload):
+            record = record_of(payload)
+            if tuple(record.input_shape) != tuple(data.input_shape):
+                raise NamPruneError(
+                    f"model.weights was trained on inputs {tuple(record.input_shape)} but data gives "
+                    f"{tuple(data.input_shape)}; use the data set it was trained on"
+                )
+            model = rebuild(record)
+            load_state(model, payload["state_dict"], weights)
+            if record.nam is None:
+                insert_nam(model, recipe.nam, record.example_input())
+                record = replace(record, nam=recipe.nam)
+            return model, record
+        model = build_model(spec)
+        if payload is not None:
+            if isinstance(payload, nn.Module):  # a whole saved model, allowed by model.trust_pickle
+                payload = payload.state_dict()
+            state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise NamPruneError(f"model.weights {weights} holds no state dict (a mapping of names to tensors)")
+            load_state(model, state, weights)
+        insert_nam(model, recipe.nam, record.example_input())
+        return model, record
+
+    def train(self, model, config, stage, on_epoch_end=None, resume=None):
+        history = fit(model, self.data.train, config, self.device, stage, on_epoch_end=on_epoch_end, resume=resume)
+        return [asdict(entry) for entry in history]
+
+    def measure(self, model, example, stage):
+        accuracy = evaluate(model, self.data.test, self.device, f"eval {stage}")
+        return measure(model, example, self.recipe.report, accuracy).to_dict()
+
+    def recalibrate(self, model: nn.Module) -> int:
+        """The same batches every time (the calibration order is re-seeded), so resumed runs stay exact."""
+        calibration = self.data.calibration
+        if calibration.generator is not None:
+            calibration.generator.manual_seed(self.recipe.seed + 1)
+        return recalibrate_bn(model, calibration, self.recipe.recalibrate.batches, self.device)
+
+    def rng_state(self) -> dict[str, Any]:
+        """Random-number states to resume with (under torchrun the sampler is seeded per epoch instead)."""
+        generator = self.data.train.generator
+        return {**super().rng_state(), "loader": generator.get_state() if generator is not None else None}
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        super().restore_rng(state)
+        if self.data.train.generator is not None and state["loader"] is not None:
+            self.data.train.generator.set_state(state["loader"])
+
+    @classmethod
+    def evaluate_checkpoint(cls, model: nn.Module, record: ModelRecord, data: DataConfig) -> dict[str, float]:
+        bundle = load_data(data)
+        if tuple(bundle.input_shape) != tuple(record.input_shape):
+            raise NamPruneError(
+                f"--data gives inputs {tuple(bundle.input_shape)} but the model takes {tuple(record.input_shape)}"
+            )
+        return {"accuracy": evaluate(model, bundle.test, torch.device("cpu"))}
+
+
+def task_class(model_name: str) -> type[Task]:
+    """The task of the family that claims ``model_name`` (classification unless it names its own)."""
+    family = family_for(model_name)
+    return family.task() if family.task else ClassificationTask

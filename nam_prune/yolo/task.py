@@ -1,0 +1,215 @@
+"""The detection task: the pipeline's stages with ultralytics' trainer, mAP and GFLOPs.
+
+Besides ``model.pt`` (nam-prune's weights-only checkpoint, read by ``nam-prune report``)
+a run writes ``model_ultralytics.pt``, which loads with ``ultralytics.YOLO``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from nam_prune.artifact import ModelRecord
+from nam_prune.checkpoint import atomic_write
+from nam_prune.console import console
+from nam_prune.errors import NamPruneError
+from nam_prune.export import ort_latency_ms
+from nam_prune.measure import gflops, measure
+from nam_prune.models import ModelSpec
+from nam_prune.prune.graph import IntactBlock, Protected
+from nam_prune.surgery import insert_nam
+from nam_prune.tasks import Task
+from nam_prune.version import __version__
+from nam_prune.yolo.config import YoloConfig
+from nam_prune.yolo.data import DEMO_NAMES, build_demo_set, class_names, user_data_yaml
+from nam_prune.yolo.models import (
+    YamlMarker,
+    attention_stand_ins,
+    build_yolo,
+    load_ultralytics_checkpoint,
+    marked_yaml,
+    protected_parts,
+    scope_end,
+    scope_prefixes,
+)
+from nam_prune.yolo.train import train_detector, trainer_overrides, validate_detector
+
+DETECTION_COLUMNS = (
+    ("params", "params"),
+    ("gflops", "GFLOPs"),
+    ("map50_95", "mAP50-95"),
+    ("latency_ms", "torch ms (CPU, bs 1)"),
+    ("onnx_latency_ms", "onnxruntime ms"),
+)
+
+
+def _parameter_shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in module.parameters()]
+
+
+def protection(model: nn.Module, scope: str) -> Protected:
+    """The Detect head and attention blocks stay intact; layers outside the scope are never roots."""
+    head, blocks = protected_parts(model)
+    return Protected(
+        layers=[*head, *model.model[scope_end(model, scope):-1]], blocks=blocks, stand_ins=attention_stand_ins()
+    )
+
+
+def intact_report(blocks: list[IntactBlock], before: dict[str, list[tuple[int, ...]]]) -> dict[str, str]:
+    """Per protected block: 'intact', or 'intact (input width ...)' when its entry conv lost inputs."""
+    states = {}
+    for block in blocks:
+        shapes = _parameter_shapes(block.module)
+        if shapes == before[block.name]:
+            states[block.name] = "intact"
+        elif [s[:1] + s[2:] for s in shapes] == [s[:1] + s[2:] for s in before[block.name]]:
+            states[block.name] = "intact (input width follows the layer feeding it)"
+        else:
+            raise NamPruneError(f"internal: {block.name} changed inside while pruning; please report this")
+    return states
+
+
+def save_ultralytics(path: Path, model: nn.Module, data_yaml: Path, imgsz: int) -> None:
+    """An ultralytics checkpoint of the pruned model (a pickle, as all of theirs are).
+
+    ``YOLO(path)`` loads it (nam-prune must be importable: the model holds its gate and
+    split-free modules) and predicts, validates and exports with ultralytics' own code.
+    """
+    deployed = copy.deepcopy(model).cpu().float().eval()
+    deployed.args = {"task": "detect", "data": str(data_yaml), "imgsz": imgsz}
+    deployed.yaml = marked_yaml(deployed.yaml)
+    deployed.nam_prune_marker = YamlMarker()
+    payload = {
+        "model": deployed,
+        "ema": None,
+        "epoch": -1,
+        "optimizer": None,
+        "train_args": {"task": "detect", "data": str(data_yaml), "imgsz": imgsz, "model": str(path)},
+        "date": datetime.now(timezone.utc).isoformat(),
+        "version": __version__,
+        "nam_prune": True,
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+@contextlib.contextmanager
+def detect_export_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Detect heads return only the decoded boxes and scores (ultralytics' exporter sets the same flag)."""
+    heads = [m for m in model.modules() if type(m).__name__ == "Detect" and hasattr(m, "export")]
+    for head in heads:
+        head.export = True
+    try:
+        yield model
+    finally:
+        for head in heads:
+            head.export = False
+
+
+class DetectionTask(Task):
+    """ultralytics detectors: trained by ``NAMDetectionTrainer``, scored by mAP on a data yaml."""
+
+    columns = DETECTION_COLUMNS
+    score_key = "map50_95"
+    resumable = False  # ultralytics keeps its own last.pt per stage in <run>/<stage>/weights
+    multi_process = False
+
+    def __init__(self, recipe, device: torch.device) -> None:
+        super().__init__(recipe, device)
+        self.yolo: YoloConfig = recipe.sections["yolo"]
+        for section in ("sparsity", "finetune"):
+            if getattr(recipe, section).schedule == "multistep":
+                raise NamPruneError(
+                    f"{section}.schedule: multistep is not available with the ultralytics trainer; use cosine or constant"
+                )
+        if recipe.nam.spatial:
+            raise NamPruneError("nam.spatial is not available for YOLO models (their input size varies); set it to false")
+        if recipe.nam.placement != "every_bn":
+            raise NamPruneError("YOLO models take nam.placement: every_bn (a gate after every conv-BN-act)")
+        self.data_yaml = None if self.yolo.data == "demo" else user_data_yaml(self.yolo.data)
+        self.names = DEMO_NAMES if self.data_yaml is None else class_names(self.data_yaml)
+        self.folder = Path(".")
+        self.blocks: list[IntactBlock] = []
+        self.block_shapes: dict[str, list[tuple[int, ...]]] = {}
+        self.intact: dict[str, str] = {}
+
+    def prepare(self) -> tuple[nn.Module, ModelRecord]:
+        """Build (yaml) or load (trusted ultralytics .pt) the detector, split-free, with NAM gates in scope."""
+        recipe, names = self.recipe, self.names
+        name = recipe.model.name
+        if name.endswith(".pt"):
+            model = load_ultralytics_checkpoint(name, recipe.model.trust_pickle)
+            if model.model[-1].nc != len(names):
+                raise NamPruneError(
+                    f"{name} detects {model.model[-1].nc} classes but yolo.data has {len(names)}; use its own data yaml"
+                )
+            spec = ModelSpec(name=name, num_classes=len(names), in_channels=3, config=copy.deepcopy(model.yaml))
+        else:
+            spec = ModelSpec(name=name, num_classes=len(names), in_channels=3)
+            model = build_yolo(spec.name, spec.num_classes, spec.in_channels)
+        nam = replace(recipe.nam, include=scope_prefixes(model, self.yolo.scope))
+        insert_nam(model, nam)
+        model.names = names
+        size = self.yolo.report_imgsz
+        return model, ModelRecord(spec=spec, input_shape=(3, size, size), nam=nam)
+
+    def open(self, folder: Path) -> None:
+        self.folder = folder
+        if self.data_yaml is None:
+            self.data_yaml = build_demo_set(folder / "demo_data")
+
+    def train(self, model, config, stage, on_epoch_end=None, resume=None):
+        label = stage.replace(" ", "")  # ultralytics' run sub-folder
+        overrides = trainer_overrides(config, self.yolo, self.data_yaml, self.device, self.folder, label, self.recipe.seed)
+        return [asdict(train_detector(model, overrides, config.penalty))]
+
+    def measure(self, model, example, stage):
+        """Params, MACs and GFLOPs at the report size, CPU latency (torch, onnxruntime) and mAP."""
+        config = self.recipe.report
+        metrics = measure(model, example, config).to_dict()
+        del metrics["accuracy"]  # detectors are scored by mAP
+        return {
+            **metrics,
+            "gflops": gflops(metrics["macs"]),
+            "imgsz": example.shape[-1],
+            "onnx_latency_ms": ort_latency_ms(model, example, config.latency_runs, config.warmup, self.deploy_mode),
+            **validate_detector(model, self.data_yaml, self.yolo, self.device),
+        }
+
+    def protected(self, model: nn.Module) -> Protected:
+        protected = protection(model, self.yolo.scope)
+        self.blocks = protected.blocks
+        self.block_shapes = {b.name: _parameter_shapes(b.module) for b in protected.blocks}
+        return protected
+
+    def outputs(self, folder, model, record, stages):
+        self.intact = intact = intact_report(self.blocks, self.block_shapes)
+        save_ultralytics(folder / "model_ultralytics.pt", model, self.data_yaml, self.yolo.imgsz)
+        for block, state in intact.items():
+            console.print(f"{block}: {state}", soft_wrap=True)
+        console.print(f"saved [bold]{folder / 'model_ultralytics.pt'}[/] (loads with ultralytics.YOLO)", soft_wrap=True)
+        return {
+            "gflops_reduction": 1 - stages["after"]["gflops"] / stages["before"]["gflops"],
+            "protected": intact,
+            "data": str(self.data_yaml),
+        }
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        return {"names": self.names, "protected": self.intact}
+
+    @classmethod
+    def evaluate_checkpoint(cls, model, record, data) -> dict[str, float]:
+        if not isinstance(data, Path):
+            raise NamPruneError("--data for a YOLO model is an ultralytics data yaml (path, train, val, names)")
+        size = record.input_shape[-1]
+        return validate_detector(model, data, YoloConfig(data=str(data), imgsz=size), torch.device("cpu"))
+
+    @staticmethod
+    def deploy_mode(model: nn.Module):
+        return detect_export_mode(model)
