@@ -60,11 +60,12 @@ def save(
 
 
 def record_of(payload: dict[str, Any]) -> ModelRecord:
+    """The record of a checkpoint; format 1 files predate ``nam.gate`` and hold reference gates."""
     try:
         return ModelRecord(
             spec=ModelSpec(**payload["model"]),
             input_shape=tuple(payload["input_shape"]),
-            nam=NAMConfig(**payload["nam"]) if payload.get("nam") else None,
+            nam=NAMConfig(**{"gate": "reference", **payload["nam"]}) if payload.get("nam") else None,
             history=[(n, bool(o), list(i)) for n, o, i in payload.get("pruning_history", [])],
             stripped=bool(payload.get("gates_stripped", False)),
         )

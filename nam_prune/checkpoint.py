@@ -22,7 +22,7 @@ from nam_prune.errors import NamPruneError
 from nam_prune.version import __version__
 
 FORMAT = "nam-prune"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: nam.gate recorded (format 1 files hold reference gates)
 
 
 def library_versions() -> dict[str, str]:

@@ -4,6 +4,15 @@ Channel gate (Liu et al., 2021, ``Channel_Att`` in the reference code)::
 
     out = sigmoid(w * BN(x)) * x,   w = |gamma| / sum |gamma|
 
+and the closing gate nam-prune uses by default, whose channel is off when its gamma is 0::
+
+    out = |gamma| * sigmoid(BN(x)) * x
+
+The reference gate sits near sigmoid(0) = 0.5 for every channel (w averages 1/C), its
+gammas get ~1/(4C) of an ordinary BN gamma's gradient and a gamma-0 channel still passes
+0.5 x, so removing it is not free; the closing gate has none of these (see the README's
+"Does NAM help?" for the measurements).
+
 Spatial gate (the paper's pixel normalization): the same with a batch norm over pixel
 positions, one scale lambda per pixel, so it needs the H x W it was built for.
 
@@ -118,10 +127,11 @@ class NAMChannelGate(nn.Module):
     torch-pruning's tracing always sees the plain path (it must see ``self.bn``).
     """
 
-    def __init__(self, channels: int, grad_through_weights: bool = False) -> None:
+    def __init__(self, channels: int, grad_through_weights: bool = False, closing: bool = False) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(channels, affine=True)
         self.grad_through_weights = grad_through_weights
+        self.closing = closing
         self.tracing = False
 
     @property
@@ -129,18 +139,26 @@ class NAMChannelGate(nn.Module):
         return self.bn.weight
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel ``(a, b)`` of the eval-mode gate ``x * sigmoid(a x + b)``."""
+        """Per-channel ``(a, b)`` of the eval-mode gate ``x * sigmoid(a x + b)`` (times |gamma| if closing)."""
         bn = self.bn
-        w = normalized_scale(bn.weight, detach=True)
         invstd = torch.rsqrt(bn.running_var + bn.eps)
-        return w * bn.weight * invstd, w * (bn.bias - bn.running_mean * bn.weight * invstd)
+        a, b = bn.weight * invstd, bn.bias - bn.running_mean * bn.weight * invstd
+        if self.closing:
+            return a, b
+        w = normalized_scale(bn.weight, detach=True)
+        return w * a, w * b
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        if self.closing:
+            if self.tracing:  # the same channel coupling; the |gamma| factor only scales
+                return x * torch.sigmoid(self.bn(x))
+            return x * _channel(self.bn.weight.abs()) * torch.sigmoid(self.bn(x))
         w = normalized_scale(self.bn.weight, detach=not self.grad_through_weights)
         return x * torch.sigmoid(self.bn(x) * _channel(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and _compiled_train_gate is not None and not (self.tracing or self.grad_through_weights):
+        fused = not (self.tracing or self.grad_through_weights or self.closing)
+        if self.training and _compiled_train_gate is not None and fused:
             bn = self.bn
             if x.numel() // x.shape[1] > 1 and bn.momentum is not None:
                 return _compiled_train_gate(
@@ -149,7 +167,8 @@ class NAMChannelGate(nn.Module):
         if self.training or self.tracing or self.grad_through_weights:
             return self._plain(x)
         a, b = self.folded()
-        return x * torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a)))
+        out = x * torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a)))
+        return out * _channel(self.bn.weight.abs()) if self.closing else out
 
 
 class NAMSpatialGate(nn.Module):

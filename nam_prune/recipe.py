@@ -39,7 +39,7 @@ class ModelConfig:
 
 
 def _sparsity_defaults() -> TrainConfig:
-    return TrainConfig(epochs=0, penalty=1e-4)
+    return TrainConfig(epochs=0, penalty=5e-3)
 
 
 @dataclass

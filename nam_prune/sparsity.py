@@ -1,7 +1,10 @@
-"""Stage 2a: the NAM sparsity penalty ``p * sum|gamma| + p * sum|lambda|``.
+"""Stage 2a: the sparsity penalty on the NAM gate scales (gamma, and lambda of spatial gates).
 
-Applied as an L1 subgradient (``p * sign``) added to the gate scales' gradients after the
-backward pass. The gates are found with ``model.modules()``, which walks through
+``l1`` is the paper's ``p * sum|gamma|``: it shrinks every gamma of a layer together.
+``polarization`` (Zhuang et al., NeurIPS 2020) is ``p * (t * sum|gamma| - sum|gamma - mean(gamma)|)``
+per layer, with the scales kept in [0, 1]: it pushes the unimportant gammas to exactly 0 and the
+rest towards 1, so a cut at the gap removes channels that were already off. Both are applied as
+subgradients added to the scales' gradients after the backward pass. The gates are found with ``model.modules()``, which walks through
 DataParallel, DistributedDataParallel and ``torch.compile`` wrappers alike; the reference
 code walks ``model._modules`` for ``layer1..4`` and silently does nothing once wrapped.
 """
@@ -9,7 +12,7 @@ code walks ``model._modules`` for ``layer1..4`` and silently does nothing once w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -27,17 +30,40 @@ def batchnorm_scales(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
 
 
+Regularizer = Literal["polarization", "l1"]
+Scales = Callable[[nn.Module], list[torch.Tensor]]
+
+
 @torch.no_grad()
 def apply_sparsity_penalty(
-    model: nn.Module, strength: float, scales: Callable[[nn.Module], list[torch.Tensor]] = gate_scales
+    model: nn.Module,
+    strength: float,
+    scales: Scales = gate_scales,
+    regularizer: Regularizer = "l1",
+    spread: float = 1.2,
 ) -> float:
-    """Add ``strength * sign(scale)`` to each penalised scale's gradient; return the penalty value."""
+    """Add the regularizer's subgradient times ``strength`` to each penalised scale's gradient
+    (``spread`` is polarization's t); return the penalty value."""
     total = 0.0
     for scale in scales(model):
+        if regularizer == "polarization":
+            centred = scale - scale.mean()
+            side = torch.sign(centred)
+            step = spread * torch.sign(scale) - side + side.mean()
+            value = spread * scale.abs().sum() - centred.abs().sum()
+        else:
+            step, value = torch.sign(scale), scale.abs().sum()
         if strength > 0 and scale.grad is not None:
-            scale.grad.add_(torch.sign(scale), alpha=strength)
-        total += float(scale.abs().sum())
+            scale.grad.add_(step, alpha=strength)
+        total += float(value)
     return strength * total
+
+
+@torch.no_grad()
+def clamp_scales(model: nn.Module, scales: Scales = gate_scales) -> None:
+    """Keep polarized scales in [0, 1] (after every optimizer step), as Zhuang et al. do."""
+    for scale in scales(model):
+        scale.clamp_(0.0, 1.0)
 
 
 @dataclass

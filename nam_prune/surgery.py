@@ -22,6 +22,7 @@ from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate
 log = logging.getLogger("nam_prune")
 
 Placement = Literal["every_bn", "block_end"]
+Gate = Literal["closing", "reference"]
 
 RESIDUAL_BLOCK_LAST_NORM = {BasicBlock: "bn2", Bottleneck: "bn3"}
 """Where the reference puts NAM in a residual block: on the last BN, before the addition."""
@@ -31,6 +32,9 @@ RESIDUAL_BLOCK_LAST_NORM = {BasicBlock: "bn2", Bottleneck: "bn3"}
 class NAMConfig:
     """How NAM gates are placed.
 
+    gate: ``closing`` (``|gamma| * sigmoid(BN(x)) * x``, a channel is off when its gamma
+        is 0, so pruning it is free) or ``reference`` (the paper's ``sigmoid(w * BN(x)) * x``,
+        to reproduce it; train it with ``sparsity.regularizer: l1``).
     placement: ``every_bn`` gates the output of every conv-BN pair, so every prunable
         channel group is ranked by its own gate; ``block_end`` gates the last BN of each
         residual block, where the reference implementation puts it.
@@ -42,6 +46,7 @@ class NAMConfig:
         the YOLO pipeline fills it with the backbone (and neck) layers.
     """
 
+    gate: Gate = "closing"
     placement: Placement = "every_bn"
     spatial: bool = False
     grad_through_weights: bool = False
@@ -136,7 +141,9 @@ def insert_nam(
             spatial = None
             if config.spatial:
                 spatial = NAMSpatialGate(*sizes[child], grad_through_weights=config.grad_through_weights)
-            gate = NAMChannelGate(child.num_features, grad_through_weights=config.grad_through_weights)
+            gate = NAMChannelGate(
+                child.num_features, grad_through_weights=config.grad_through_weights, closing=config.gate == "closing"
+            )
             if _fusable(parent) and parent.bn is child:
                 parent.act = NAMGated(parent.act, gate, spatial).to(child.weight.device)
             else:

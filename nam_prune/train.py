@@ -18,7 +18,7 @@ from nam_prune import distributed
 from nam_prune.config import bounded
 from nam_prune.console import progress_bar
 from nam_prune.errors import NamPruneError
-from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats, gate_scales
+from nam_prune.sparsity import Regularizer, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
 
 log = logging.getLogger("nam_prune")
 
@@ -27,8 +27,10 @@ log = logging.getLogger("nam_prune")
 class TrainConfig:
     """Optimiser and schedule for one training stage.
 
-    penalty: NAM L1 strength p (0 = plain training). milestones: fractions of the
-    epochs where a ``multistep`` schedule divides the learning rate by 10.
+    penalty: sparsity strength p (0 = plain training); regularizer: ``polarization``
+    (default, with t = ``polarization_t``; scales clamped to [0, 1]) or ``l1`` (the paper's).
+    milestones: fractions of the epochs where a ``multistep`` schedule divides the learning
+    rate by 10.
     """
 
     epochs: int = bounded(0, low=0)
@@ -39,6 +41,8 @@ class TrainConfig:
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     penalty: float = bounded(0.0, low=0)
+    regularizer: Regularizer = "polarization"
+    polarization_t: float = bounded(1.2, low=1)
 
 
 @dataclass
@@ -136,8 +140,12 @@ def fit(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                penalty = apply_sparsity_penalty(trained, config.penalty, penalised)
+                penalty = apply_sparsity_penalty(
+                    trained, config.penalty, penalised, config.regularizer, config.polarization_t
+                )
                 optimizer.step()
+                if config.penalty and config.regularizer == "polarization":
+                    clamp_scales(trained, penalised)
                 scheduler.step()
                 seen += labels.numel()
                 correct += int((logits.argmax(1) == labels).sum())

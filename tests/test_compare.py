@@ -21,11 +21,19 @@ TINY = {
 
 
 def test_every_criterion_meets_its_budget_and_plot_is_written(tmp_path, fashion_root):
-    state = compare(recipe_from_dict(TINY), ["nam", "bn_slimming", "l1", "random"], [0.3, 0.6], [0], tmp_path)
-    assert len(state["arms"]) == 8
-    for arm in state["arms"]:
+    criteria = ["nam", "bn_slimming", "l1", "random", "dense"]
+    state = compare(recipe_from_dict(TINY), criteria, [0.3, 0.6], [0], tmp_path)
+    assert len(state["arms"]) == 9  # 4 criteria x 2 budgets + the unpruned dense arm
+    arms = {(a["criterion"], a["budget"]): a for a in state["arms"]}
+    dense = arms.pop(("dense", 0.0))
+    assert dense["macs_removed"] == 0 and "accuracy_pruned" not in dense
+    assert dense["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    for arm in arms.values():
         assert abs(arm["macs_removed"] - arm["budget"]) <= 0.02, arm
-        assert 0 <= arm["accuracy"] <= 1
+        assert arm["macs"] < dense["macs"]
+        assert set(arm) >= {"accuracy_trained", "accuracy_pruned", "accuracy_recalibrated", "accuracy"}
+    # l1, random and dense train the same plain model (same seed): one cached model, one accuracy
+    assert arms[("l1", 0.3)]["accuracy_trained"] == arms[("random", 0.6)]["accuracy_trained"] == dense["accuracy_trained"]
     plot_accuracy_vs_macs(state["summary"], tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "compare.json").read_text())["summary"][0]["seeds"] == 1

@@ -43,9 +43,12 @@ def quick_run(tmp_path_factory, fashion_root):
 def test_run_writes_model_and_results(quick_run):
     run_dir, _ = quick_run
     results = json.loads((run_dir / "results.json").read_text())
-    for stage in ("before", "pruned", "after"):
+    for stage in ("before", "pruned", "recalibrated", "after", "baseline"):
         assert set(results[stage]) >= {"params", "macs", "accuracy", "latency_ms"}
         assert 0.0 <= results[stage]["accuracy"] <= 1.0
+    assert results["recalibrated"]["macs"] == results["pruned"]["macs"] == results["after"]["macs"]
+    assert results["baseline"]["macs"] == results["before"]["macs"]  # the unpruned model, trained as long
+    assert results["baseline"]["accuracy"] > 0.4
     assert results["after"]["macs"] <= 0.5 * results["before"]["macs"]
     assert results["after"]["params"] < results["before"]["params"]
     assert results["after"]["accuracy"] > 0.4  # 10 classes: chance is 0.1

@@ -167,7 +167,7 @@ class DetectionTask(Task):
     def train(self, model, config, stage, on_epoch_end=None, resume=None):
         label = stage.replace(" ", "")  # ultralytics' run sub-folder
         overrides = trainer_overrides(config, self.yolo, self.data_yaml, self.device, self.folder, label, self.recipe.seed)
-        return [asdict(train_detector(model, overrides, config.penalty))]
+        return [asdict(train_detector(model, overrides, config))]
 
     def measure(self, model, example, stage):
         """Params, MACs and GFLOPs at the report size, CPU latency (torch, onnxruntime) and mAP."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from nam_prune.errors import NamPruneError
-from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats
+from nam_prune.sparsity import apply_sparsity_penalty, clamp_scales, gamma_stats
 from nam_prune.train import TrainConfig
 from nam_prune.yolo.config import YoloConfig
 from nam_prune.yolo.models import ultralytics_module
@@ -40,7 +40,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class NAMDetectionTrainer(DetectionTrainer):
     """ultralytics' detection trainer for NAM-gated and pruned models (see the module docstring)."""
 
-    nam_penalty = 0.0  # set on the instance; 0 trains without the sparsity penalty
+    sparsity: TrainConfig | None = None  # set on the instance: its penalty, regularizer and t; None trains plainly
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         if isinstance(weights, nn.Module):
@@ -56,11 +56,16 @@ class NAMDetectionTrainer(DetectionTrainer):
     def optimizer_step(self):
         """ultralytics' step (unscale, clip, step, EMA) with the NAM penalty added after unscaling."""
         self.scaler.unscale_(self.optimizer)
-        if self.nam_penalty:
-            apply_sparsity_penalty(_unwrap(self.model), self.nam_penalty)
+        sparsity = self.sparsity if self.sparsity is not None and self.sparsity.penalty else None
+        if sparsity is not None:
+            apply_sparsity_penalty(
+                _unwrap(self.model), sparsity.penalty, regularizer=sparsity.regularizer, spread=sparsity.polarization_t
+            )
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if sparsity is not None and sparsity.regularizer == "polarization":
+            clamp_scales(_unwrap(self.model))
         self.optimizer.zero_grad()
         if self.ema:
             self.ema.update(self.model)
@@ -108,12 +113,12 @@ class StageLog:
     near_zero_gammas: int
 
 
-def train_detector(model: nn.Module, overrides: dict[str, Any], penalty: float) -> StageLog:
+def train_detector(model: nn.Module, overrides: dict[str, Any], config: TrainConfig) -> StageLog:
     """Train ``model`` in place with ultralytics (EMA weights kept, as ultralytics deploys them)."""
     if overrides["epochs"] == 0:
         return StageLog(0, {}, gamma_stats(model).near_zero)
     trainer = NAMDetectionTrainer(overrides=overrides)
-    trainer.nam_penalty = penalty
+    trainer.sparsity = config
     trainer.model = model
     trainer.train()
     trained = trainer.ema.ema if trainer.ema is not None else _unwrap(trainer.model)
