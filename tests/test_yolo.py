@@ -213,6 +213,7 @@ def test_yolo_recipe_errors_are_one_line(tmp_path: Path) -> None:
         ("model.name=yolov8q.yaml",): "no model yaml",
         ("nam.spatial=true",): "nam.spatial",
         ("yolo.scope=neck",): "yolo.scope",
+        ("finetune.schedule=multistep",): "finetune.schedule: multistep is not available",  # a recipe key, not 'step1'
     }
     for overrides, message in cases.items():
         done = _cli("run", str(ROOT / "recipes/yolov8n_backbone.yaml"), *overrides, f"output={tmp_path / 'r'}", cwd=tmp_path)
