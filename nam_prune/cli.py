@@ -165,6 +165,24 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path 
     )
 
 
+@cli.group()
+def data() -> None:
+    """Build data sets offline."""
+
+
+@data.command("fashion-detect")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder to write.")
+@click.option("--images", type=click.IntRange(min=10), default=2000, show_default=True, help="Canvases (a fifth for val).")
+@click.option("--imgsz", type=click.IntRange(min=64), default=160, show_default=True, help="Canvas side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def fashion_detect(out: Path, images: int, imgsz: int, seed: int) -> None:
+    """A detection set in ultralytics' layout from Fashion-MNIST items on larger canvases (offline)."""
+    from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
+
+    data_yaml = make_fashion_detect(out, FashionDetectConfig(images=images, imgsz=imgsz, seed=seed))
+    console.print(f"wrote {data_yaml} ({images} images of {imgsz} px); train a YOLO recipe with yolo.data={data_yaml}")
+
+
 def main() -> None:
     """Entry point: run click, turning every known failure into one line and an exit code."""
     debug = "--debug" in sys.argv[1:]

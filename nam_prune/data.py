@@ -88,10 +88,21 @@ def _find_idx(root: Path, stem: str) -> Path:
     )
 
 
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+)
+
+
+def fashion_mnist_arrays(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raw Fashion-MNIST images (N x 28 x 28, uint8) and labels of ``train`` or ``t10k``."""
+    images = _read_idx(_find_idx(root, f"{split}-images-idx3-ubyte"))
+    labels = _read_idx(_find_idx(root, f"{split}-labels-idx1-ubyte"))
+    return images, labels
+
+
 def _fashion_mnist(root: Path) -> tuple[Dataset, Dataset, int]:
     def split(prefix: str) -> TensorDataset:
-        images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
-        labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+        images, labels = fashion_mnist_arrays(root, prefix)
         x = (torch.from_numpy(images.copy()).float().div_(255.0).sub_(FASHION_MEAN).div_(FASHION_STD)).unsqueeze(1)
         return TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
 
