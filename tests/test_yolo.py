@@ -168,7 +168,7 @@ def test_user_checkpoint_needs_the_trust_flag(tmp_path: Path, demo_yaml: Path) -
     path = tmp_path / "user.pt"
     model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     torch.save({"model": model}, path)
-    recipe = load_recipe(ROOT / "recipes/yolov8n_backbone.yaml", [f"model.name={path}", f"yolo.data={demo_yaml}"])
+    recipe = load_recipe(ROOT / "recipes/yolov8n_backbone_neck.yaml", [f"model.name={path}", f"yolo.data={demo_yaml}"])
     cpu = torch.device("cpu")
     with pytest.raises(NamPruneError, match="trust_pickle"):
         DetectionTask(recipe, cpu).prepare()
@@ -189,7 +189,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_yolov8n_recipe_end_to_end_then_ultralytics_trains_further(tmp_path: Path) -> None:
     tiny = ["yolo.imgsz=64", "yolo.report_imgsz=128", "report.latency_runs=2", "report.warmup=1",
             "sparsity.epochs=1", "finetune.epochs=1", f"output={tmp_path / 'run'}"]
-    done = _cli("run", str(ROOT / "recipes/yolov8n_backbone.yaml"), *tiny, cwd=tmp_path)
+    done = _cli("run", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *tiny, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert results["gflops_reduction"] >= 0.40
@@ -216,7 +216,7 @@ def test_yolo_recipe_errors_are_one_line(tmp_path: Path) -> None:
         ("finetune.schedule=multistep",): "finetune.schedule: multistep is not available",  # a recipe key, not 'step1'
     }
     for overrides, message in cases.items():
-        done = _cli("run", str(ROOT / "recipes/yolov8n_backbone.yaml"), *overrides, f"output={tmp_path / 'r'}", cwd=tmp_path)
+        done = _cli("run", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *overrides, f"output={tmp_path / 'r'}", cwd=tmp_path)
         assert done.returncode == 2, (overrides, done.stderr[-1000:])
         assert message in done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr

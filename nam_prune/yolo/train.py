@@ -10,7 +10,7 @@
 
 To train a pruned checkpoint further with ultralytics' API::
 
-    YOLO("runs/yolov8n_backbone/model_ultralytics.pt").train(data="my.yaml", trainer=NAMDetectionTrainer)
+    YOLO("runs/yolov8n_backbone_neck/model_ultralytics.pt").train(data="my.yaml", trainer=NAMDetectionTrainer)
 """
 
 from __future__ import annotations
