@@ -10,11 +10,11 @@ does the same for SWA) fixes both. Spatial gates' pixel statistics are re-estima
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from nam_prune import distributed
 from nam_prune.config import bounded
@@ -33,9 +33,9 @@ def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: DataLoader, batches: int, device: torch.device) -> int:
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, device: torch.device) -> int:
     """Reset every BN's (and spatial gate's) running statistics and re-estimate them as the plain
-    average over ``batches`` batches of ``loader``; returns the batches used. Under torchrun the
+    average over ``batches`` batches of ``loader`` (each an (images, ...) tuple); returns the batches used. Under torchrun the
     ranks average their estimates, so every rank ends with the same statistics."""
     if batches == 0:
         return 0

@@ -24,6 +24,7 @@ from nam_prune.export import ort_latency_ms
 from nam_prune.measure import gflops, measure
 from nam_prune.models import ModelSpec
 from nam_prune.prune.graph import IntactBlock, Protected
+from nam_prune.recalibrate import recalibrate_bn
 from nam_prune.surgery import insert_nam
 from nam_prune.tasks import Task
 from nam_prune.version import __version__
@@ -39,7 +40,7 @@ from nam_prune.yolo.models import (
     scope_end,
     scope_prefixes,
 )
-from nam_prune.yolo.train import train_detector, trainer_overrides, validate_detector
+from nam_prune.yolo.train import calibration_batches, train_detector, trainer_overrides, validate_detector
 
 DETECTION_COLUMNS = (
     ("params", "params"),
@@ -181,6 +182,11 @@ class DetectionTask(Task):
             "onnx_latency_ms": ort_latency_ms(model, example, config.latency_runs, config.warmup, self.deploy_mode),
             **validate_detector(model, self.data_yaml, self.yolo, self.device),
         }
+
+    def recalibrate(self, model: nn.Module) -> int:
+        """BN statistics re-estimated over the first training images, as validation prepares them."""
+        batches = self.recipe.recalibrate.batches
+        return recalibrate_bn(model, calibration_batches(self.data_yaml, self.yolo), batches, self.device) if batches else 0
 
     def protected(self, model: nn.Module) -> Protected:
         protected = protection(model, self.yolo.scope)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -125,6 +125,20 @@ def train_detector(model: nn.Module, overrides: dict[str, Any], config: TrainCon
     model.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
     return StageLog(overrides["epochs"], metrics, gamma_stats(model).near_zero)
+
+
+def calibration_batches(data_yaml: Path, yolo: YoloConfig) -> Iterator[tuple[torch.Tensor]]:
+    """Training images as ultralytics' validation pipeline prepares them (letterboxed, no
+    augmentation), in file order: the batches BN recalibration averages over."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(data_yaml))
+    cfg = get_cfg(overrides={"data": str(data_yaml), "imgsz": yolo.imgsz, "batch": yolo.batch, "task": "detect", "mode": "val"})
+    dataset = build_yolo_dataset(cfg, data["train"], yolo.batch, data, mode="val")
+    for batch in build_dataloader(dataset, yolo.batch, yolo.workers, shuffle=False, device="cpu"):
+        yield (batch["img"].float() / 255,)
 
 
 def validate_detector(model: nn.Module, data_yaml: Path, yolo: YoloConfig, device: torch.device) -> dict[str, float]:
