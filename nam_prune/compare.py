@@ -135,34 +135,36 @@ def _trained(
 
 
 def _arm(
-    criterion: str, budget: float, seed: int, trained: nn.Module, record: ModelRecord,
+    criterion: str, budget: float, seed: int, trained: nn.Module, dense_cost: tuple[int, int], record: ModelRecord,
     recipe: Recipe, task: ClassificationTask,
 ) -> dict[str, Any]:
-    """Prune a copy of ``trained`` to remove ``budget`` of its MACs (none for ``dense``),
-    recalibrate, fine-tune, recalibrate, measure."""
+    """Prune a copy of ``trained`` (``dense_cost`` = its MACs, params) to remove ``budget`` of its
+    MACs (none for ``dense``), recalibrate, fine-tune, recalibrate, measure."""
     device, data = task.device, task.data
     model = copy.deepcopy(trained)
     example = record.example_input(device)
-    dense_macs = count_macs_params(model, example)[0]
+    macs, params = dense_cost
+    removed = 0.0
     scores: dict[str, float] = {}
     if criterion != "dense":
         config = replace(recipe.prune, target="macs", macs_keep=1 - budget, steps=1)
         prune_model(model, example, config, importance=_importance(criterion, model, recipe, seed))
-        removed = 1 - count_macs_params(model, example)[0] / dense_macs
+        macs, params = count_macs_params(model, example)
+        removed = 1 - macs / dense_cost[0]
         if abs(removed - budget) > MACS_TOLERANCE:
             raise NamPruneError(f"{criterion} at budget {budget}: removed {removed:.3f} of the MACs, outside ±{MACS_TOLERANCE}")
         if record.nam is not None and recipe.prune.strip_gates:  # gate-then-strip: fine-tune the plain model
             strip_gates(model)
+            macs, params = count_macs_params(model, example)
         scores["accuracy_pruned"] = evaluate(model, data.test, device, "eval pruned")
         task.recalibrate(model)
         scores["accuracy_recalibrated"] = evaluate(model, data.test, device, "eval recalibrated")
-    macs, params = count_macs_params(model, example)
     _same_data_order(task, seed)
     fit(model, data.train, recipe.finetune, device, f"finetune {criterion} {budget} seed {seed}")
     task.recalibrate(model)
     return {
         "criterion": criterion, "budget": budget, "seed": seed,
-        "macs": macs, "params": params, "macs_removed": 1 - macs / dense_macs,
+        "macs": macs, "params": params, "macs_removed": removed,
         **scores,
         "accuracy": evaluate(model, data.test, device, "eval fine-tuned"),
         "latency_ms": cpu_latency_ms(model, example, recipe.report.latency_runs, recipe.report.warmup),
@@ -191,8 +193,10 @@ def compare(
             if not todo:
                 continue
             trained, record, trained_accuracy = _trained(_training(criterion, recipe), recipe, seed, folder, task)
+            dense_cost = count_macs_params(trained, record.example_input(task.device))  # once per trained model
             for budget in todo:
-                arm = {**_arm(criterion, budget, seed, trained, record, recipe, task), "accuracy_trained": trained_accuracy}
+                arm = _arm(criterion, budget, seed, trained, dense_cost, record, recipe, task)
+                arm["accuracy_trained"] = trained_accuracy
                 state["arms"].append(arm)
                 atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))
                 log.info("finished %s at budget %.2f, seed %d", criterion, budget, seed)
