@@ -7,7 +7,6 @@ import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,9 +14,10 @@ import torch_pruning as tp
 
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMSpatialGate, tracing_mode
+from nam_prune.prune import blocks
 
 PruningHistory = list[tuple[str, bool, list[int]]]
-StandIns = dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+StandIns = blocks.StandIns
 """Block types traced through a simpler forward with the same convs and shapes (torch-pruning
 cannot map the reshapes inside YOLO attention blocks). Such blocks must also be kept intact
 (``IntactBlock``), since the stand-in hides their real coupling."""
@@ -81,21 +81,46 @@ def _stand_ins(model: nn.Module, stand_ins: StandIns):
             del module.forward
 
 
+@contextlib.contextmanager
+def _explicit_splits():
+    """Run ``split(size)`` and ``chunk`` as ``split`` with an explicit size list while tracing:
+    the values are the same, and torch-pruning maps only that form right (for the others it
+    computes offsets past the end: CSPNet stages, ShuffleNet's halves)."""
+    split, chunk, function_chunk = torch.Tensor.split, torch.Tensor.chunk, torch.chunk
+
+    def split_with_sizes(tensor: torch.Tensor, size, dim: int = 0):
+        if isinstance(size, int):
+            total = tensor.shape[dim]
+            size = [min(size, total - start) for start in range(0, total, size)]
+        return split(tensor, size, dim)
+
+    def chunk_with_sizes(tensor: torch.Tensor, chunks: int, dim: int = 0):
+        return split_with_sizes(tensor, -(-tensor.shape[dim] // chunks), dim)
+
+    torch.Tensor.split, torch.Tensor.chunk, torch.chunk = split_with_sizes, chunk_with_sizes, chunk_with_sizes
+    try:
+        yield
+    finally:
+        torch.Tensor.split, torch.Tensor.chunk, torch.chunk = split, chunk, function_chunk
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor, stand_ins: StandIns | None = None) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph, traced with the gates in ``tracing_mode``.
+    """torch-pruning's dependency graph, traced with the gates in ``tracing_mode`` and the
+    family's and the sealed blocks' stand-ins.
 
     Spatial gates are traced as identities: their parameters are indexed by pixel, not
     channel, and their reductions over channels confuse torch-pruning's reshape inference
     (it mis-maps the final flatten). They couple no channels, so the graph stays exact.
     """
     pixel_params = [p for m in model.modules() if isinstance(m, NAMSpatialGate) for p in m.parameters()]
+    stand_ins = {**blocks.stand_ins(model), **(stand_ins or {})}
     was_training = model.training
     model.eval()
     try:
         # tracing needs autograd even when the caller is under no_grad / inference_mode
         with warnings.catch_warnings(), tracing_mode(model), torch.inference_mode(False), torch.enable_grad():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            with _stand_ins(model, stand_ins or {}):
+            with _stand_ins(model, stand_ins), _explicit_splits():
                 return tp.DependencyGraph().build_dependency(
                     model, example_inputs=example_input.clone(), ignored_params=pixel_params
                 )
@@ -136,4 +161,5 @@ def replay(
     """Redo a recorded pruning on a freshly built dense model (how checkpoints are rebuilt)."""
     graph = build_graph(model, example_input, stand_ins)
     graph.load_pruning_history([[name, out, list(idxs)] for name, out, idxs in history])
+    blocks.sync_widths(model)
     return model

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -22,10 +23,10 @@ import torch_pruning as tp
 
 from nam_prune.config import bounded
 from nam_prune.errors import NamPruneError
+from nam_prune.prune import blocks
 from nam_prune.prune.graph import (
     Protected,
     PruningHistory,
-    build_graph,
     count_macs_params,
     head_layers,
     reaches_into,
@@ -68,13 +69,65 @@ class PruneConfig:
 
 
 @dataclass
+class Member:
+    """One layer a group's cut changes: its pruning function and, per channel of that layer
+    the group covers, the root channel it follows (all in the unpruned numbering). ``min_keep``
+    is set when the group covers the layer wholly but not one-to-one with the root (a split
+    half, a layer fed by a channel and its copy): the cut must leave it that many channels."""
+
+    name: str
+    handler: Callable[[nn.Module, list[int]], nn.Module]
+    local: np.ndarray
+    root: np.ndarray
+    min_keep: int = 0
+
+
+def _members(
+    group: tp.Group, graph: tp.DependencyGraph, names: dict[nn.Module, str], size: int, max_ratio: float
+) -> list[Member]:
+    members = []
+    for item in group:
+        module = item.dep.target.module
+        if module not in names:  # concat/split bookkeeping nodes are not layers of the model
+            continue
+        local = np.array([int(i) for i in item.idxs], dtype=np.int64)
+        root = np.array([int(i) for i in item.root_idxs], dtype=np.int64)
+        out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        channels = (graph.get_out_channels(module) if out else graph.get_in_channels(module)) or 0
+        covered = len(np.unique(local))
+        one_to_one = covered == size and len(local) == size and len(np.unique(root)) == size
+        min_keep = max(1, int(np.ceil(channels * (1 - max_ratio)))) if covered == channels and not one_to_one else 0
+        members.append(Member(names[module], item.dep.handler, local, root, min_keep))
+    return members
+
+
+@dataclass
 class ScoredGroup:
-    """One prunable coupled group: its root layer, channel count and channel scores."""
+    """One prunable coupled group: its root layer and one score per channel.
+
+    ``channel_groups`` > 1 when a grouped convolution (or GroupNorm) is in the group: its
+    channels form that many equal blocks, and a cut must take the same positions from each
+    block or the grouped layer no longer splits evenly. Positions are then what is ranked
+    and cut; ``min_keep`` counts positions (channels per block).
+    """
 
     root: str
     out_channels: bool
     scores: torch.Tensor
     min_keep: int
+    channel_groups: int = 1
+    members: list[Member] = field(default_factory=list, repr=False)
+
+    @property
+    def positions(self) -> int:
+        return len(self.scores) // self.channel_groups
+
+    def position_scores(self) -> torch.Tensor:
+        """Each position's score averaged over the blocks (torch-pruning does the same)."""
+        return self.scores.view(self.channel_groups, -1).mean(0)
+
+    def channels_at(self, positions: np.ndarray) -> list[int]:
+        return sorted(int(p) + block * self.positions for block in range(self.channel_groups) for p in positions)
 
 
 def _resolve(model: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -83,6 +136,32 @@ def _resolve(model: nn.Module, names: list[str]) -> list[nn.Module]:
     if missing:
         raise NamPruneError(f"prune.ignore names unknown modules: {', '.join(missing)}")
     return [modules[n] for n in names]
+
+
+def channel_groups(
+    group: tp.Group, graph: tp.DependencyGraph, tied: dict[nn.Module, tuple[int, int]] | None = None
+) -> int:
+    """The blocks a cut of ``group`` must respect: conv groups (depthwise convs excepted, they
+    follow any cut channel by channel) and GroupNorm groups of every member, combined, and
+    the copies of a ``tied`` layer when the root's channels are laid out as those copies."""
+    blocks = 1
+    size = len(group[0].idxs)
+    for item in group:
+        module = item.dep.target.module
+        parts, width = (tied or {}).get(module, (0, 0))
+        if parts and size == parts * width:
+            blocks = math.lcm(blocks, parts)
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None:
+            continue
+        if graph.is_out_channel_pruning_fn(item.dep.handler):
+            count = pruner.get_out_channel_groups(module)
+        else:
+            count = pruner.get_in_channel_groups(module)
+        blocks = math.lcm(blocks, int(count))
+    return blocks
 
 
 def score_groups(
@@ -104,18 +183,26 @@ def score_groups(
     roots_kept = head_layers(model) + _resolve(model, config.ignore) + protected.layers
     ignored = [m for layer in roots_kept for m in layer.modules()]
     names = {m: n for n, m in model.named_modules()}
+    frozen = blocks.frozen_channels(model)
+    tied = blocks.tied_copies(model)
     scored = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
-        if reaches_into(group, graph, protected.blocks):
+        if reaches_into(group, graph, protected.blocks) or blocks.touches_frozen(group, graph, frozen):
             continue
         scores = importance(group)
         if scores is None:
             continue
         root = group[0].dep.target.module
         name = names[root]
-        initial = initial_channels.setdefault(name, len(scores))
+        split = channel_groups(group, graph, tied)
+        if len(scores) % split:
+            log.debug("skipping %s: %d channels do not split into %d groups", name, len(scores), split)
+            continue
+        initial = initial_channels.setdefault(name, len(scores)) // split
         min_keep = max(1, int(np.ceil(initial * (1 - config.max_pruning_ratio))))
-        scored.append(ScoredGroup(name, graph.is_out_channel_pruning_fn(group[0].dep.handler), scores, min_keep))
+        out_channels = graph.is_out_channel_pruning_fn(group[0].dep.handler)
+        members = _members(group, graph, names, len(scores), config.max_pruning_ratio)
+        scored.append(ScoredGroup(name, out_channels, scores, min_keep, split, members))
     if not scored:
         raise NamPruneError(
             "no prunable channel group has a NAM gate or a BatchNorm to rank it by; "
@@ -134,26 +221,49 @@ def plan_cut(groups: list[ScoredGroup], fraction: float, config: PruneConfig) ->
     """Channels to remove per root layer so that ``fraction`` of the current channels go.
 
     Global scope ranks (score, rank within layer / layer size) across all layers: the
-    second key spreads tied scores evenly instead of emptying the first layers.
+    second key spreads tied scores evenly instead of emptying the first layers. A position
+    of a grouped layer weighs as many channels as it has blocks.
     """
-    sizes = np.array([len(g.scores) for g in groups])
+    sizes = np.array([g.positions for g in groups])
+    weights = np.array([g.channel_groups for g in groups])
     caps = np.maximum(sizes - np.array([g.min_keep for g in groups]), 0)
-    orders = [torch.argsort(g.scores, stable=True).numpy() for g in groups]
+    orders = [torch.argsort(g.position_scores(), stable=True).numpy() for g in groups]
     if config.scope == "local":
         counts = np.minimum(caps, np.round(fraction * sizes).astype(int))
     else:
-        score_key = np.concatenate([g.scores.numpy()[order[:cap]] for g, order, cap in zip(groups, orders, caps)])
+        score_key = np.concatenate(
+            [g.position_scores().numpy()[order[:cap]] for g, order, cap in zip(groups, orders, caps)]
+        )
         rank_key = np.concatenate([np.arange(cap) / size for cap, size in zip(caps, sizes)])
-        owner = np.concatenate([np.full(cap, i) for i, cap in enumerate(caps)])
-        wanted = min(int(round(fraction * sizes.sum())), len(owner))
-        chosen = owner[np.lexsort((rank_key, score_key))[:wanted]]
-        counts = np.bincount(chosen, minlength=len(groups))
+        owner = np.concatenate([np.full(cap, i) for i, cap in enumerate(caps)]).astype(int)
+        ranked = owner[np.lexsort((rank_key, score_key))]
+        wanted = int(round(fraction * float((sizes * weights).sum())))
+        taken = int(np.searchsorted(np.cumsum(weights[ranked]), wanted, side="right"))
+        counts = np.bincount(ranked[:taken], minlength=len(groups))
     plan = {}
     for group, order, size, count in zip(groups, orders, sizes, counts):
-        keep = _round_keep(int(size - count), int(size), group.min_keep, config.round_to)
+        step = config.round_to // math.gcd(config.round_to, group.channel_groups)
+        keep = _round_keep(int(size - count), int(size), group.min_keep, step)
         if keep < size:
-            plan[group.root] = sorted(int(i) for i in order[: size - keep])
-    return plan
+            cut = group.channels_at(order[: size - keep])
+            plan[group.root] = _spare_members(cut, group)
+    return {root: cut for root, cut in plan.items() if cut}
+
+
+def _spare_members(cut: list[int], group: ScoredGroup) -> list[int]:
+    """Give back root channels until every limited member keeps its ``min_keep`` channels
+    (its best channels first, a channel's score being the best of the roots it follows)."""
+    removed = set(cut)
+    for member in (m for m in group.members if m.min_keep):
+        hit = np.isin(member.root, list(removed))
+        lost = np.unique(member.local[hit])
+        excess = member.min_keep - (len(np.unique(member.local)) - len(lost))
+        if excess <= 0:
+            continue
+        value = {int(c): float(group.scores[member.root[member.local == c]].max()) for c in lost}
+        for channel in sorted(value, key=value.get, reverse=True)[:excess]:
+            removed.difference_update(int(r) for r in member.root[member.local == channel])
+    return sorted(removed)
 
 
 def apply_plan(
@@ -171,22 +281,59 @@ def apply_plan(
         if not graph.check_pruning_group(cut):
             raise NamPruneError(f"pruning {group.root} would empty a coupled layer; lower prune.max_pruning_ratio")
         cut.prune()
+    blocks.sync_widths(model)
     return [(name, bool(out), [int(i) for i in idxs]) for name, out, idxs in graph.pruning_history()]
 
 
-def _trial_macs(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    config: PruneConfig,
-    groups: list[ScoredGroup],
-    fraction: float,
-    protected: Protected,
-) -> int:
-    """MACs of a copy pruned by ``fraction``, reusing the scores computed on the original."""
+def _trial_macs(model: nn.Module, example_input: torch.Tensor, groups: list[ScoredGroup], plan: dict[str, list[int]]) -> int:
+    """MACs of a copy with ``plan`` cut. Every layer is cut once per direction, by the union of
+    the channels its groups' maps give in the unpruned numbering, so no group is re-traced
+    (torch-pruning re-maps every concat per group, minutes on a DenseNet); the real cut
+    (``apply_plan``) gives the same layers."""
     trial = copy.deepcopy(model)
-    graph = build_graph(trial, example_input, protected.stand_ins)
-    apply_plan(trial, graph, groups, plan_cut(groups, fraction, config))
+    modules = dict(trial.named_modules())
+    cuts: dict[tuple[str, Callable], set[int]] = {}
+    for group in groups:
+        if group.root not in plan:
+            continue
+        wanted = np.array(plan[group.root], dtype=np.int64)
+        for member in group.members:
+            chosen = member.local[np.isin(member.root, wanted)]
+            cuts.setdefault((member.name, member.handler), set()).update(int(i) for i in chosen)
+    for (name, handler), channels in cuts.items():
+        if channels:
+            handler(modules[name], sorted(channels))
+    blocks.sync_widths(trial)
     return count_macs_params(trial, example_input)[0]
+
+
+def search_fraction(macs_at: Callable[[float], int], target: float, tolerance: float = 1e-3, trials: int = 16) -> float:
+    """The smallest channel fraction whose MACs (``macs_at``, non-increasing) meet ``target``,
+    to within ``tolerance`` of it: regula falsi with the Illinois fix, so a smooth MAC curve
+    takes a handful of trials where bisection takes 14, and a stepped one still converges."""
+    low, high = 0.0, 1.0
+    macs_low, macs_high = float(macs_at(low)), float(macs_at(high))
+    if macs_low <= target:
+        return low
+    side = 0  # which end moved last: Illinois halves the stale end's weight to avoid one-sided crawl
+    for _ in range(trials):
+        if macs_high >= target * (1 - tolerance) or high - low < 1e-4:
+            break
+        weight_low, weight_high = macs_low - target, target - macs_high
+        middle = low + (high - low) * weight_low / (weight_low + weight_high)
+        middle = min(max(middle, low + 1e-5), high - 1e-5)
+        macs = float(macs_at(middle))
+        if macs <= target:
+            high, macs_high = middle, macs
+            if side == 1:
+                macs_low = target + (macs_low - target) / 2
+            side = 1
+        else:
+            low, macs_low = middle, macs
+            if side == -1:
+                macs_high = target - (target - macs_high) / 2
+            side = -1
+    return high
 
 
 def fraction_for_macs(
@@ -195,29 +342,27 @@ def fraction_for_macs(
     config: PruneConfig,
     target_macs: float,
     groups: list[ScoredGroup],
-    protected: Protected,
-    iterations: int = 14,
 ) -> float:
-    """Binary-search the channel fraction whose pruned model first meets ``target_macs``.
+    """The channel fraction whose pruned model first meets ``target_macs``.
 
     Each trial prunes a copy and counts its MACs, so the answer holds whatever the
-    architecture's coupling; 14 halvings resolve the fraction to 1e-4.
+    architecture's coupling.
     """
-    low, high = 0.0, 1.0
-    floor = _trial_macs(model, example_input, config, groups, high, protected)
+    floor = _trial_macs(model, example_input, groups, plan_cut(groups, 1.0, config))
     if floor > target_macs:
         raise NamPruneError(
             f"cannot reach {target_macs / 1e6:.2f}M MACs: with prune.max_pruning_ratio="
-            f"{config.max_pruning_ratio} the model keeps {floor / 1e6:.2f}M; raise max_pruning_ratio "
+            f"{config.max_pruning_ratio} the least this model can keep is {floor / 1e6:.2f}M; raise max_pruning_ratio "
             "or prune.macs_keep"
         )
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        if _trial_macs(model, example_input, config, groups, middle, protected) <= target_macs:
-            high = middle
-        else:
-            low = middle
-    return high
+    known = {1.0: floor}
+
+    def macs_at(fraction: float) -> int:
+        if fraction not in known:
+            known[fraction] = _trial_macs(model, example_input, groups, plan_cut(groups, fraction, config))
+        return known[fraction]
+
+    return search_fraction(macs_at, target_macs)
 
 
 def warn_if_untrained(groups: list[ScoredGroup]) -> None:

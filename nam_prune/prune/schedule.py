@@ -45,12 +45,12 @@ def channel_step_fraction(total_ratio: float, step: int, steps: int) -> float:
 
 
 def _step_fraction(
-    model: nn.Module, example: torch.Tensor, config: PruneConfig, step: int, dense_macs: int, groups, protected: Protected
+    model: nn.Module, example: torch.Tensor, config: PruneConfig, step: int, dense_macs: int, groups
 ) -> float:
     if config.target == "channels":
         return channel_step_fraction(config.channel_ratio, step, config.steps)
     target = dense_macs * (1 - (1 - config.macs_keep) * step / config.steps)
-    return fraction_for_macs(model, example, config, target, groups, protected)
+    return fraction_for_macs(model, example, config, target, groups)
 
 
 def prune_model(
@@ -80,7 +80,7 @@ def prune_model(
         graph = build_graph(model, example_input, protected.stand_ins)
         groups = score_groups(model, graph, config, initial_channels, importance, protected)
         warn_if_untrained(groups)
-        fraction = _step_fraction(model, example_input, config, step, dense_macs, groups, protected)
+        fraction = _step_fraction(model, example_input, config, step, dense_macs, groups)
         plan = plan_cut(groups, fraction, config)
         scores = {g.root: g.scores for g in groups}
         threshold = max(float(scores[root][idxs].max()) for root, idxs in plan.items()) if plan else float("nan")
