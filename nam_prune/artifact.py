@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint, write_checkpoint
 from nam_prune.errors import NamPruneError
-from nam_prune.models import ModelSpec, family_for
+from nam_prune.models import ModelSpec, check_input, family_for, load_with_versions
 from nam_prune.prune.graph import PruningHistory, replay
 from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
 
@@ -101,7 +101,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
             if names:
                 parts.append(f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})")
         raise NamPruneError(f"{source} does not match the model architecture: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    load_with_versions(model, state)
 
 
 def load(path: str | Path) -> nn.Module:
@@ -116,9 +116,56 @@ def load_with_metadata(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise NamPruneError(
             f"{path} is not a nam-prune checkpoint; a plain state dict can start a run via model.weights"
         )
+    return from_payload(payload, str(path)), payload
+
+
+def from_payload(payload: dict[str, Any], source: str) -> nn.Module:
+    """The saved module of a nam-prune checkpoint's contents (in eval mode)."""
     model = rebuild(record_of(payload))
-    load_state(model, payload["state_dict"], str(path))
-    return model.eval(), payload
+    load_state(model, payload["state_dict"], source)
+    return model.eval()
 
 
-__all__ = ["ModelRecord", "load", "load_state", "load_with_metadata", "rebuild", "record_of", "save"]
+def state_dict_of(payload: Any, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a plain state dict, a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper
+    or a whole pickled module."""
+    if isinstance(payload, nn.Module):
+        return payload.state_dict()
+    if isinstance(payload, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+        if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+            return payload
+    raise NamPruneError(f"{source} holds no state dict (a mapping of names to tensors)")
+
+
+def adopt(payload: Any, source: str, name: str | None, image_size: int) -> tuple[nn.Module, ModelRecord]:
+    """A model saved outside nam-prune, as a dense record: a whole pickled module as it is, a
+    state dict on the architecture ``name``, its classes and input channels read from the
+    classifier's and the first conv's weights."""
+    if isinstance(payload, nn.Module) and name is None:
+        convs = [m for m in payload.modules() if isinstance(m, nn.Conv2d)]
+        heads = [m.out_features for m in payload.modules() if isinstance(m, nn.Linear)]
+        spec = ModelSpec(type(payload).__name__, heads[-1] if heads else 0, convs[0].in_channels if convs else 3)
+        record = ModelRecord(spec, (spec.in_channels, image_size, image_size))
+        check_input(payload, spec.name, record.input_shape)
+        return payload.eval(), record
+    if name is None:
+        raise NamPruneError(f"{source} is a plain state dict, not a nam-prune checkpoint: pass --model NAME (its architecture)")
+    state = state_dict_of(payload, source)
+    probe = family_for(name).build(ModelSpec(name))
+    layers = [(n, m) for n, m in probe.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers or f"{layers[0][0]}.weight" not in state or f"{layers[-1][0]}.weight" not in state:
+        raise NamPruneError(f"{source} does not hold the weights of a {name}: check --model")
+    spec = ModelSpec(name, num_classes=int(state[f"{layers[-1][0]}.weight"].shape[0]),
+                     in_channels=int(state[f"{layers[0][0]}.weight"].shape[1]))
+    model = family_for(name).build(spec)
+    load_state(model, state, source)
+    record = ModelRecord(spec, (spec.in_channels, image_size, image_size))
+    check_input(model, name, record.input_shape)
+    return model.eval(), record
+
+
+__all__ = ["ModelRecord", "adopt", "from_payload", "load", "load_state", "load_with_metadata", "rebuild", "record_of", "save"]

@@ -58,11 +58,15 @@ def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save({**header, **payload}, tmp))
 
 
-def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
+TRUST_IN_RECIPE = "set model.trust_pickle: true"
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False, how_to_trust: str = TRUST_IN_RECIPE) -> Any:
     """Read a file with ``weights_only=True``; pickled objects are refused.
 
-    ``trust_pickle=True`` (the recipe's ``model.trust_pickle``) allows full unpickling for
-    a file the user vouches for, such as a whole saved ``nn.Module``: it can run code.
+    ``trust_pickle=True`` (the recipe's ``model.trust_pickle``, ``report --trust-pickle``)
+    allows full unpickling for a file the user vouches for, such as a whole saved
+    ``nn.Module``: it can run code. ``how_to_trust`` is what the refusal tells the user to do.
     """
     path = Path(path)
     if not path.is_file():
@@ -78,7 +82,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
         detail = f" ({lines[0][:160]})"
         raise NamPruneError(
             f"refused to load {path}: it holds pickled objects that weights-only loading does not allow"
-            f"{detail}; re-save it as a plain state dict, or set model.trust_pickle: true only if you trust its source"
+            f"{detail}; re-save it as a plain state dict, or {how_to_trust} only if you trust its source"
         ) from None
     except Exception as error:  # truncated zips, random bytes: torch raises many types for these
         raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or truncated ({_first_line(error)})") from None

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from nam_prune import distributed
@@ -30,6 +31,8 @@ DEFAULT_ROOTS = {
 }
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+STATISTICS_IMAGES = 500  # training images an image folder's mean/std is estimated from
 
 
 @dataclass
@@ -38,7 +41,13 @@ class DataConfig:
 
     train_subset / test_subset: number of images to keep (0 = all), drawn with a fixed
     seed so runs are comparable. download: let torchvision fetch CIFAR-10 (needs network).
-    batch_size is per process under torchrun.
+    batch_size is per process under torchrun. image_size: resize every image to this square
+    side (0 = as stored; an image folder then takes its first image's size). channels: 1 or
+    3 to convert gray <-> colour (0 = as stored), e.g. 3 for pretrained ImageNet weights.
+    augment: random crop and horizontal flip in training (CIFAR-10, image folders).
+    normalize: per-channel mean/std of the training images (``dataset``), ImageNet's
+    (``imagenet``, what pretrained weights expect) or none (image folders; the built-in sets
+    use their published statistics).
     """
 
     name: DatasetName = "fashion_mnist"
@@ -49,6 +58,9 @@ class DataConfig:
     download: bool = False
     workers: int = bounded(0, low=0)
     augment: bool = True
+    image_size: int = bounded(0, low=0)
+    channels: Literal[0, 1, 3] = 0
+    normalize: Literal["dataset", "imagenet", "none"] = "dataset"
 
 
 @dataclass
@@ -143,7 +155,27 @@ def _cifar10(root: Path, download: bool, augment: bool) -> tuple[Dataset, Datase
     return train, test, 10
 
 
-def _image_folder(root: Path) -> tuple[Dataset, Dataset, int]:
+class Adapted(Dataset):
+    """Resize (bilinear, antialiased) and convert channels of an image tensor data set on the fly."""
+
+    def __init__(self, dataset: Dataset, size: int, channels: int) -> None:
+        self.dataset, self.size, self.channels = dataset, size, channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        if self.size and tuple(image.shape[-2:]) != (self.size, self.size):
+            image = F.interpolate(image[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        if self.channels and image.shape[0] != self.channels:
+            image = image.mean(0, keepdim=True) if self.channels == 1 else image.expand(self.channels, -1, -1)
+        return image, label
+
+
+def _image_folder(root: Path, config: DataConfig) -> tuple[Dataset, Dataset, int]:
+    """``train/`` and ``val/`` (or ``test/``) folders, one sub-folder per class: resized to
+    ``image_size`` (else the first image's size), normalized, lightly augmented in training."""
     from torchvision import datasets, transforms
 
     val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
@@ -151,10 +183,42 @@ def _image_folder(root: Path) -> tuple[Dataset, Dataset, int]:
         raise NamPruneError(
             f"image folder {root} needs 'train/' and 'val/' (or 'test/') sub-folders, one folder per class"
         )
-    tf = transforms.Compose([transforms.ToTensor()])
-    train = datasets.ImageFolder(str(root / "train"), transform=tf)
-    test = datasets.ImageFolder(str(val_dir), transform=tf)
+    try:
+        train = datasets.ImageFolder(str(root / "train"))
+        test = datasets.ImageFolder(str(val_dir))
+        if config.image_size:
+            size = (config.image_size, config.image_size)
+        else:
+            width, height = train.loader(train.samples[0][0]).size
+            size = (height, width)
+    except (FileNotFoundError, OSError) as error:
+        raise NamPruneError(f"cannot read image folder {root}: {error}") from None
+    if train.classes != test.classes:
+        raise NamPruneError(f"{root}: train/ and {val_dir.name}/ must hold the same class folders")
+    base = [transforms.Resize(size), *([transforms.Grayscale(1)] if config.channels == 1 else [])]
+    train.transform = transforms.Compose([*base, transforms.ToTensor()])
+    mean, std = _statistics(train, config.normalize)
+    normalize = [transforms.Normalize(mean, std)] if mean is not None else []
+    augment = [transforms.RandomCrop(size, padding=max(1, size[0] // 8), padding_mode="reflect"),
+               transforms.RandomHorizontalFlip()] if config.augment else []
+    train.transform = transforms.Compose([*base, *augment, transforms.ToTensor(), *normalize])
+    test.transform = transforms.Compose([*base, transforms.ToTensor(), *normalize])
     return train, test, len(train.classes)
+
+
+def _statistics(train: Dataset, normalize: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """Per-channel mean and std for ``data.normalize``, from up to STATISTICS_IMAGES images."""
+    if normalize == "none":
+        return None, None
+    channels = train[0][0].shape[0]
+    if normalize == "imagenet":
+        if channels == 1:
+            return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+        return IMAGENET_MEAN, IMAGENET_STD
+    step = max(1, len(train) // STATISTICS_IMAGES)  # type: ignore[arg-type]
+    pixels = torch.cat([train[i][0].flatten(1) for i in range(0, len(train), step)], dim=1)  # type: ignore[arg-type]
+    std = pixels.std(dim=1).clamp(min=1e-3)
+    return tuple(pixels.mean(dim=1).tolist()), tuple(std.tolist())
 
 
 def _subset(dataset: Dataset, size: int, seed: int) -> Dataset:
@@ -174,9 +238,11 @@ def load_data(config: DataConfig, seed: int = 0) -> DataBundle:
     elif config.name == "cifar10":
         train, test, classes = _cifar10(root, config.download, config.augment)
     else:
-        train, test, classes = _image_folder(root)
+        train, test, classes = _image_folder(root, config)
     train = _subset(train, config.train_subset, seed)
     test = _subset(test, config.test_subset, seed + 1)
+    if config.name != "image_folder" and (config.image_size or config.channels):
+        train, test = Adapted(train, config.image_size, config.channels), Adapted(test, config.image_size, config.channels)
     shape = tuple(train[0][0].shape)
     drop_last = len(train) > config.batch_size * distributed.world_size()
     if distributed.active():  # each rank trains on its shard (batch_size is per process) and tests on its slice

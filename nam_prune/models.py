@@ -15,16 +15,23 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
+from nam_prune.checkpoint import read_checkpoint
 from nam_prune.config import printable
 from nam_prune.errors import NamPruneError
+
+log = logging.getLogger("nam_prune")
 
 
 @dataclass
@@ -220,6 +227,148 @@ def family_for(name: str) -> ModelFamily:
     )
 
 
+INPUT_SIZES = (8, 16, 24, 32, 48, 64, 75, 96, 128, 160, 192, 224, 256, 299, 320, 384)
+"""Square sizes tried when a model rejects its input, to name the smallest one it takes."""
+
+
+def _forward_fails(model: nn.Module, shape: tuple[int, ...]) -> Exception | None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+        return None
+    except Exception as error:  # conv/pool layers raise RuntimeError or ValueError for small inputs
+        return error
+    finally:
+        model.train(was_training)
+
+
+def check_input(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
+    """Run one forward at ``input_shape``; if the model rejects it, say why in one line and
+    name the smallest square size it takes (the ``data.image_size`` to set)."""
+    error = _forward_fails(model, input_shape)
+    if error is None:
+        return
+    channels, height, width = input_shape
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    for size in INPUT_SIZES:
+        if size > min(height, width) and _forward_fails(model, (channels, size, size)) is None:
+            raise NamPruneError(
+                f"{name} cannot take {height}x{width} inputs ({reason}); the smallest size it takes is "
+                f"{size}x{size}: set data.image_size: {size}"
+            )
+    raise NamPruneError(f"{name} fails on a {channels}x{height}x{width} input ({reason}); check model.name and the data")
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the dense, randomly initialised model a spec describes (no download, ever)."""
     return family_for(spec.name).build(spec)
+
+
+def _adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first conv's RGB kernels for ``channels`` inputs (timm's rule): summed to one for gray,
+    else tiled and rescaled so the expected activation stays the same."""
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    tiled = weight.repeat(1, (channels + weight.shape[1] - 1) // weight.shape[1], 1, 1)[:, :channels]
+    return tiled * (weight.shape[1] / channels)
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load pretrained ``state`` into ``model``: tensors of equal shape as they are, a first conv
+    adapted to the input channels; tensors whose shape differs (a classifier for other classes)
+    keep their fresh values and are returned. A missing tensor means another architecture."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise NamPruneError(
+            f"{source} does not fit this architecture: missing {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''} ({len(missing)} tensors); check model.name"
+        )
+    loaded, fresh = {}, []
+    for key, value in own.items():
+        theirs = state.get(key)
+        if theirs is None or not isinstance(theirs, torch.Tensor):
+            continue
+        if theirs.shape == value.shape:
+            loaded[key] = theirs
+        elif value.dim() == 4 and theirs.dim() == 4 and theirs.shape[0] == value.shape[0] and theirs.shape[2:] == value.shape[2:]:
+            loaded[key] = _adapt_input_channels(theirs, value.shape[1])
+        else:
+            fresh.append(key)
+    load_with_versions(model, {**own, **loaded})
+    return fresh
+
+
+def load_with_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` with the model's own module versions attached: saved files hold
+    plain dicts, and some modules (torchvision's MNASNet) refuse a state without them."""
+    versioned = OrderedDict(state)
+    versioned._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(versioned)
+
+
+def torchvision_weights_file(name: str, tag: str) -> tuple[Path, str]:
+    """Where torch's hub cache keeps torchvision's ``tag`` weights of ``name``, and their URL."""
+    try:
+        weights_enum = torchvision.models.get_model_weights(name)
+    except (KeyError, ValueError):
+        raise NamPruneError(f"torchvision has no pretrained weights for {name}; unset model.pretrained") from None
+    try:
+        weights = weights_enum[tag]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *weights_enum.__members__])
+        raise NamPruneError(f"model.pretrained '{printable(tag)}' is not a weight of {name}: choose one of {choices}") from None
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name, weights.url
+
+
+def _torchvision_pretrained(spec: ModelSpec, tag: str) -> dict[str, torch.Tensor]:
+    path, url = torchvision_weights_file(spec.name, tag)
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except Exception as error:  # offline: URLError, socket errors, a refused folder
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+            raise NamPruneError(
+                f"pretrained weights {spec.name}/{tag} are not cached and cannot be downloaded ({reason}): "
+                f"put {path.name} (from {url}) in {path.parent}"
+            ) from None
+    return read_checkpoint(path)
+
+
+def _timm_pretrained(spec: ModelSpec, tag: str) -> nn.Module:
+    """timm's own loader (it resets the classifier and adapts the stem); a file placed in
+    torch's hub cache as ``timm/<name>.safetensors`` or ``.pth`` is used before the network."""
+    timm = importlib.import_module("timm")
+    name = spec.name[5:] if tag == "DEFAULT" else f"{spec.name[5:]}.{tag}"
+    local = [Path(torch.hub.get_dir()) / "checkpoints" / "timm" / f"{name}{ext}" for ext in (".safetensors", ".pth")]
+    overlay = next(({"file": str(p)} for p in local if p.is_file()), None)
+    try:
+        return timm.create_model(
+            name, pretrained=True, num_classes=spec.num_classes, in_chans=spec.in_channels, pretrained_cfg_overlay=overlay
+        )
+    except Exception as error:  # offline: huggingface_hub / urllib raise many types
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise NamPruneError(
+            f"timm could not load pretrained weights for {name} ({reason}): put the weights file "
+            f"(model.safetensors from https://huggingface.co/timm/{name}) at {local[0]}"
+        ) from None
+
+
+def build_pretrained(spec: ModelSpec, tag: str) -> nn.Module:
+    """The model of ``spec`` started from pretrained weights (``model.pretrained``: a torchvision
+    weight name such as ``DEFAULT`` or ``IMAGENET1K_V2``, or a timm tag). The classifier is new
+    when ``num_classes`` differs; the stem is adapted to the input channels."""
+    family = family_for(spec.name)
+    if family.name == "timm":
+        return _timm_pretrained(spec, tag)
+    if family.name != "torchvision":
+        raise NamPruneError(f"model.pretrained needs a torchvision or timm model, not '{spec.name}'; use model.weights")
+    model = build_model(spec)
+    source = f"{spec.name}/{tag}"
+    fresh = load_matching(model, _torchvision_pretrained(spec, tag), source)
+    if fresh:
+        log.info("pretrained %s: new %s (shape differs: %d classes)", source, ", ".join(fresh), spec.num_classes)
+    return model

@@ -29,12 +29,15 @@ class ModelConfig:
     """name: a CIFAR ResNet, torchvision name, ``timm:NAME``, ``module:factory``, or a YOLO
     yaml (``yolov8n.yaml``) / ultralytics ``.pt`` (then the ``yolo:`` section applies).
     width: base width of the CIFAR ResNets. weights: a state dict or nam-prune checkpoint to start from.
+    pretrained: start from published weights: a torchvision weight name (``DEFAULT``,
+    ``IMAGENET1K_V2``) or, for timm, ``DEFAULT`` or a tag; read from torch's hub cache offline.
     trust_pickle: allow ``weights`` to be a pickled file (a whole saved model); it can run code.
     """
 
     name: str = "resnet20"
     width: int = bounded(16, low=1)
     weights: str = ""
+    pretrained: str = ""
     trust_pickle: bool = False
 
 

@@ -9,12 +9,13 @@ from typing import Any
 
 from rich.table import Table
 
-from nam_prune.artifact import load_with_metadata, record_of
+from nam_prune.artifact import adopt, from_payload, record_of
+from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
 from nam_prune.export import ort_latency_ms
 from nam_prune.measure import ReportConfig, gflops, measure
 from nam_prune.plots import gamma_plots
 from nam_prune.prune.graph import channel_counts
-from nam_prune.tasks import CLASSIFICATION_COLUMNS, Columns, task_class
+from nam_prune.tasks import CLASSIFICATION_COLUMNS, ClassificationTask, Columns, task_class
 
 SCORES = frozenset({"accuracy", "map50_95", "map50"})  # fractions 0-1: shown in %, changes in points
 
@@ -83,13 +84,26 @@ def inspect_checkpoint(
     config: ReportConfig | None = None,
     with_onnx: bool = False,
     plots: Path | None = None,
+    model_name: str | None = None,
+    image_size: int = 224,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """What ``nam-prune report`` shows: params, MACs, layers, latency, the task's scores on
     ``data`` (a ``DataConfig`` for classifiers, a data yaml path for detectors), onnxruntime
-    latency with ``with_onnx``, and the gamma/channel plots written to ``plots``."""
-    model, payload = load_with_metadata(path)
-    record = record_of(payload)
-    task = task_class(record.spec.name)
+    latency with ``with_onnx``, and the gamma/channel plots written to ``plots``.
+
+    A file from outside nam-prune is reported as a dense model: a state dict given its
+    architecture (``model_name``), a whole pickled module with ``trust_pickle``; both are
+    measured at ``image_size``.
+    """
+    payload = read_checkpoint(path, trust_pickle, how_to_trust="pass --trust-pickle")
+    if is_nam_checkpoint(payload):
+        model, record = from_payload(payload, str(path)), record_of(payload)
+        task = task_class(record.spec.name)
+    else:
+        model, record = adopt(payload, str(path), model_name, image_size)
+        task = task_class(model_name) if model_name else ClassificationTask
+        payload = {}
     example = record.example_input()
     config = config or ReportConfig()
     scores = task.evaluate_checkpoint(model, record, data) if data is not None else {}

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of
+from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of, state_dict_of
 from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
 from nam_prune.data import DataConfig, load_data
 from nam_prune.errors import NamPruneError
 from nam_prune.measure import measure
-from nam_prune.models import ModelSpec, build_model, family_for
+from nam_prune.models import ModelSpec, build_model, build_pretrained, check_input, family_for
 from nam_prune.prune.graph import Protected
 from nam_prune.recalibrate import recalibrate_bn
 from nam_prune.surgery import insert_nam
@@ -139,14 +139,12 @@ class ClassificationTask(Task):
                 insert_nam(model, recipe.nam, record.example_input())
                 record = replace(record, nam=recipe.nam)
             return model, record
-        model = build_model(spec)
-        if payload is not None:
-            if isinstance(payload, nn.Module):  # a whole saved model, allowed by model.trust_pickle
-                payload = payload.state_dict()
-            state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise NamPruneError(f"model.weights {weights} holds no state dict (a mapping of names to tensors)")
-            load_state(model, state, weights)
+        if recipe.model.pretrained and weights:
+            raise NamPruneError("set model.weights or model.pretrained, not both")
+        model = build_pretrained(spec, recipe.model.pretrained) if recipe.model.pretrained else build_model(spec)
+        check_input(model, spec.name, data.input_shape)
+        if payload is not None:  # a state dict, or a whole saved model allowed by model.trust_pickle
+            load_state(model, state_dict_of(payload, f"model.weights {weights}"), weights)
         insert_nam(model, recipe.nam, record.example_input())
         return model, record
 
