@@ -93,13 +93,26 @@ def parse_data_option(text: str):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--onnx", "with_onnx", is_flag=True, help="Add onnxruntime CPU latency (batch 1).")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write gamma/channel plots here.")
-def report(model: Path, data: str | None, as_json: bool, with_onnx: bool, plots: Path | None) -> None:
-    """Params, MACs and the per-layer table of a saved MODEL; its score with --data."""
+@click.option("--model", "model_name", help="Architecture of a plain state dict saved outside nam-prune (e.g. resnet18).")
+@click.option("--image-size", type=click.IntRange(min=8), default=224, show_default=True,
+              help="Input side for a model saved outside nam-prune.")
+@click.option("--trust-pickle", is_flag=True, help="Read a whole pickled model (it can run code: only files you trust).")
+def report(
+    model: Path, data: str | None, as_json: bool, with_onnx: bool, plots: Path | None,
+    model_name: str | None, image_size: int, trust_pickle: bool,
+) -> None:
+    """Params, MACs and the per-layer table of a saved MODEL; its score with --data.
+
+    MODEL is a nam-prune checkpoint, or a state dict / pickled model saved elsewhere (see --model, --trust-pickle).
+    """
     from nam_prune.report import inspect_checkpoint, layer_table, summary_table
 
     # with --json, stdout carries only the JSON object: ultralytics (imported here) logs to stdout
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        summary = inspect_checkpoint(model, parse_data_option(data) if data else None, with_onnx=with_onnx, plots=plots)
+        summary = inspect_checkpoint(
+            model, parse_data_option(data) if data else None, with_onnx=with_onnx, plots=plots,
+            model_name=model_name, image_size=image_size, trust_pickle=trust_pickle,
+        )
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -163,6 +176,56 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path 
         f"wrote {result.path} (opset {result.opset}, max |torch - onnxruntime| = {result.max_abs_diff:.1e})",
         soft_wrap=True,
     )
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--sweep", is_flag=True, help="Every torchvision model and timm's common BN families (the README table).")
+@click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--macs-keep", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as Markdown here.")
+def check(names: tuple[str, ...], sweep: bool, image_size: int, macs_keep: float, json_path: Path | None,
+          markdown: Path | None) -> None:
+    """Can nam-prune compress these architectures (model names as in a recipe)? Gates, a cut to
+    --macs-keep of the MACs in global and local scope, and a weights-only reload, on random weights."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from nam_prune.check import SMALLEST_SIZE, check_model, markdown_table, sweep_names
+    from nam_prune.checkpoint import atomic_write
+
+    chosen = [*names, *(sweep_names() if sweep else [])]
+    if not chosen:
+        raise click.UsageError("name at least one model, or pass --sweep")
+    table = Table(title=f"nam-prune check: {macs_keep:.0%} of the MACs kept")
+    for column in ("model", "input", "MACs before", "global", "local", "params after (global)", "status"):
+        table.add_column(column, justify="left" if column in ("model", "status") else "right")
+    results = []
+    with console.status("checking") as status:
+        for name in chosen:
+            status.update(f"checking {name}")
+            result = check_model(name, max(image_size, SMALLEST_SIZE.get(name, 0)), macs_keep)
+            results.append(result)
+            ok = result.status == "ok"
+            table.add_row(
+                name, str(result.image_size), f"{result.macs_before / 1e6:.1f}M" if ok else "-",
+                *(f"{result.macs_after[s] / result.macs_before:.3f}" if ok else "-" for s in ("global", "local")),
+                f"{result.params_after['global'] / 1e6:.2f}M" if ok else "-", "ok" if ok else "stopped",
+            )
+    console.print(table)
+    for result in results:
+        if result.status != "ok":
+            console.print(f"{result.model}: {result.status}", soft_wrap=True)
+    command = "nam-prune check " + " ".join([*names, *(["--sweep"] if sweep else [])])
+    if json_path:
+        text = json.dumps({"command": command, "results": [asdict(r) for r in results]}, indent=1)
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+    if markdown:
+        atomic_write(markdown, lambda tmp: Path(tmp).write_text(markdown_table(results)))
+    if any(r.status != "ok" and "no BatchNorm2d" not in r.status for r in results):
+        raise SystemExit(1)
 
 
 @cli.group()

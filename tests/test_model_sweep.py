@@ -1,0 +1,97 @@
+"""Every BatchNorm CNN in torchvision (and timm's common families) gets gates, is cut to half
+its MACs in both scopes, runs and reloads weights-only with identical outputs.
+
+A fast subset covers each hard structure (grouped convs, depthwise + squeeze-excitation,
+channel shuffle, concatenation, inception branches); the rest runs under ``-m slow``.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch.nn as nn
+import torchvision
+
+from nam_prune.check import check_model
+
+MACS_KEEP = 0.5
+TOO_BIG = {"regnet_y_128gf", "vit_h_14"}  # 0.6B parameters: beyond a 2-core CI machine's minutes
+IMAGE_SIZE = {"inception_v3": 75}  # the smallest it takes; everything else runs at 64
+FAST = {
+    "resnet18",  # residual adds
+    "regnet_x_400mf",  # grouped convolutions (group width 16)
+    "regnet_y_400mf",  # grouped convolutions that leave few channels per group, squeeze-excitation
+    "mobilenet_v3_small",  # depthwise, squeeze-excitation, hard-swish
+    "shufflenet_v2_x0_5",  # channel split and shuffle (traced through a stand-in)
+    "mnasnet0_5",  # depthwise, narrow layers
+    "googlenet",  # inception branches concatenated
+}
+WITHOUT_BN = {"alexnet", "squeezenet1_0"}  # fast representatives of the LayerNorm / no-norm designs
+
+TORCHVISION = torchvision.models.list_models(torchvision.models)
+
+
+def _has_batchnorm(name: str) -> bool:
+    return not name.startswith(("alexnet", "convnext", "squeezenet", "swin", "vit")) and name not in {
+        "vgg11", "vgg13", "vgg16", "vgg19",
+    }
+
+
+def _params(names):
+    return [pytest.param(n, marks=() if n in FAST | WITHOUT_BN else pytest.mark.slow) for n in names if n not in TOO_BIG]
+
+
+def _assert_pruned(name: str, **kwargs) -> None:
+    result = check_model(name, IMAGE_SIZE.get(name, 64), MACS_KEEP, **kwargs)
+    assert result.status == "ok", result.status
+    # local scope cuts every layer by one share, in steps of a whole position per conv group (1/8
+    # of a RegNet layer with group width 8), so it may land further below the target than global
+    for scope, lowest in (("global", 0.48), ("local", 0.40)):
+        share = result.macs_after[scope] / result.macs_before
+        assert lowest <= share <= MACS_KEEP, (scope, share)
+        assert result.params_after[scope] < result.params_before
+    assert result.reload_max_abs_diff <= 1e-6
+
+
+def test_the_sweep_knows_which_models_have_batchnorm():
+    """The list below is what the sweep expects; it must match the real modules."""
+    for name in (*FAST, *WITHOUT_BN, "vgg11", "vgg11_bn", "convnext_tiny"):
+        model = torchvision.models.get_model(name, weights=None)
+        assert _has_batchnorm(name) == any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), name
+
+
+@pytest.mark.parametrize("name", _params(n for n in TORCHVISION if _has_batchnorm(n)))
+def test_torchvision_model_prunes_to_half_its_macs(name):
+    _assert_pruned(name)
+
+
+@pytest.mark.parametrize("name", _params(n for n in TORCHVISION if not _has_batchnorm(n)))
+def test_model_without_batchnorm_is_a_one_line_error(name):
+    result = check_model(name, 64)
+    assert "no BatchNorm2d found" in result.status and "\n" not in result.status
+
+
+TIMM = [
+    "resnet18d",  # ResNet-D (avg-pool shortcut)
+    "efficientnet_b0",
+    "mobilenetv3_small_100",
+    "ghostnet_100",  # ghost modules: a cheap depthwise half concatenated
+    "regnetx_002",
+    "regnety_002",
+    "rexnet_100",  # partial residuals (channel padding)
+    "dla34",  # tree aggregation
+    "cspresnet50",  # cross-stage partial splits
+    "cspdarknet53",
+    "resnext26ts",
+    "hrnet_w18_small",
+]
+TIMM_FAST = {"resnet18d", "ghostnet_100", "regnetx_002"}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None and os.environ.get("CI") != "true",
+    reason="timm not installed (pip install 'nam-prune[timm]'); CI installs it and runs these",
+)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in TIMM_FAST else pytest.mark.slow) for n in TIMM])
+def test_timm_model_prunes_to_half_its_macs(name):
+    _assert_pruned(f"timm:{name}")
