@@ -193,20 +193,20 @@ def check(names: tuple[str, ...], sweep: bool, image_size: int, macs_keep: float
 
     from rich.table import Table
 
-    from nam_prune.check import SMALLEST_SIZE, check_model, markdown_table, sweep_names
+    from nam_prune.check import LEAST_MACS_KEEP, SMALLEST_SIZE, check_model, markdown_table, sweep_names
     from nam_prune.checkpoint import atomic_write
 
     chosen = [*names, *(sweep_names() if sweep else [])]
     if not chosen:
         raise click.UsageError("name at least one model, or pass --sweep")
-    table = Table(title=f"nam-prune check: {macs_keep:.0%} of the MACs kept")
+    table = Table(title=f"nam-prune check: {macs_keep:.0%} of the MACs kept (share kept per scope)")
     for column in ("model", "input", "MACs before", "global", "local", "params after (global)", "status"):
         table.add_column(column, justify="left" if column in ("model", "status") else "right")
     results = []
     with console.status("checking") as status:
         for name in chosen:
             status.update(f"checking {name}")
-            result = check_model(name, max(image_size, SMALLEST_SIZE.get(name, 0)), macs_keep)
+            result = check_model(name, max(image_size, SMALLEST_SIZE.get(name, 0)), max(macs_keep, LEAST_MACS_KEEP.get(name, 0)))
             results.append(result)
             ok = result.status == "ok"
             table.add_row(

@@ -4,6 +4,9 @@
   map; it is traced through a stand-in without the shuffle, and the channels the shuffle
   moves (block outputs, the pass-through half) are never cut. The branches' inner widths
   and a stride-2 block's inputs are cut as usual.
+* torchvision's MaxViT attention layers are traced as identities (their window reshapes
+  make torch-pruning's group search grow without end); the channel stream they share with the
+  MBConv residuals stays, the MBConv expansions are cut.
 * timm's Ghost modules output [primary | cheap copy] channels and slice them to a width
   stored in ``out_chs``; they are traced without the slice, a cut laid out like their output
   takes the same positions in both halves (``tied_copies``), and ``out_chs`` is set to what
@@ -71,9 +74,21 @@ def _partial_residual(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.conv_pwl(module.act_dw(x))
 
 
+def _maxvit_types() -> tuple[type, type]:
+    from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
+
+    return MBConv, PartitionAttentionLayer
+
+
+def _pass_through(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MaxViT's window/grid attention, as torch-pruning sees it: its reshapes make the group
+    search grow without end, and it keeps its width, so the stream it sits on stays uncut."""
+    return x
+
+
 def stand_ins(model: nn.Module) -> StandIns:
     """The stand-ins for the blocks of ``model``."""
-    found: StandIns = {_shuffle_block_type(): _shuffle_block}
+    found: StandIns = {_shuffle_block_type(): _shuffle_block, _maxvit_types()[1]: _pass_through}
     for module in model.modules():
         if _is_ghost(module) and not hasattr(module, "short_conv"):
             found[type(module)] = _ghost_module
@@ -116,10 +131,13 @@ def _ghost_width(module: nn.Module) -> int:
 def frozen_channels(model: nn.Module) -> Frozen:
     """Every (module, direction) of ``model`` that a cut must leave alone (see the module doc)."""
     frozen: Frozen = set()
-    shuffle = _shuffle_block_type()
+    shuffle, (mbconv, _) = _shuffle_block_type(), _maxvit_types()
     for module in model.modules():
         if isinstance(module, shuffle):
             frozen |= _shuffled(module)
+        elif isinstance(module, mbconv):  # the residual stream the attention layers share
+            frozen.update((m, None) for m in [*module.layers.pre_norm.modules(), *module.proj.modules()])
+            frozen.update({(_first_conv(module.layers.conv_a), False), (module.layers.conv_c, True)})
         elif _is_ghost(module) and module.out_chs < _ghost_width(module):
             frozen.add((_first_conv(module.primary_conv), True))
         elif _is_csp(module):
