@@ -195,6 +195,9 @@ def test_yolov8n_recipe_end_to_end_then_ultralytics_trains_further(tmp_path: Pat
     assert results["gflops_reduction"] >= 0.40
     assert results["after"]["params"] < results["before"]["params"]
     assert results["protected"]["detect head"].startswith("intact")
+    console = done.stdout + done.stderr  # ultralytics' argument dump and epoch lines go to the log file
+    assert "engine/trainer" not in console and "sparsity: done" in console
+    assert "engine/trainer" in (tmp_path / "run/ultralytics.log").read_text()
     report = _cli("report", str(tmp_path / "run/model.pt"), "--json", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-2000:]
     assert json.loads(report.stdout)["macs"] == results["after"]["macs"]
@@ -220,3 +223,16 @@ def test_yolo_recipe_errors_are_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2, (overrides, done.stderr[-1000:])
         assert message in done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_recipe_on_the_derived_set_trains_prunes_and_recalibrates(tmp_path: Path) -> None:
+    """yolo.data: fashion-detect writes the set into the run folder and every stage is scored by mAP."""
+    tiny = ["yolo.imgsz=64", "yolo.report_imgsz=64", "yolo.batch=8", "report.latency_runs=1", "report.warmup=0",
+            "sparsity.epochs=1", "finetune.epochs=1", "report.baseline=false", "recalibrate.batches=2",
+            f"output={tmp_path / 'run'}"]
+    done = _cli("run", str(ROOT / "recipes/yolov8n_fashion_detect.yaml"), *tiny, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    assert (tmp_path / "run/fashion_detect_data/data.yaml").is_file()
+    assert results["after"]["gflops"] <= 0.56 * results["before"]["gflops"]
+    assert {"map50_95", "map50"} <= set(results["recalibrated"])

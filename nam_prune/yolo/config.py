@@ -12,11 +12,14 @@ from nam_prune.config import bounded
 class YoloConfig:
     """The ``yolo:`` section of a detector recipe.
 
-    data: an ultralytics data yaml, or ``demo`` (two photos shipped with ultralytics).
+    data: an ultralytics data yaml; ``demo`` (two photos shipped with ultralytics, plumbing
+        only); or ``fashion-detect`` (the derived offline set of ``nam-prune data fashion-detect``:
+        2,000 canvases of ``imgsz`` px, seed 0, written into the run folder).
     scope: where NAM gates go and what is pruned: ``backbone`` or ``backbone+neck``.
     imgsz: training and validation image size. report_imgsz: size at which GFLOPs and
         latency are reported. batch, workers, amp: as in ultralytics (AMP only acts on CUDA).
-    warmup_epochs: ultralytics' learning-rate warm-up (its default 3 suits long runs only).
+    warmup_epochs: ultralytics' learning-rate warm-up of the sparsity stage (its default 3 suits
+        long runs only); fine-tuning a trained model starts without one.
     """
 
     data: str = "demo"

@@ -71,7 +71,7 @@ def user_data_yaml(data: str) -> Path:
     path = Path(data)
     if not path.is_file():
         raise NamPruneError(
-            f"yolo.data {data!r} not found: give an ultralytics data yaml (path, train, val, names) or 'demo'"
+            f"yolo.data {data!r} not found: give an ultralytics data yaml (path, train, val, names), 'fashion-detect' or 'demo'"
         )
     return path
 

@@ -19,8 +19,10 @@ import torch.nn as nn
 from nam_prune.artifact import ModelRecord
 from nam_prune.checkpoint import atomic_write
 from nam_prune.console import console
+from nam_prune.data import FASHION_CLASSES
 from nam_prune.errors import NamPruneError
 from nam_prune.export import ort_latency_ms
+from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
 from nam_prune.measure import gflops, measure
 from nam_prune.models import ModelSpec
 from nam_prune.prune.graph import IntactBlock, Protected
@@ -40,7 +42,13 @@ from nam_prune.yolo.models import (
     scope_end,
     scope_prefixes,
 )
-from nam_prune.yolo.train import calibration_batches, train_detector, trainer_overrides, validate_detector
+from nam_prune.yolo.train import (
+    calibration_batches,
+    train_detector,
+    trainer_overrides,
+    ultralytics_output,
+    validate_detector,
+)
 
 DETECTION_COLUMNS = (
     ("params", "params"),
@@ -133,8 +141,9 @@ class DetectionTask(Task):
             raise NamPruneError("nam.spatial is not available for YOLO models (their input size varies); set it to false")
         if recipe.nam.placement != "every_bn":
             raise NamPruneError("YOLO models take nam.placement: every_bn (a gate after every conv-BN-act)")
-        self.data_yaml = None if self.yolo.data == "demo" else user_data_yaml(self.yolo.data)
-        self.names = DEMO_NAMES if self.data_yaml is None else class_names(self.data_yaml)
+        built_in = {"demo": DEMO_NAMES, "fashion-detect": dict(enumerate(FASHION_CLASSES))}
+        self.data_yaml = None if self.yolo.data in built_in else user_data_yaml(self.yolo.data)
+        self.names = built_in[self.yolo.data] if self.data_yaml is None else class_names(self.data_yaml)
         self.folder = Path(".")
         self.blocks: list[IntactBlock] = []
         self.block_shapes: dict[str, list[tuple[int, ...]]] = {}
@@ -162,13 +171,24 @@ class DetectionTask(Task):
 
     def open(self, folder: Path) -> None:
         self.folder = folder
-        if self.data_yaml is None:
+        if self.data_yaml is None and self.yolo.data == "demo":
             self.data_yaml = build_demo_set(folder / "demo_data")
+        elif self.data_yaml is None:  # the same images whatever the recipe's seed: every arm sees the same data
+            self.data_yaml = make_fashion_detect(folder / "fashion_detect_data", FashionDetectConfig(imgsz=self.yolo.imgsz))
 
     def train(self, model, config, stage, on_epoch_end=None, resume=None):
         label = stage.replace(" ", "")  # ultralytics' run sub-folder
         overrides = trainer_overrides(config, self.yolo, self.data_yaml, self.device, self.folder, label, self.recipe.seed)
-        return [asdict(train_detector(model, overrides, config))]
+        console.print(f"{stage}: {config.epochs} epoch(s) with ultralytics (log: {self.log_file})", soft_wrap=True)
+        with ultralytics_output(self.log_file):
+            log = train_detector(model, overrides, config)
+        summary = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in log.metrics.items() if "mAP" in k)
+        console.print(f"{stage}: done ({summary or 'no validation'})", soft_wrap=True)
+        return [asdict(log)]
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "ultralytics.log"
 
     def measure(self, model, example, stage):
         """Params, MACs and GFLOPs at the report size, CPU latency (torch, onnxruntime) and mAP."""
@@ -180,13 +200,20 @@ class DetectionTask(Task):
             "gflops": gflops(metrics["macs"]),
             "imgsz": example.shape[-1],
             "onnx_latency_ms": ort_latency_ms(model, example, config.latency_runs, config.warmup, self.deploy_mode),
-            **validate_detector(model, self.data_yaml, self.yolo, self.device),
+            **self._validate(model),
         }
 
+    def _validate(self, model: nn.Module) -> dict[str, float]:
+        with ultralytics_output(self.log_file):
+            return validate_detector(model, self.data_yaml, self.yolo, self.device)
+
     def recalibrate(self, model: nn.Module) -> int:
-        """BN statistics re-estimated over the first training images, as validation prepares them."""
+        """BN statistics re-estimated over augmented training batches (see ``calibration_batches``)."""
         batches = self.recipe.recalibrate.batches
-        return recalibrate_bn(model, calibration_batches(self.data_yaml, self.yolo), batches, self.device) if batches else 0
+        if not batches:
+            return 0
+        with ultralytics_output(self.log_file):
+            return recalibrate_bn(model, calibration_batches(self.data_yaml, self.yolo, self.recipe.seed), batches, self.device)
 
     def protected(self, model: nn.Module) -> Protected:
         protected = protection(model, self.yolo.scope)

@@ -15,11 +15,15 @@ To train a pruned checkpoint further with ultralytics' API::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -76,6 +80,26 @@ def ultralytics_device(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else str(device.index or 0)
 
 
+@contextlib.contextmanager
+def ultralytics_output(log_file: Path) -> Iterator[None]:
+    """ultralytics' argument dumps, per-epoch lines and progress bars go to ``log_file`` (the run
+    folder's ``ultralytics.log``) so the console shows nam-prune's own progress and tables; with
+    ``-v`` they stay on the console."""
+    if logging.getLogger("nam_prune").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    logger = logging.getLogger("ultralytics")
+    handlers = logger.handlers[:]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a", encoding="utf-8") as stream:
+        logger.handlers = [logging.StreamHandler(stream)]
+        try:
+            with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                yield
+        finally:
+            logger.handlers = handlers
+
+
 def trainer_overrides(
     config: TrainConfig, yolo: YoloConfig, data_yaml: Path, device: torch.device, folder: Path, stage: str, seed: int
 ) -> dict[str, Any]:
@@ -94,7 +118,7 @@ def trainer_overrides(
         "cos_lr": config.schedule == "cosine",
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
-        "warmup_epochs": yolo.warmup_epochs,
+        "warmup_epochs": yolo.warmup_epochs if stage == "sparsity" else 0.0,  # a trained model needs no warm-up
         "amp": yolo.amp,
         "seed": seed,
         "deterministic": True,
@@ -127,17 +151,25 @@ def train_detector(model: nn.Module, overrides: dict[str, Any], config: TrainCon
     return StageLog(overrides["epochs"], metrics, gamma_stats(model).near_zero)
 
 
-def calibration_batches(data_yaml: Path, yolo: YoloConfig) -> Iterator[tuple[torch.Tensor]]:
-    """Training images as ultralytics' validation pipeline prepares them (letterboxed, no
-    augmentation), in file order: the batches BN recalibration averages over."""
+def calibration_batches(data_yaml: Path, yolo: YoloConfig, seed: int = 0) -> Iterator[tuple[torch.Tensor]]:
+    """Training images as the last training epochs saw them (ultralytics' augmentation with
+    mosaic closed), shuffled with ``seed``: the batches BN recalibration averages over.
+
+    Un-augmented images are the wrong sample: training's random affine fills borders with
+    gray and rescales items, so statistics re-estimated on plain images shift every layer
+    (measured: yolov8n on the derived set, mAP50-95 0.60 -> 0.22; with these batches 0.60).
+    """
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_dataloader, build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
     data = check_det_dataset(str(data_yaml))
-    cfg = get_cfg(overrides={"data": str(data_yaml), "imgsz": yolo.imgsz, "batch": yolo.batch, "task": "detect", "mode": "val"})
-    dataset = build_yolo_dataset(cfg, data["train"], yolo.batch, data, mode="val")
-    for batch in build_dataloader(dataset, yolo.batch, yolo.workers, shuffle=False, device="cpu"):
+    overrides = {"data": str(data_yaml), "imgsz": yolo.imgsz, "batch": yolo.batch, "task": "detect", "mode": "train", "mosaic": 0.0}
+    dataset = build_yolo_dataset(get_cfg(overrides=overrides), data["train"], yolo.batch, data, mode="train")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # the sampler's shuffle and the augmentations' draws
+    for batch in build_dataloader(dataset, yolo.batch, yolo.workers, shuffle=True):
         yield (batch["img"].float() / 255,)
 
 
