@@ -150,7 +150,7 @@ def compare(recipe: Path, overrides: tuple[str, ...], criteria: str, budgets: st
     folder = output or Path("runs") / f"compare-{loaded.name}"
     state = run_compare(loaded, criteria.split(","), budget_list, seed_list, folder)
     print_summary(state)
-    plot_accuracy_vs_macs(state["summary"], folder / "accuracy_vs_macs.png")
+    plot_accuracy_vs_macs(state["summary"], folder / "accuracy_vs_macs.png", state["score_key"])
     console.print(f"wrote {folder / 'compare.json'} and {folder / 'accuracy_vs_macs.png'}", soft_wrap=True)
 
 

@@ -1,5 +1,8 @@
 """Is NAM's ranking better than the alternatives? Criteria compared at matched MAC budgets.
 
+Any model family works through its ``Task``: classifiers are scored by top-1 (``accuracy``),
+detectors by mAP50-95 (``map50_95``); every score key below carries that name.
+
 Each criterion gets the same data, epochs, fine-tune and seeds; only the gates, what the
 first training penalises and how channels are ranked differ:
 
@@ -40,14 +43,13 @@ from nam_prune.checkpoint import atomic_write, read_checkpoint
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
 from nam_prune.measure import cpu_latency_ms
-from nam_prune.models import ModelSpec, build_model
 from nam_prune.pipeline import resolve_device, seed_everything
 from nam_prune.prune import NAMImportance, count_macs_params, prune_model
 from nam_prune.recipe import Recipe
 from nam_prune.sparsity import Scales, batchnorm_scales, gate_scales
-from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
-from nam_prune.tasks import ClassificationTask
-from nam_prune.train import TrainConfig, evaluate, fit
+from nam_prune.surgery import NAMConfig, strip_gates
+from nam_prune.tasks import Task, task_class
+from nam_prune.train import TrainConfig
 
 log = logging.getLogger("nam_prune")
 
@@ -103,52 +105,39 @@ def _importance(criterion: str, model: nn.Module, recipe: Recipe, seed: int) -> 
     return SeededRandomImportance(seed)
 
 
-def _same_data_order(task: ClassificationTask, seed: int) -> None:
-    """Every arm trains on the same images in the same order: reseed torch and the loader's shuffle."""
-    seed_everything(seed)
-    if task.data.train.generator is not None:
-        task.data.train.generator.manual_seed(seed)
-
-
-def _trained(
-    training: Training, recipe: Recipe, seed: int, folder: Path, task: ClassificationTask
-) -> tuple[nn.Module, ModelRecord, float]:
-    """The trained, recalibrated model of one (training, seed), cached in ``folder``, and its top-1."""
-    data = task.data
-    spec = ModelSpec(recipe.model.name, data.num_classes, data.input_shape[0], recipe.model.width)
-    record = ModelRecord(spec, data.input_shape, training.gates)
+def _trained(training: Training, seed: int, folder: Path, task: Task) -> tuple[nn.Module, ModelRecord, float]:
+    """The trained, recalibrated model of one (training, seed), cached in ``folder``, and its score."""
     path = folder / f"trained_{training.name}_seed{seed}.pt"
     seed_everything(seed)
-    model = build_model(spec)
-    if training.gates is not None:
-        insert_nam(model, training.gates, record.example_input())
+    model, record = task.build(training.gates)
     if path.is_file():
         payload = read_checkpoint(path)
         load_state(model, payload["state_dict"], str(path))
-        return model.to(task.device), record, payload["accuracy"]
-    _same_data_order(task, seed)
-    fit(model, data.train, training.sparsity, task.device, f"{training.name} seed {seed}", penalised=training.penalised)
+        return model.to(task.device), record, payload.get("score", payload.get("accuracy"))  # older caches: accuracy
+    task.reseed(seed)
+    task.train(model, training.sparsity, f"{training.name} seed {seed}", penalised=training.penalised)
     task.recalibrate(model)
-    accuracy = evaluate(model, data.test, task.device, "eval trained")
-    save(path, model, record, accuracy=accuracy)
-    return model, record, accuracy
+    score = task.score(model)
+    save(path, model, record, score=score)
+    return model, record, score
 
 
 def _arm(
     criterion: str, budget: float, seed: int, trained: nn.Module, dense_cost: tuple[int, int], record: ModelRecord,
-    recipe: Recipe, task: ClassificationTask,
+    recipe: Recipe, task: Task,
 ) -> dict[str, Any]:
     """Prune a copy of ``trained`` (``dense_cost`` = its MACs, params) to remove ``budget`` of its
     MACs (none for ``dense``), recalibrate, fine-tune, recalibrate, measure."""
-    device, data = task.device, task.data
+    key = task.score_key
     model = copy.deepcopy(trained)
-    example = record.example_input(device)
+    example = record.example_input(task.device)
     macs, params = dense_cost
     removed = 0.0
     scores: dict[str, float] = {}
     if criterion != "dense":
         config = replace(recipe.prune, target="macs", macs_keep=1 - budget, steps=1)
-        prune_model(model, example, config, importance=_importance(criterion, model, recipe, seed))
+        importance = _importance(criterion, model, recipe, seed)
+        prune_model(model, example, config, importance=importance, protected=task.protected(model))
         macs, params = count_macs_params(model, example)
         removed = 1 - macs / dense_cost[0]
         if abs(removed - budget) > MACS_TOLERANCE:
@@ -156,17 +145,17 @@ def _arm(
         if record.nam is not None and recipe.prune.strip_gates:  # gate-then-strip: fine-tune the plain model
             strip_gates(model)
             macs, params = count_macs_params(model, example)
-        scores["accuracy_pruned"] = evaluate(model, data.test, device, "eval pruned")
+        scores[f"{key}_pruned"] = task.score(model)
         task.recalibrate(model)
-        scores["accuracy_recalibrated"] = evaluate(model, data.test, device, "eval recalibrated")
-    _same_data_order(task, seed)
-    fit(model, data.train, recipe.finetune, device, f"finetune {criterion} {budget} seed {seed}")
+        scores[f"{key}_recalibrated"] = task.score(model)
+    task.reseed(seed)
+    task.train(model, recipe.finetune, f"finetune {criterion} {budget} seed {seed}")
     task.recalibrate(model)
     return {
         "criterion": criterion, "budget": budget, "seed": seed,
         "macs": macs, "params": params, "macs_removed": removed,
         **scores,
-        "accuracy": evaluate(model, data.test, device, "eval fine-tuned"),
+        key: task.score(model),
         "latency_ms": cpu_latency_ms(model, example, recipe.report.latency_runs, recipe.report.warmup),
     }
 
@@ -180,23 +169,25 @@ def compare(
         raise NamPruneError(f"unknown criteria {', '.join(unknown)}; choose from {', '.join(CRITERIA)}")
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise NamPruneError("--budgets are shares of MACs to remove, each strictly between 0 and 1")
-    task = ClassificationTask(recipe, resolve_device(recipe.device))
+    task = task_class(recipe.model.name)(recipe, resolve_device(recipe.device))
     folder.mkdir(parents=True, exist_ok=True)
+    task.open(folder)
     path = folder / "compare.json"
     state = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe.to_dict(), "arms": []}
     if state["recipe"] != recipe.to_dict():
         raise NamPruneError(f"{path} holds a comparison of another recipe; use another --output or delete it")
+    state["score_key"] = task.score_key
     done = {(a["criterion"], a["budget"], a["seed"]) for a in state["arms"]}
     for criterion in criteria:
         for seed in seeds:
             todo = [b for b in ([0.0] if criterion == "dense" else budgets) if (criterion, b, seed) not in done]
             if not todo:
                 continue
-            trained, record, trained_accuracy = _trained(_training(criterion, recipe), recipe, seed, folder, task)
+            trained, record, trained_score = _trained(_training(criterion, recipe), seed, folder, task)
             dense_cost = count_macs_params(trained, record.example_input(task.device))  # once per trained model
             for budget in todo:
                 arm = _arm(criterion, budget, seed, trained, dense_cost, record, recipe, task)
-                arm["accuracy_trained"] = trained_accuracy
+                arm[f"{task.score_key}_trained"] = trained_score
                 state["arms"].append(arm)
                 atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))
                 log.info("finished %s at budget %.2f, seed %d", criterion, budget, seed)
@@ -209,8 +200,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+SCORES = ("accuracy", "map50_95")
 SUMMARY_KEYS = (
-    "accuracy_trained", "accuracy_pruned", "accuracy_recalibrated", "accuracy", "params", "macs", "latency_ms", "macs_removed"
+    *(f"{score}{stage}" for score in SCORES for stage in ("_trained", "_pruned", "_recalibrated", "")),
+    "params", "macs", "latency_ms", "macs_removed",
 )
 
 
@@ -234,8 +227,9 @@ def _pct(row: dict, key: str) -> str:
     return f"{100 * row[key]:.2f} ± {100 * row[f'{key}_std']:.2f}" if key in row else "-"
 
 
-def summary_table(rows: list[dict]) -> Table:
-    table = Table(title="criteria at matched MACs (top-1 %, mean ± std over seeds)")
+def summary_table(rows: list[dict], key: str = "accuracy") -> Table:
+    title = "top-1 %" if key == "accuracy" else "mAP50-95 %"
+    table = Table(title=f"criteria at matched MACs ({title}, mean ± std over seeds)")
     columns = ("criterion", "MACs removed", "trained", "pruned", "pruned + recal", "fine-tuned", "params", "MACs", "latency ms")
     for column in columns:
         table.add_column(column, justify="left" if column == "criterion" else "right")
@@ -243,10 +237,10 @@ def summary_table(rows: list[dict]) -> Table:
         table.add_row(
             r["criterion"],
             f"{100 * r['macs_removed']:.1f}% (target {100 * r['budget']:.0f}%)",
-            _pct(r, "accuracy_trained"),
-            _pct(r, "accuracy_pruned"),
-            _pct(r, "accuracy_recalibrated"),
-            _pct(r, "accuracy"),
+            _pct(r, f"{key}_trained"),
+            _pct(r, f"{key}_pruned"),
+            _pct(r, f"{key}_recalibrated"),
+            _pct(r, key),
             f"{r['params'] / 1e6:.3f}M",
             f"{r['macs'] / 1e6:.2f}M",
             f"{r['latency_ms']:.2f}",
@@ -255,4 +249,4 @@ def summary_table(rows: list[dict]) -> Table:
 
 
 def print_summary(state: dict[str, Any]) -> None:
-    console.print(summary_table(state["summary"]))
+    console.print(summary_table(state["summary"], state.get("score_key", "accuracy")))

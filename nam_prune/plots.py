@@ -27,18 +27,19 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def plot_accuracy_vs_macs(rows: list[dict], path: Path) -> None:
-    """One line per criterion: fine-tuned top-1 and top-1 right after the cut (BN recalibrated)
-    against MACs, with std error bars; the unpruned ``dense`` arm is a dashed line."""
+def plot_accuracy_vs_macs(rows: list[dict], path: Path, score: str = "accuracy") -> None:
+    """One line per criterion: the fine-tuned score (top-1, or ``map50_95`` for detectors) and the
+    score right after the cut (BN recalibrated) against MACs, with std error bars; the unpruned
+    ``dense`` arm is a dashed line."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for criterion in dict.fromkeys(r["criterion"] for r in rows):
         mine = sorted((r for r in rows if r["criterion"] == criterion), key=lambda r: r["macs"])
         if criterion == "dense":
-            axes[0].axhline(100 * mine[0]["accuracy"], color="black", linestyle="--", label="dense (unpruned)")
+            axes[0].axhline(100 * mine[0][score], color="black", linestyle="--", label="dense (unpruned)")
             continue
         macs = [r["macs"] / 1e6 for r in mine]
-        for axis, key in zip(axes, ("accuracy", "accuracy_recalibrated")):
+        for axis, key in zip(axes, (score, f"{score}_recalibrated")):
             axis.errorbar(
                 macs, [100 * r[key] for r in mine], yerr=[100 * r[f"{key}_std"] for r in mine],
                 marker="o", capsize=3, label=criterion,
@@ -47,7 +48,7 @@ def plot_accuracy_vs_macs(rows: list[dict], path: Path) -> None:
     axes[1].set_title("right after the cut, BN recalibrated (ranking quality)")
     for axis in axes:
         axis.set_xlabel("MACs (M)")
-        axis.set_ylabel("top-1 (%)")
+        axis.set_ylabel("top-1 (%)" if score == "accuracy" else "mAP50-95 (%)")
         axis.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()

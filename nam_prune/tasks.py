@@ -23,7 +23,8 @@ from nam_prune.measure import measure
 from nam_prune.models import ModelSpec, build_model, build_pretrained, check_input, family_for
 from nam_prune.prune.graph import Protected
 from nam_prune.recalibrate import recalibrate_bn
-from nam_prune.surgery import insert_nam
+from nam_prune.sparsity import Scales, gate_scales
+from nam_prune.surgery import NAMConfig, insert_nam
 from nam_prune.train import TrainConfig, TrainState, evaluate, fit
 
 if TYPE_CHECKING:
@@ -62,6 +63,10 @@ class Task:
     def open(self, folder: Path) -> None:
         """The run folder exists (a task may write its data there)."""
 
+    def build(self, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
+        """The recipe's model, randomly initialised, with ``gates`` (or none): each arm of ``compare``."""
+        raise NotImplementedError
+
     def train(
         self,
         model: nn.Module,
@@ -69,9 +74,20 @@ class Task:
         stage: str,
         on_epoch_end: Callable[[TrainState], None] | None = None,
         resume: TrainState | None = None,
+        penalised: Scales = gate_scales,
     ) -> list[dict[str, Any]]:
-        """Train in place for ``config.epochs``; returns one log entry per epoch (or stage)."""
+        """Train in place for ``config.epochs`` with ``config.penalty`` on the ``penalised`` scales;
+        returns one log entry per epoch (or stage)."""
         raise NotImplementedError
+
+    def score(self, model: nn.Module) -> float:
+        """The task's score (``score_key``) of ``model`` on the test / val split."""
+        raise NotImplementedError
+
+    def reseed(self, seed: int) -> None:
+        """Start the next training from ``seed``: the same images in the same order for every arm."""
+        torch.manual_seed(seed)
+        self.recipe = replace(self.recipe, seed=seed)
 
     def measure(self, model: nn.Module, example: torch.Tensor, stage: str) -> dict[str, Any]:
         """The metrics of one stage (params, MACs, latency and the task's score)."""
@@ -148,9 +164,28 @@ class ClassificationTask(Task):
         insert_nam(model, recipe.nam, record.example_input())
         return model, record
 
-    def train(self, model, config, stage, on_epoch_end=None, resume=None):
-        history = fit(model, self.data.train, config, self.device, stage, on_epoch_end=on_epoch_end, resume=resume)
+    def build(self, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
+        data, model_config = self.data, self.recipe.model
+        spec = ModelSpec(model_config.name, data.num_classes, data.input_shape[0], model_config.width)
+        record = ModelRecord(spec, data.input_shape, gates)
+        model = build_model(spec)
+        if gates is not None:
+            insert_nam(model, gates, record.example_input())
+        return model.to(self.device), record
+
+    def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales):
+        history = fit(
+            model, self.data.train, config, self.device, stage, on_epoch_end=on_epoch_end, resume=resume, penalised=penalised
+        )
         return [asdict(entry) for entry in history]
+
+    def score(self, model: nn.Module) -> float:
+        return evaluate(model, self.data.test, self.device, "eval")
+
+    def reseed(self, seed: int) -> None:
+        super().reseed(seed)
+        if self.data.train.generator is not None:
+            self.data.train.generator.manual_seed(seed)
 
     def measure(self, model, example, stage):
         accuracy = evaluate(model, self.data.test, self.device, f"eval {stage}")

@@ -236,3 +236,20 @@ def test_recipe_on_the_derived_set_trains_prunes_and_recalibrates(tmp_path: Path
     assert (tmp_path / "run/fashion_detect_data/data.yaml").is_file()
     assert results["after"]["gflops"] <= 0.56 * results["before"]["gflops"]
     assert {"map50_95", "map50"} <= set(results["recalibrated"])
+
+
+def test_compare_works_for_detectors_at_matched_gflops(tmp_path: Path) -> None:
+    """NAM against BN-slimming on a detector: every arm at the same GFLOPs, scored by mAP50-95."""
+    tiny = ["yolo.imgsz=64", "yolo.report_imgsz=64", "report.latency_runs=1", "report.warmup=0",
+            "sparsity.epochs=1", "finetune.epochs=1", "recalibrate.batches=1"]
+    done = _cli("compare", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *tiny, "--criteria", "nam,bn_slimming",
+                "--budgets", "0.4", "--seeds", "0", "-o", str(tmp_path / "cmp"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    state = json.loads((tmp_path / "cmp/compare.json").read_text())
+    assert state["score_key"] == "map50_95" and len(state["arms"]) == 2
+    for arm in state["arms"]:
+        assert abs(arm["macs_removed"] - 0.4) <= 0.02
+        assert {"map50_95_trained", "map50_95_pruned", "map50_95_recalibrated", "map50_95"} <= set(arm)
+    nam, slimming = sorted(state["arms"], key=lambda a: a["criterion"] != "nam")
+    assert nam["params"] != slimming["params"]  # the two rankings cut different channels
+    assert (tmp_path / "cmp/accuracy_vs_macs.png").is_file()

@@ -27,7 +27,8 @@ from nam_prune.measure import gflops, measure
 from nam_prune.models import ModelSpec
 from nam_prune.prune.graph import IntactBlock, Protected
 from nam_prune.recalibrate import recalibrate_bn
-from nam_prune.surgery import insert_nam
+from nam_prune.sparsity import gate_scales
+from nam_prune.surgery import NAMConfig, insert_nam
 from nam_prune.tasks import Task
 from nam_prune.version import __version__
 from nam_prune.yolo.config import YoloConfig
@@ -153,21 +154,25 @@ class DetectionTask(Task):
         """Build (yaml) or load (trusted ultralytics .pt) the detector, split-free, with NAM gates in scope."""
         recipe, names = self.recipe, self.names
         name = recipe.model.name
-        if name.endswith(".pt"):
-            model = load_ultralytics_checkpoint(name, recipe.model.trust_pickle)
-            if model.model[-1].nc != len(names):
-                raise NamPruneError(
-                    f"{name} detects {model.model[-1].nc} classes but yolo.data has {len(names)}; use its own data yaml"
-                )
-            spec = ModelSpec(name=name, num_classes=len(names), in_channels=3, config=copy.deepcopy(model.yaml))
-        else:
-            spec = ModelSpec(name=name, num_classes=len(names), in_channels=3)
-            model = build_yolo(spec.name, spec.num_classes, spec.in_channels)
-        nam = replace(recipe.nam, include=scope_prefixes(model, self.yolo.scope))
-        insert_nam(model, nam)
-        model.names = names
+        if not name.endswith(".pt"):
+            return self.build(recipe.nam)
+        model = load_ultralytics_checkpoint(name, recipe.model.trust_pickle)
+        if model.model[-1].nc != len(names):
+            raise NamPruneError(f"{name} detects {model.model[-1].nc} classes but yolo.data has {len(names)}; use its own data yaml")
+        spec = ModelSpec(name=name, num_classes=len(names), in_channels=3, config=copy.deepcopy(model.yaml))
+        return self._gated(model, spec, recipe.nam)
+
+    def build(self, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
+        spec = ModelSpec(name=self.recipe.model.name, num_classes=len(self.names), in_channels=3)
+        return self._gated(build_yolo(spec.name, spec.num_classes, spec.in_channels), spec, gates)
+
+    def _gated(self, model: nn.Module, spec: ModelSpec, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
+        if gates is not None:
+            gates = replace(gates, include=scope_prefixes(model, self.yolo.scope))
+            insert_nam(model, gates)
+        model.names = self.names
         size = self.yolo.report_imgsz
-        return model, ModelRecord(spec=spec, input_shape=(3, size, size), nam=nam)
+        return model, ModelRecord(spec=spec, input_shape=(3, size, size), nam=gates)
 
     def open(self, folder: Path) -> None:
         self.folder = folder
@@ -176,12 +181,12 @@ class DetectionTask(Task):
         elif self.data_yaml is None:  # the same images whatever the recipe's seed: every arm sees the same data
             self.data_yaml = make_fashion_detect(folder / "fashion_detect_data", FashionDetectConfig(imgsz=self.yolo.imgsz))
 
-    def train(self, model, config, stage, on_epoch_end=None, resume=None):
+    def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales):
         label = stage.replace(" ", "")  # ultralytics' run sub-folder
         overrides = trainer_overrides(config, self.yolo, self.data_yaml, self.device, self.folder, label, self.recipe.seed)
         console.print(f"{stage}: {config.epochs} epoch(s) with ultralytics (log: {self.log_file})", soft_wrap=True)
         with ultralytics_output(self.log_file):
-            log = train_detector(model, overrides, config)
+            log = train_detector(model, overrides, config, penalised)
         summary = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in log.metrics.items() if "mAP" in k)
         console.print(f"{stage}: done ({summary or 'no validation'})", soft_wrap=True)
         return [asdict(log)]
@@ -202,6 +207,9 @@ class DetectionTask(Task):
             "onnx_latency_ms": ort_latency_ms(model, example, config.latency_runs, config.warmup, self.deploy_mode),
             **self._validate(model),
         }
+
+    def score(self, model: nn.Module) -> float:
+        return self._validate(model)["map50_95"]
 
     def _validate(self, model: nn.Module) -> dict[str, float]:
         with ultralytics_output(self.log_file):

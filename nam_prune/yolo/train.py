@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from nam_prune.errors import NamPruneError
-from nam_prune.sparsity import apply_sparsity_penalty, clamp_scales, gamma_stats
+from nam_prune.sparsity import Scales, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
 from nam_prune.train import TrainConfig
 from nam_prune.yolo.config import YoloConfig
 from nam_prune.yolo.models import ultralytics_module
@@ -45,6 +45,7 @@ class NAMDetectionTrainer(DetectionTrainer):
     """ultralytics' detection trainer for NAM-gated and pruned models (see the module docstring)."""
 
     sparsity: TrainConfig | None = None  # set on the instance: its penalty, regularizer and t; None trains plainly
+    penalised: Scales = staticmethod(gate_scales)  # which scales the penalty acts on (BN gammas for slimming)
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         if isinstance(weights, nn.Module):
@@ -63,13 +64,13 @@ class NAMDetectionTrainer(DetectionTrainer):
         sparsity = self.sparsity if self.sparsity is not None and self.sparsity.penalty else None
         if sparsity is not None:
             apply_sparsity_penalty(
-                _unwrap(self.model), sparsity.penalty, regularizer=sparsity.regularizer, spread=sparsity.polarization_t
+                _unwrap(self.model), sparsity.penalty, self.penalised, sparsity.regularizer, sparsity.polarization_t
             )
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if sparsity is not None and sparsity.regularizer == "polarization":
-            clamp_scales(_unwrap(self.model))
+            clamp_scales(_unwrap(self.model), self.penalised)
         self.optimizer.zero_grad()
         if self.ema:
             self.ema.update(self.model)
@@ -137,12 +138,15 @@ class StageLog:
     near_zero_gammas: int
 
 
-def train_detector(model: nn.Module, overrides: dict[str, Any], config: TrainConfig) -> StageLog:
+def train_detector(
+    model: nn.Module, overrides: dict[str, Any], config: TrainConfig, penalised: Scales = gate_scales
+) -> StageLog:
     """Train ``model`` in place with ultralytics (EMA weights kept, as ultralytics deploys them)."""
     if overrides["epochs"] == 0:
         return StageLog(0, {}, gamma_stats(model).near_zero)
     trainer = NAMDetectionTrainer(overrides=overrides)
     trainer.sparsity = config
+    trainer.penalised = penalised
     trainer.model = model
     trainer.train()
     trained = trainer.ema.ema if trainer.ema is not None else _unwrap(trainer.model)
