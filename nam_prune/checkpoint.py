@@ -18,7 +18,7 @@ import torch
 import torch_pruning
 import torchvision
 
-from nam_prune.errors import NamPruneError
+from nam_prune.errors import NamPruneError, first_line
 from nam_prune.version import __version__
 
 FORMAT = "nam-prune"
@@ -85,18 +85,13 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, how_to_trust: 
             f"{detail}; re-save it as a plain state dict, or {how_to_trust} only if you trust its source"
         ) from None
     except Exception as error:  # truncated zips, random bytes: torch raises many types for these
-        raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or truncated ({_first_line(error)})") from None
+        raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or truncated ({first_line(error)})") from None
     if is_nam_checkpoint(payload) and payload.get("format_version", 1) > FORMAT_VERSION:
         raise NamPruneError(
             f"{path} was written by a newer nam-prune (checkpoint format {payload['format_version']}, this version "
             f"reads up to {FORMAT_VERSION}); upgrade: pip install -U nam-prune"
         )
     return payload
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
 def is_nam_checkpoint(payload: Any) -> bool:

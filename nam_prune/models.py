@@ -29,7 +29,7 @@ from torchvision.models.resnet import BasicBlock
 
 from nam_prune.checkpoint import read_checkpoint
 from nam_prune.config import printable
-from nam_prune.errors import NamPruneError
+from nam_prune.errors import NamPruneError, first_line
 
 log = logging.getLogger("nam_prune")
 
@@ -251,7 +251,7 @@ def check_input(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> No
     if error is None:
         return
     channels, height, width = input_shape
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    reason = first_line(error)
     for size in INPUT_SIZES:
         if size > min(height, width) and _forward_fails(model, (channels, size, size)) is None:
             raise NamPruneError(
@@ -330,7 +330,7 @@ def _torchvision_pretrained(spec: ModelSpec, tag: str) -> dict[str, torch.Tensor
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(path), progress=False)
         except Exception as error:  # offline: URLError, socket errors, a refused folder
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+            reason = first_line(error, 120)
             raise NamPruneError(
                 f"pretrained weights {spec.name}/{tag} are not cached and cannot be downloaded ({reason}): "
                 f"put {path.name} (from {url}) in {path.parent}"
@@ -350,7 +350,7 @@ def _timm_pretrained(spec: ModelSpec, tag: str) -> nn.Module:
             name, pretrained=True, num_classes=spec.num_classes, in_chans=spec.in_channels, pretrained_cfg_overlay=overlay
         )
     except Exception as error:  # offline: huggingface_hub / urllib raise many types
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        reason = first_line(error, 120)
         raise NamPruneError(
             f"timm could not load pretrained weights for {name} ({reason}): put the weights file "
             f"(model.safetensors from https://huggingface.co/timm/{name}) at {local[0]}"
