@@ -156,22 +156,26 @@ def compare(recipe: Path, overrides: tuple[str, ...], criteria: str, budgets: st
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
-@click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True)
-@click.option("--dynamic-batch", is_flag=True, help="Let the batch dimension vary.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL with .onnx")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True, help="ONNX only.")
+@click.option("--dynamic-batch", is_flag=True, help="Let the batch dimension vary (ONNX only).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL with .onnx / .torchscript")
 def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path | None) -> None:
-    """Export a saved MODEL (ONNX), check it and verify onnxruntime matches torch within 1e-4."""
+    """Export a saved MODEL to ONNX (checked, onnxruntime vs torch) or frozen TorchScript (for plain
+    PyTorch deployment); outputs must match eager torch within 1e-4."""
     from nam_prune.artifact import load_with_metadata, record_of
-    from nam_prune.export import export_onnx
+    from nam_prune.export import export_onnx, export_torchscript
     from nam_prune.tasks import task_class
 
     module, payload = load_with_metadata(model)
     record = record_of(payload)
-    result = export_onnx(
-        module, record.example_input(), output or model.with_suffix(f".{fmt}"), opset, dynamic_batch,
-        task_class(record.spec.name).deploy_mode,
-    )
+    deploy_mode = task_class(record.spec.name).deploy_mode
+    target = output or model.with_suffix(f".{fmt}")
+    if fmt == "torchscript":
+        result = export_torchscript(module, record.example_input(), target, deploy_mode)
+        console.print(f"wrote {result.path} (frozen TorchScript, max |eager - TorchScript| = {result.max_abs_diff:.1e})", soft_wrap=True)
+        return
+    result = export_onnx(module, record.example_input(), target, opset, dynamic_batch, deploy_mode)
     console.print(
         f"wrote {result.path} (opset {result.opset}, max |torch - onnxruntime| = {result.max_abs_diff:.1e})",
         soft_wrap=True,

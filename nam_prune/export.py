@@ -1,4 +1,5 @@
-"""Deployment: export a saved model to ONNX, check it, and compare onnxruntime with torch.
+"""Deployment: export a saved model to ONNX or frozen TorchScript, check it, and compare the
+exported model's outputs with eager torch.
 
 Gates export in their folded eval form ``x * sigmoid(a x + b)`` (BN folded away). A
 ``deploy_mode`` (a model family's ``Task.deploy_mode``) puts the model in the form it is
@@ -8,6 +9,7 @@ deployed in, e.g. a detector returning only its decoded boxes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import tempfile
 import time
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from nam_prune.checkpoint import atomic_write
-from nam_prune.errors import NamPruneError
+from nam_prune.errors import NamPruneError, first_line
 
 PARITY_TOLERANCE = 1e-4
 
@@ -71,7 +73,7 @@ def write_onnx(
     except NamPruneError:
         raise
     except Exception as error:  # exporter and checker raise many types
-        raise NamPruneError(f"ONNX export failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+        raise NamPruneError(f"ONNX export failed ({type(error).__name__}: {first_line(error, 200)})") from None
 
 
 def ort_session(path: Path):
@@ -90,8 +92,39 @@ def parity(
     x = torch.rand_like(example.cpu())
     with torch.inference_mode(), deploy_mode(model):
         expected = model.cpu().eval()(x).numpy()
-    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    return _difference(expected, ort_session(path).run(None, {"input": x.numpy()})[0])
+
+
+def _difference(expected: np.ndarray, got: np.ndarray) -> float:
     return float((np.abs(expected - got) / np.maximum(1.0, np.abs(expected))).max())
+
+
+def export_torchscript(
+    model: nn.Module, example: torch.Tensor, path: Path, deploy_mode: DeployMode = contextlib.nullcontext
+) -> ExportResult:
+    """Trace and freeze (weights as constants, conv-BN folded) for CPU inference; the
+    file loads with ``torch.jit.load`` and needs no nam-prune. A parity miss beyond 1e-4 is an error."""
+    model = model.cpu().eval()
+    x = torch.rand_like(example.cpu())
+    try:
+        with torch.no_grad(), deploy_mode(model):
+            expected = model(x).numpy()
+        copied = copy.deepcopy(model)  # the trace shares its source's tensors; freezing must never touch the user's model
+        with warnings.catch_warnings(), torch.no_grad(), deploy_mode(copied):
+            warnings.simplefilter("ignore")
+            frozen = torch.jit.freeze(torch.jit.trace(copied, example.cpu(), check_trace=False))
+        atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp))
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(x).numpy()
+    except NamPruneError:
+        raise
+    except Exception as error:  # the tracer and freezing raise many types
+        raise NamPruneError(f"TorchScript export failed ({type(error).__name__}: {first_line(error, 200)})") from None
+    diff = _difference(expected, got)
+    if diff > PARITY_TOLERANCE:
+        path.unlink(missing_ok=True)
+        raise NamPruneError(f"TorchScript output differs from eager torch by {diff:.2e} (> {PARITY_TOLERANCE})")
+    return ExportResult(path, diff, 0)
 
 
 def export_onnx(

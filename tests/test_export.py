@@ -1,4 +1,5 @@
-"""ONNX export of a pruned NAM model: checker passes, onnxruntime matches torch within 1e-4."""
+"""Export of a pruned NAM model: ONNX (checker passes, onnxruntime matches torch within 1e-4) and
+frozen TorchScript (matches eager torch, loads without nam-prune)."""
 
 import subprocess
 import sys
@@ -58,3 +59,25 @@ def test_export_cli(pruned):
     )
     assert report.returncode == 0, report.stderr
     assert '"onnx_latency_ms"' in report.stdout
+
+
+def test_torchscript_export_matches_eager_and_loads_without_nam_prune(pruned, tmp_path):
+    """Plain-PyTorch deployment: the frozen file runs where nam-prune is not even imported."""
+    model, path = pruned
+    done = subprocess.run(
+        [sys.executable, "-m", "nam_prune", "export", str(path), "--format", "torchscript"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    exported = path.with_suffix(".torchscript")
+    x = torch.randn(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch; m = torch.jit.load(sys.argv[1]); x = torch.load(sys.argv[2]);"
+        "torch.save(m(x), sys.argv[3]); assert 'nam_prune' not in sys.modules"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(exported), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    with torch.no_grad():
+        assert torch.allclose(torch.load(tmp_path / "y.pt"), model.eval()(x), atol=1e-4)

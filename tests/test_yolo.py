@@ -21,6 +21,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from nam_prune.artifact import ModelRecord, load, save
 from nam_prune.errors import NamPruneError
+from nam_prune.export import export_torchscript
 from nam_prune.gates import NAMGated, channel_gates
 from nam_prune.models import ModelSpec
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
@@ -253,3 +254,15 @@ def test_compare_works_for_detectors_at_matched_gflops(tmp_path: Path) -> None:
     nam, slimming = sorted(state["arms"], key=lambda a: a["criterion"] != "nam")
     assert nam["params"] != slimming["params"]  # the two rankings cut different channels
     assert (tmp_path / "cmp/accuracy_vs_macs.png").is_file()
+
+
+def test_torchscript_export_of_a_detector_leaves_the_eager_model_alone(tmp_path: Path) -> None:
+    """The frozen detector matches eager torch in its deployed form, and the eager model is unchanged."""
+    model = _gated("yolov8n.yaml").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad(), detect_export_mode(model):
+        before = model(x)
+    result = export_torchscript(model, torch.zeros(1, 3, 64, 64), tmp_path / "m.torchscript", detect_export_mode)
+    assert result.max_abs_diff <= 1e-4
+    with torch.no_grad(), detect_export_mode(model):
+        assert torch.equal(model(x), before)
