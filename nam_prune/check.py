@@ -26,7 +26,7 @@ from nam_prune.errors import NamPruneError
 from nam_prune.models import ModelSpec, build_model, check_input
 from nam_prune.prune import PruneConfig, prune_model
 from nam_prune.prune.graph import count_macs_params
-from nam_prune.surgery import NAMConfig, insert_nam
+from nam_prune.surgery import NAMConfig, insert_nam, require_batchnorm
 
 Scope = Literal["global", "local"]
 
@@ -113,6 +113,7 @@ def check_model(
         torch.manual_seed(seed)
         spec = ModelSpec(name, num_classes, in_channels)
         dense = build_model(spec)
+        require_batchnorm(dense)
         check_input(dense, name, shape)
         example = torch.zeros(1, *shape)
         insert_nam(dense, NAMConfig(), example)

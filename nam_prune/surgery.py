@@ -110,6 +110,15 @@ def _fusable(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("conv", "bn", "act", "forward_fuse")) and isinstance(module.bn, nn.BatchNorm2d)
 
 
+def require_batchnorm(model: nn.Module) -> None:
+    """Stop early, with the reason, for models NAM cannot rank (LayerNorm designs, no norm at all)."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise NamPruneError(
+            "no BatchNorm2d found to attach NAM gates to: NAM ranks channels by BN scale factors, "
+            "so the model needs conv-BN layers"
+        )
+
+
 def insert_nam(
     model: nn.Module,
     config: NAMConfig | None = None,
@@ -150,10 +159,8 @@ def insert_nam(
                 setattr(parent, child_name, NAMGated(child, gate, spatial).to(child.weight.device))
             inserted += 1
     if inserted == 0 and not taken:
-        raise NamPruneError(
-            "no BatchNorm2d found to attach NAM gates to: NAM ranks channels by BN scale factors, "
-            "so the model needs conv-BN layers"
-        )
+        require_batchnorm(model)
+        raise NamPruneError("no BatchNorm2d matches nam.placement / nam.include: widen them so some layers get gates")
     log.info("inserted %d NAM gate(s) (placement=%s, spatial=%s)", inserted, config.placement, config.spatial)
     return model
 

@@ -24,7 +24,7 @@ from nam_prune.models import ModelSpec, build_model, build_pretrained, check_inp
 from nam_prune.prune.graph import Protected
 from nam_prune.recalibrate import recalibrate_bn
 from nam_prune.sparsity import Scales, gate_scales
-from nam_prune.surgery import NAMConfig, insert_nam
+from nam_prune.surgery import NAMConfig, insert_nam, require_batchnorm
 from nam_prune.train import TrainConfig, TrainState, evaluate, fit
 
 if TYPE_CHECKING:
@@ -158,6 +158,7 @@ class ClassificationTask(Task):
         if recipe.model.pretrained and weights:
             raise NamPruneError("set model.weights or model.pretrained, not both")
         model = build_pretrained(spec, recipe.model.pretrained) if recipe.model.pretrained else build_model(spec)
+        require_batchnorm(model)
         check_input(model, spec.name, data.input_shape)
         if payload is not None:  # a state dict, or a whole saved model allowed by model.trust_pickle
             load_state(model, state_dict_of(payload, f"model.weights {weights}"), weights)
