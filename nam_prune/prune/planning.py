@@ -227,13 +227,12 @@ def plan_cut(groups: list[ScoredGroup], fraction: float, config: PruneConfig) ->
     sizes = np.array([g.positions for g in groups])
     weights = np.array([g.channel_groups for g in groups])
     caps = np.maximum(sizes - np.array([g.min_keep for g in groups]), 0)
-    orders = [torch.argsort(g.position_scores(), stable=True).numpy() for g in groups]
+    scores = [g.position_scores().numpy() for g in groups]
+    orders = [np.argsort(score, kind="stable") for score in scores]
     if config.scope == "local":
         counts = np.minimum(caps, np.round(fraction * sizes).astype(int))
     else:
-        score_key = np.concatenate(
-            [g.position_scores().numpy()[order[:cap]] for g, order, cap in zip(groups, orders, caps)]
-        )
+        score_key = np.concatenate([score[order[:cap]] for score, order, cap in zip(scores, orders, caps)])
         rank_key = np.concatenate([np.arange(cap) / size for cap, size in zip(caps, sizes)])
         owner = np.concatenate([np.full(cap, i) for i, cap in enumerate(caps)]).astype(int)
         ranked = owner[np.lexsort((rank_key, score_key))]
