@@ -1,8 +1,11 @@
 """Cost of NAM in training: one ResNet-50 step with NAM gates + penalty vs the plain model.
 
-Prints the time ratio (target <= 1.15x), measured in one run on the same machine.
+Plain and gated steps alternate (so machine noise hits both alike) and the ratio of their
+medians is printed per gate path and placement, measured in one run. Targets (issue #15):
+every_bn <= 1.15x eager and <= 1.10x with ``nam.compile: true``, with no recompilation per
+layer shape (the compiled graph count is printed).
 
-    python benchmarks/train_overhead.py [--batch 8] [--size 224] [--steps 3]
+    python benchmarks/train_overhead.py [--batch 8] [--size 224] [--steps 8]
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch._dynamo.utils import counters
 
 from nam_prune.gates import use_compiled_gates
 from nam_prune.models import ModelSpec, build_model
@@ -20,41 +24,54 @@ from nam_prune.sparsity import apply_sparsity_penalty
 from nam_prune.surgery import NAMConfig, insert_nam
 
 
-def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, penalty: float) -> float:
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, penalty: float):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss()
     model.train()
-    times = []
-    for i in range(steps + 1):
+
+    def step() -> float:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         criterion(model(x), y).backward()
         apply_sparsity_penalty(model, penalty)
         optimizer.step()
-        if i:  # the first step warms up allocators, kernels and compilation
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    return step
+
+
+def alternating_ratio(plain_step, gated_step, steps: int) -> tuple[float, float]:
+    """Median step times of the two models, their steps interleaved after one warm-up step each."""
+    plain_step(), gated_step()  # allocators, kernels, compilation
+    plain, gated = [], []
+    for _ in range(steps):
+        plain.append(plain_step())
+        gated.append(gated_step())
+    return statistics.median(plain), statistics.median(gated)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 1000, (args.batch,))
-    plain = build_model(ModelSpec("resnet50", num_classes=1000))
+    plain_step = make_step(build_model(ModelSpec("resnet50", num_classes=1000)), x, y, 0.0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, batch {args.batch}, {args.size}px")
     for compiled in (False, True):
         use_compiled_gates(compiled)
-        for placement in ("block_end", "every_bn"):
+        counters.clear()
+        for placement in ("every_bn", "block_end"):
             gated = insert_nam(build_model(ModelSpec("resnet50", num_classes=1000)), NAMConfig(placement=placement))
-            t_plain = step_time(plain, x, y, args.steps, 0.0)
-            t_gated = step_time(gated, x, y, args.steps, 1e-4)
+            t_plain, t_gated = alternating_ratio(plain_step, make_step(gated, x, y, 1e-4), args.steps)
             mode = "compiled gates" if compiled else "eager gates"
-            print(f"{mode:>14}, placement={placement:>9}: plain {t_plain:.2f} s, NAM {t_gated:.2f} s, "
-                  f"ratio {t_gated / t_plain:.3f} (target <= 1.15)")
+            target = 1.10 if compiled else 1.15
+            print(f"{mode:>14}, placement={placement:>9}: plain {t_plain:.3f} s, NAM {t_gated:.3f} s, "
+                  f"ratio {t_gated / t_plain:.3f} (target <= {target} for every_bn)")
+        if compiled:
+            print(f"compiled graphs for all gates of both placements: {counters['stats']['unique_graphs']}")
 
 
 if __name__ == "__main__":

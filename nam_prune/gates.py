@@ -23,6 +23,7 @@ copies; the numbers are the same (see ``tests/test_gates.py``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -44,87 +45,160 @@ def _channel(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
-class _TrainChannelGate(torch.autograd.Function):
-    """Train-mode channel gate in one function that saves only ``x`` and per-channel vectors.
+def _channel_sums(grad: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``sum(grad)`` and ``sum(grad * x_hat)`` in one pass: batch norm's own backward reduction."""
+    zeros = x_hat.new_zeros(x_hat.shape[1])
+    _, weighted, total = torch.ops.aten.native_batch_norm_backward(
+        grad, x_hat, None, None, None, zeros, torch.ones_like(zeros), True, 0.0, [False, True, True]
+    )
+    return total, weighted
 
-    With batch statistics (mean, invstd) and w detached, the gate is
-    ``x * sigmoid(a x + b)`` with per-channel ``a = w g invstd``, ``b = w (beta - g mean invstd)``;
-    backward recomputes the sigmoid instead of keeping BN(x), z and sigmoid(z) alive, and
-    folds the batch-norm gradient into per-channel coefficients (no x-hat tensor).
+
+def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``scale * x + shift`` per channel through inference batch norm (measured 1.6x faster than addcmul on CPU)."""
+    return torch.batch_norm(x, scale, shift, torch.zeros_like(scale), torch.ones_like(scale), False, 0.0, 0.0, False)
+
+
+Coefficients = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+"""``(mean, invstd, *params, eps, *options) -> (a, b, c, d)``: the per-channel form of a training
+gate, ``out = (a x_hat + b) * sigmoid(c x_hat + d)`` with ``x_hat = (x - mean) * invstd`` and
+``invstd = 1 / sqrt(var + eps)`` over the batch."""
+
+
+def gated_bn_coefficients(mean, invstd, host_weight, host_bias, gate_weight, gate_bias, host_eps, gate_eps, closing, detach):
+    """A BatchNorm2d host (``x_hat`` is its normalized input) followed by its NAM gate.
+
+    The host's output ``u = host_weight x_hat + host_bias`` has batch mean ``host_bias`` and batch
+    variance ``host_weight^2 var / (var + host_eps)``, so the gate's BN needs no pass of its own
+    over ``u``: ``BN_gate(u) = c x_hat + gate_bias``.
+    """
+    variance_ratio = 1 - host_eps * invstd.square()  # var / (var + host_eps)
+    c = gate_weight * host_weight * torch.rsqrt(host_weight.square() * variance_ratio + gate_eps)
+    if closing:
+        scale = gate_weight.abs()
+        return scale * host_weight, scale * host_bias, c, gate_bias
+    w = normalized_scale(gate_weight, detach)
+    return host_weight, host_bias, w * c, w * gate_bias
+
+
+def gate_coefficients(mean, invstd, gate_weight, gate_bias, gate_eps, closing, detach):
+    """A gate on its own (after an activation, as in YOLO): ``x = x_hat / invstd + mean``, normalized by its BN."""
+    if closing:
+        scale = gate_weight.abs()
+        return scale / invstd, scale * mean, gate_weight, gate_bias
+    w = normalized_scale(gate_weight, detach)
+    return 1 / invstd, mean, w * gate_weight, w * gate_bias
+
+
+class _AffineSigmoidGate(torch.autograd.Function):
+    """``out = (a x_hat + b) * sigmoid(c x_hat + d)`` with per-channel ``a, b, c, d`` from a
+    ``Coefficients`` function of the batch mean and 1/std of ``x``.
+
+    Every training gate has this form (a host BN and its gate included), so one native
+    batch-norm pass gives the statistics and ``x_hat``. Backward keeps ``x_hat``, the
+    sigmoid and the affine part (the plain modules keep five maps), and gets every per-channel
+    gradient (parameters, batch mean and 1/std) by autograd on C-sized vectors, so it is
+    exact for any ``Coefficients``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, w):
-        a = w * weight * invstd
-        b = w * (bias - mean * weight * invstd)
-        out = torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a))).mul_(x)
-        ctx.save_for_backward(x, weight, mean, invstd, w, a, b)
-        return out
+    def forward(ctx, x, coefficients, eps, options, *params):
+        x_hat, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+        a, b, c, d = coefficients(mean, invstd, *params, eps, *options)
+        s = torch.sigmoid_(_affine(x_hat, c, d))
+        u = _affine(x_hat, a, b)
+        ctx.coefficients, ctx.eps, ctx.options = coefficients, eps, options
+        ctx.save_for_backward(x_hat, s, u, mean, invstd, *params)
+        ctx.mark_non_differentiable(mean, invstd)
+        return u * s, mean, invstd
 
     @staticmethod
-    def backward(ctx, grad):
-        x, weight, mean, invstd, w, a, b = ctx.saved_tensors
-        s = torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a)))
-        grad_x = grad * s  # direct path: d(x * s)/dx with s held fixed
-        grad_z = s.mul_(1 - s).mul_(grad).mul_(x)  # dL/dz, z = w (g x-hat + beta); reuses s's storage
-        dims = (0, 2, 3)
-        count = x.numel() / x.shape[1]
-        sum_gz = grad_z.sum(dims)
-        sum_gz_x = (grad_z * x).sum(dims)
-        # dL/dgamma = sum(gz w x-hat), dL/dbeta = sum(gz w), with x-hat = (x - mean) invstd
-        grad_weight = w * invstd * (sum_gz_x - mean * sum_gz)
-        grad_bias = w * sum_gz
-        # batch-norm backward through the batch statistics, as per-channel coefficients of gz, x and 1
-        c = w * weight * invstd
-        k = invstd * (sum_gz_x - mean * sum_gz) / count
-        coeff_x = -c * invstd * k
-        const = -c * sum_gz / count + c * invstd * k * mean
-        grad_x.addcmul_(grad_z, _channel(c)).addcmul_(x, _channel(coeff_x)).add_(_channel(const))
-        return grad_x, grad_weight, grad_bias, None, None, None
+    def backward(ctx, grad, _grad_mean, _grad_invstd):
+        x_hat, s, u, mean, invstd, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (mean, invstd, *params)]
+            coefficients = ctx.coefficients(*leaves, ctx.eps, *ctx.options)
+        a, b, c, d = (t.detach() for t in coefficients)
+        grad_u = grad * s
+        grad_z = torch.ops.aten.sigmoid_backward(u * grad, s)
+        sum_gu, sum_gu_xhat = _channel_sums(grad_u, x_hat)
+        sum_gz, sum_gz_xhat = _channel_sums(grad_z, x_hat)
+        sums = (sum_gu_xhat, sum_gu, sum_gz_xhat, sum_gz)  # dL/da, dL/db, dL/dc, dL/dd
+        varying = [(t, s) for t, s in zip(coefficients, sums) if t.requires_grad]
+        grad_mean, grad_invstd, *grad_params = torch.autograd.grad(
+            [t for t, _ in varying], leaves, [s for _, s in varying], allow_unused=True, materialize_grads=True
+        )
+        # x_hat = (x - mean) invstd over the batch: batch norm's backward for dL/dx_hat = a grad_u + c grad_z,
+        # plus the coefficients' own dependence on the mean (d/dx = 1/n) and on invstd (d/dx = -invstd^2 x_hat / n)
+        count = x_hat.numel() // x_hat.shape[1]
+        slope = -(invstd * (a * sum_gu_xhat + c * sum_gz_xhat) + grad_invstd * invstd.square()) / count
+        offset = (grad_mean - invstd * (a * sum_gu + c * sum_gz)) / count
+        grad_x = _affine(grad_u, a * invstd, offset).addcmul_(grad_z, _channel(c * invstd))
+        grad_x.addcmul_(x_hat, _channel(slope))
+        return (grad_x, None, None, None, *grad_params)
 
 
-def train_channel_gate(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    num_batches_tracked: torch.Tensor,
-    momentum: float,
-    eps: float,
-) -> torch.Tensor:
-    """Batch statistics, running-stat update (as BatchNorm2d does) and the fused gate."""
-    with torch.no_grad():
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-        count = x.numel() // x.shape[1]
-        running_mean.lerp_(mean, momentum)
-        running_var.lerp_(var * (count / (count - 1)), momentum)
-        num_batches_tracked.add_(1)
-        w = normalized_scale(weight, detach=True)
-    return _TrainChannelGate.apply(x, weight, bias, mean, torch.rsqrt(var + eps), w)
+def affine_sigmoid_gate(x: torch.Tensor, coefficients: Coefficients, eps: float, options: tuple, *params: torch.Tensor):
+    """``_AffineSigmoidGate`` written with plain ops: what ``torch.compile`` fuses (``nam.compile: true``)."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    a, b, c, d = coefficients(mean, invstd, *params, eps, *options)
+    x_hat = (x - _channel(mean)) * _channel(invstd)
+    out = (_channel(a) * x_hat + _channel(b)) * torch.sigmoid(_channel(c) * x_hat + _channel(d))
+    return out, mean.detach(), invstd.detach()
 
 
-_compiled_train_gate = None
+_compiled_gate = None
 
 
 def use_compiled_gates(enabled: bool = True) -> None:
-    """Train channel gates through ``torch.compile(train_channel_gate)``.
+    """Train gates through ``torch.compile(affine_sigmoid_gate, dynamic=True)``.
 
-    Measured in ``benchmarks/nam_gate.py`` (2 CPU cores): fused kernels take ~0.25x the
-    reference's forward+backward time and keep half its activation memory on large maps,
-    for a few seconds of compilation per shape. Eager, the plain module path is faster than
-    the same function uncompiled (many small passes), so it stays the default.
+    Dynamic shapes: one compiled graph serves every layer's shape (no recompilation per
+    feature-map size, so no ``recompile_limit``); see ``benchmarks/train_overhead.py``.
     """
-    global _compiled_train_gate
-    _compiled_train_gate = torch.compile(train_channel_gate) if enabled else None
+    global _compiled_gate
+    _compiled_gate = torch.compile(affine_sigmoid_gate, dynamic=True) if enabled else None
+
+
+def _fused_gate(x: torch.Tensor, coefficients: Coefficients, eps: float, options: tuple, *params: torch.Tensor):
+    """``(out, batch mean, batch invstd)``, compiled after ``use_compiled_gates()``."""
+    if _compiled_gate is not None:
+        # parameters are shape-specialized by default: one graph per channel count otherwise
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+            return _compiled_gate(x, coefficients, eps, options, *params)
+    return _AffineSigmoidGate.apply(x, coefficients, eps, options, *params)
+
+
+def _uses_batch_statistics(bn: nn.Module, x: torch.Tensor) -> bool:
+    """A plain BatchNorm2d normalizing a float 4-d batch with its batch statistics (exponential running average)."""
+    return (
+        type(bn) is nn.BatchNorm2d
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and bn.momentum is not None
+        and x.dim() == 4
+        and x.dtype == bn.weight.dtype
+        and x.numel() // x.shape[1] > 1
+    )
+
+
+@torch.no_grad()
+def _update_running_statistics(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What BatchNorm2d's training forward does with its batch statistics (``var`` biased)."""
+    bn.running_mean.lerp_(mean, bn.momentum)
+    bn.running_var.lerp_(var * (count / (count - 1)), bn.momentum)
+    bn.num_batches_tracked.add_(1)
 
 
 class NAMChannelGate(nn.Module):
     """Channel attention gate whose own ``BatchNorm2d`` scale is the channel importance.
 
-    Equivalent paths: eval folds the BN into ``x * sigmoid(a x + b)``; training runs the
-    plain module path, or the compiled ``train_channel_gate`` after ``use_compiled_gates()``;
-    torch-pruning's tracing always sees the plain path (it must see ``self.bn``).
+    Equivalent paths: eval folds the BN into ``x * sigmoid(a x + b)``; training runs
+    ``_AffineSigmoidGate`` (compiled after ``use_compiled_gates()``), or the plain module
+    path where the BN does not use batch statistics; torch-pruning's tracing always sees
+    the plain path (it must see ``self.bn``).
     """
 
     def __init__(self, channels: int, grad_through_weights: bool = False, closing: bool = False) -> None:
@@ -156,14 +230,19 @@ class NAMChannelGate(nn.Module):
         w = normalized_scale(self.bn.weight, detach=not self.grad_through_weights)
         return x * torch.sigmoid(self.bn(x) * _channel(w))
 
+    def options(self) -> tuple:
+        """The last arguments of ``gate_coefficients`` and ``gated_bn_coefficients``."""
+        return (self.closing, not self.grad_through_weights)
+
+    def fused_training(self, x: torch.Tensor) -> bool:
+        return not self.tracing and _uses_batch_statistics(self.bn, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = not (self.tracing or self.grad_through_weights or self.closing)
-        if self.training and _compiled_train_gate is not None and fused:
+        if self.fused_training(x):
             bn = self.bn
-            if x.numel() // x.shape[1] > 1 and bn.momentum is not None:
-                return _compiled_train_gate(
-                    x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps
-                )
+            out, mean, invstd = _fused_gate(x, gate_coefficients, bn.eps, self.options(), bn.weight, bn.bias)
+            _update_running_statistics(bn, mean, invstd.square().reciprocal() - bn.eps, x.numel() // x.shape[1])
+            return out
         if self.training or self.tracing or self.grad_through_weights:
             return self._plain(x)
         a, b = self.folded()
@@ -244,8 +323,24 @@ class NAMGated(nn.Module):
         self.spatial = spatial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.channel(self.host(x))
+        if self.channel.fused_training(x) and _uses_batch_statistics(self.host, x):
+            out = self._fused_host_and_gate(x)
+        else:
+            out = self.channel(self.host(x))
         return self.spatial(out) if self.spatial is not None else out
+
+    def _fused_host_and_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Host BN and channel gate in one pass over the batch statistics (``gated_bn_coefficients``)."""
+        host, gate = self.host, self.channel.bn
+        options = (gate.eps, *self.channel.options())
+        params = (host.weight, host.bias, gate.weight, gate.bias)
+        out, mean, invstd = _fused_gate(x, gated_bn_coefficients, host.eps, options, *params)
+        count = x.numel() // x.shape[1]
+        with torch.no_grad():  # the gate's BN saw the host output: batch mean host.bias, variance below
+            variance_ratio = 1 - host.eps * invstd.square()
+            _update_running_statistics(host, mean, variance_ratio / invstd.square(), count)
+            _update_running_statistics(gate, host.bias, host.weight.square() * variance_ratio, count)
+        return out
 
 
 @contextlib.contextmanager
