@@ -2,7 +2,8 @@
 
 For each run folder: the sparsity-trained ``dense.pt`` with its gates stripped (the model a user
 had before compressing) against ``model.pt`` as the recipe produced it (gates kept or stripped,
-widths as rounded), in torch (eager, inference mode) and onnxruntime on the CPU, batch 1 and 32.
+widths as rounded), in torch (eager, inference mode), frozen channels-last TorchScript (what
+``export --format torchscript`` writes) and onnxruntime on the CPU, batch 1 and 32.
 Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), measured in one run.
 
     python benchmarks/run_speedup.py runs/fashion_quickstart [more run folders] [--json out.json]
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from nam_prune.artifact import load_with_metadata, record_of
-from nam_prune.export import ort_latency_ms
+from nam_prune.export import ort_latency_ms, torchscript_latency_ms
 from nam_prune.measure import cpu_latency_ms
 from nam_prune.prune import count_macs_params
 from nam_prune.surgery import strip_gates
@@ -28,6 +29,8 @@ def _latencies(model: torch.nn.Module, example: torch.Tensor, runs: int) -> dict
     return {
         "torch_bs1": cpu_latency_ms(model, example, runs, 3),
         "torch_bs32": cpu_latency_ms(model, batch, max(runs // 4, 3), 1),
+        "torchscript_bs1": torchscript_latency_ms(model, example, runs, 3),
+        "torchscript_bs32": torchscript_latency_ms(model, batch, max(runs // 4, 3), 1),
         "ort_bs1": ort_latency_ms(model, example, runs, 3),
         "ort_bs32": ort_latency_ms(model, batch, max(runs // 4, 3), 1),
     }

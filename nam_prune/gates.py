@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -248,6 +249,30 @@ class NAMChannelGate(nn.Module):
         a, b = self.folded()
         out = x * torch.sigmoid(torch.addcmul(_channel(b), x, _channel(a)))
         return out * _channel(self.bn.weight.abs()) if self.closing else out
+
+
+@torch.no_grad()
+def affine_fit(gate: NAMChannelGate, nodes: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(e, f)`` that best replace the eval-mode gate by ``e u + f``.
+
+    Least squares over the gate's own input distribution, ``u ~ N(running_mean, running_var)``
+    of its BN (the statistics it saw in training), by Gauss-Hermite quadrature:
+    ``e = Cov(u, gate(u)) / Var(u)``, ``f = E[gate(u)] - e E[u]``. Folded into the host BN,
+    it lets ``strip_gates`` hand fine-tuning a model close to the gated one.
+    """
+    points, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    points, weights = torch.from_numpy(points), torch.from_numpy(weights / weights.sum())
+    bn = gate.bn
+    mean, var = bn.running_mean.double(), bn.running_var.double().clamp_min(1e-12)
+    u = mean[:, None] + var.sqrt()[:, None] * points[None, :]
+    a, b = (t.double()[:, None] for t in gate.folded())
+    out = u * torch.sigmoid(a * u + b)
+    if gate.closing:
+        out = out * bn.weight.double().abs()[:, None]
+    expected = out @ weights
+    slope = ((u - mean[:, None]) * out) @ weights / var
+    dtype = bn.weight.dtype
+    return slope.to(dtype), (expected - slope * mean).to(dtype)
 
 
 class NAMSpatialGate(nn.Module):

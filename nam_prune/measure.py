@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -12,7 +14,11 @@ import torch
 import torch.nn as nn
 
 from nam_prune.config import bounded
+from nam_prune.errors import NamPruneError
+from nam_prune.export import DeployMode, torchscript_latency_ms
 from nam_prune.prune.graph import count_macs_params
+
+log = logging.getLogger("nam_prune")
 
 
 @dataclass
@@ -30,10 +36,14 @@ class ReportConfig:
 
 @dataclass
 class Metrics:
+    """``latency_ms``: eager torch; ``torchscript_latency_ms``: the form ``export --format
+    torchscript`` writes (frozen, channels-last), None where the model cannot be traced."""
+
     params: int
     macs: int
     accuracy: float | None
     latency_ms: float | None
+    torchscript_latency_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,10 +70,19 @@ def gflops(macs: int) -> float:
 
 
 def measure(
-    model: nn.Module, example_input: torch.Tensor, config: ReportConfig | None = None, accuracy: float | None = None
+    model: nn.Module,
+    example_input: torch.Tensor,
+    config: ReportConfig | None = None,
+    accuracy: float | None = None,
+    deploy_mode: DeployMode = contextlib.nullcontext,
 ) -> Metrics:
-    """Params, MACs and CPU latency of ``model`` on ``example_input`` (and the accuracy given)."""
+    """Params, MACs and CPU latency (eager and frozen TorchScript) of ``model`` on ``example_input``."""
     config = config or ReportConfig()
     macs, params = count_macs_params(model, example_input)
     latency = cpu_latency_ms(model, example_input, config.latency_runs, config.warmup)
-    return Metrics(params=params, macs=macs, accuracy=accuracy, latency_ms=latency)
+    try:
+        scripted = torchscript_latency_ms(model, example_input, config.latency_runs, config.warmup, deploy_mode)
+    except NamPruneError as error:
+        log.warning("no TorchScript latency: %s", error)
+        scripted = None
+    return Metrics(params=params, macs=macs, accuracy=accuracy, latency_ms=latency, torchscript_latency_ms=scripted)

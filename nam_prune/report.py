@@ -107,7 +107,7 @@ def inspect_checkpoint(
     example = record.example_input()
     config = config or ReportConfig()
     scores = task.evaluate_checkpoint(model, record, data) if data is not None else {}
-    metrics = measure(model, example, config, scores.get("accuracy"))
+    metrics = measure(model, example, config, scores.get("accuracy"), task.deploy_mode)
     extra: dict[str, Any] = {**scores, "gflops": gflops(metrics.macs)}
     if with_onnx:
         extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup, task.deploy_mode)

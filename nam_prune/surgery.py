@@ -17,7 +17,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nam_prune.errors import NamPruneError
-from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate
+from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate, affine_fit
 
 log = logging.getLogger("nam_prune")
 
@@ -168,11 +168,19 @@ def insert_nam(
 def strip_gates(model: nn.Module) -> nn.Module:
     """Replace every ``NAMGated`` by its host layer, in place: the deployable model without gates.
 
-    The gates scale each channel by ``sigmoid(.)`` (about 0.5), so outputs change: fine-tune
-    after stripping (``prune.strip_gates: true`` does, since stripping happens before fine-tuning).
+    A BatchNorm host absorbs its channel gate's best affine fit (``affine_fit``: least squares
+    over the inputs the gate saw in training), so the plain model starts close to the gated
+    one; other hosts (an activation, in YOLO) drop the gate's scaling. Fine-tune after
+    stripping (``prune.strip_gates: true`` does: stripping happens before fine-tuning).
     """
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, NAMGated):
-                setattr(parent, child_name, child.host)
+                host = child.host
+                if isinstance(host, nn.BatchNorm2d) and host.affine:
+                    slope, intercept = affine_fit(child.channel)
+                    with torch.no_grad():
+                        host.bias.mul_(slope).add_(intercept)
+                        host.weight.mul_(slope)
+                setattr(parent, child_name, host)
     return model

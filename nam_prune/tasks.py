@@ -36,7 +36,8 @@ CLASSIFICATION_COLUMNS: Columns = (
     ("params", "params"),
     ("macs", "MACs"),
     ("accuracy", "top-1"),
-    ("latency_ms", "latency ms (CPU, bs 1)"),
+    ("latency_ms", "torch ms (CPU, bs 1)"),
+    ("torchscript_latency_ms", "TorchScript ms"),
 )
 
 

@@ -221,3 +221,26 @@ def test_compiled_training_gate_matches_plain_path_without_recompiling():
     finally:
         use_compiled_gates(False)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_affine_fit_is_the_least_squares_line_over_the_gates_inputs():
+    """strip_gates folds ``e u + f`` into the host BN: the least-squares line over u ~ N(running stats)."""
+    from nam_prune.gates import affine_fit
+
+    g = torch.Generator().manual_seed(5)
+    gate = NAMChannelGate(6, closing=True).double()
+    with torch.no_grad():
+        gate.bn.weight.copy_(torch.rand(6, generator=g) * 2)
+        gate.bn.bias.copy_(torch.rand(6, generator=g) * 2 - 1)
+        gate.bn.running_mean.copy_(torch.randn(6, generator=g))
+        gate.bn.running_var.copy_(torch.rand(6, generator=g) * 4 + 0.01)
+    gate.eval()
+    u = torch.randn(400_000, 6, 1, 1, generator=g, dtype=torch.float64)
+    u = u * gate.bn.running_var.sqrt().view(1, -1, 1, 1) + gate.bn.running_mean.view(1, -1, 1, 1)
+    with torch.no_grad():
+        out = gate(u)
+    slope, intercept = affine_fit(gate)
+    for c in range(6):
+        design = torch.stack([u[:, c].flatten(), torch.ones(len(u), dtype=torch.float64)], 1)
+        sampled = torch.linalg.lstsq(design, out[:, c].flatten()[:, None]).solution.flatten()
+        torch.testing.assert_close(torch.stack([slope[c], intercept[c]]), sampled, atol=5e-3, rtol=0)

@@ -56,6 +56,7 @@ DETECTION_COLUMNS = (
     ("gflops", "GFLOPs"),
     ("map50_95", "mAP50-95"),
     ("latency_ms", "torch ms (CPU, bs 1)"),
+    ("torchscript_latency_ms", "TorchScript ms"),
     ("onnx_latency_ms", "onnxruntime ms"),
 )
 
@@ -198,7 +199,7 @@ class DetectionTask(Task):
     def measure(self, model, example, stage):
         """Params, MACs and GFLOPs at the report size, CPU latency (torch, onnxruntime) and mAP."""
         config = self.recipe.report
-        metrics = measure(model, example, config).to_dict()
+        metrics = measure(model, example, config, deploy_mode=self.deploy_mode).to_dict()
         del metrics["accuracy"]  # detectors are scored by mAP
         return {
             **metrics,
