@@ -44,8 +44,9 @@ def test_run_writes_model_and_results(quick_run):
     run_dir, _ = quick_run
     results = json.loads((run_dir / "results.json").read_text())
     for stage in ("before", "pruned", "recalibrated", "after", "baseline"):
-        assert set(results[stage]) >= {"params", "macs", "accuracy", "latency_ms"}
+        assert set(results[stage]) >= {"params", "macs", "accuracy", "latency_ms", "torchscript_latency_ms"}
         assert 0.0 <= results[stage]["accuracy"] <= 1.0
+        assert results[stage]["latency_ms"] > 0 and results[stage]["torchscript_latency_ms"] > 0
     assert results["recalibrated"]["macs"] == results["pruned"]["macs"] == results["after"]["macs"]
     assert results["baseline"]["macs"] == results["before"]["macs"]  # the unpruned model, trained as long
     assert results["baseline"]["accuracy"] > 0.4
