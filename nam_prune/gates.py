@@ -18,6 +18,10 @@ positions, one scale lambda per pixel, so it needs the H x W it was built for.
 
 Both are written without the reference's NCHW->NHWC permutes and ``.contiguous()``
 copies; the numbers are the same (see ``tests/test_gates.py``).
+
+In training, a gate behind a BatchNorm2d needs no statistics of its own: the host's output
+has batch mean beta and variance gamma^2 var / (var + eps), so one batch-norm pass over the
+host's input serves both (``gated_bn_coefficients``, ``_AffineSigmoidGate``).
 """
 
 from __future__ import annotations
