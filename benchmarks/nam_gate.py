@@ -88,7 +88,7 @@ def main() -> None:
     for compiled in (False, True):
         use_compiled_gates(compiled)
         print("-- " + ("torch.compile'd affine_sigmoid_gate (dynamic shapes)" if compiled
-                       else "eager _AffineSigmoidGate (one native BN pass, custom backward)"))
+                       else "eager (plain module path: a gate on its own shares no host BN pass)"))
         compare(args.repeats)
 
 

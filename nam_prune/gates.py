@@ -200,10 +200,10 @@ def _update_running_statistics(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torc
 class NAMChannelGate(nn.Module):
     """Channel attention gate whose own ``BatchNorm2d`` scale is the channel importance.
 
-    Equivalent paths: eval folds the BN into ``x * sigmoid(a x + b)``; training runs
-    ``_AffineSigmoidGate`` (compiled after ``use_compiled_gates()``), or the plain module
-    path where the BN does not use batch statistics; torch-pruning's tracing always sees
-    the plain path (it must see ``self.bn``).
+    Equivalent paths: eval folds the BN into ``x * sigmoid(a x + b)``; training runs the
+    plain module path, or ``affine_sigmoid_gate`` compiled after ``use_compiled_gates()``
+    (behind a host BN, ``NAMGated`` runs host and gate as one fused function instead);
+    torch-pruning's tracing always sees the plain path (it must see ``self.bn``).
     """
 
     def __init__(self, channels: int, grad_through_weights: bool = False, closing: bool = False) -> None:
@@ -243,7 +243,9 @@ class NAMChannelGate(nn.Module):
         return not self.tracing and _uses_batch_statistics(self.bn, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_training(x):
+        # on its own (no host BN to share statistics with) the eager plain path is faster than
+        # _AffineSigmoidGate (benchmarks/nam_gate.py); compiled, the fused form wins
+        if _compiled_gate is not None and self.fused_training(x):
             bn = self.bn
             out, mean, invstd = _fused_gate(x, gate_coefficients, bn.eps, self.options(), bn.weight, bn.bias)
             _update_running_statistics(bn, mean, invstd.square().reciprocal() - bn.eps, x.numel() // x.shape[1])
