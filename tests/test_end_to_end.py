@@ -171,13 +171,17 @@ def test_iterative_pruning_keeps_max_ratio_of_original_layers(tmp_path):
 
 
 def test_report_plots(quick_run, tmp_path):
+    """model.pt (gates stripped by default) plots the channels kept; dense.pt, which has its gates, the gammas."""
     run_dir, _ = quick_run
-    report = _cli("report", str(run_dir / "model.pt"), "--plots", str(tmp_path / "plots"), "--json", cwd=run_dir)
-    assert report.returncode == 0, report.stderr
-    written = sorted(Path(p).name for p in json.loads(report.stdout)["plots"])
-    assert written == ["channels_kept.png", "gamma_hist.png", "gamma_hist_per_layer.png"]
-    for name in written:
-        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    expected = {"model.pt": ["channels_kept.png"], "dense.pt": ["gamma_hist.png", "gamma_hist_per_layer.png"]}
+    for checkpoint, names in expected.items():
+        folder = tmp_path / checkpoint
+        report = _cli("report", str(run_dir / checkpoint), "--plots", str(folder), "--json", cwd=run_dir)
+        assert report.returncode == 0, report.stderr
+        written = sorted(Path(p).name for p in json.loads(report.stdout)["plots"])
+        assert written == names
+        for name in written:
+            assert (folder / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_spatial_lambda_maps_are_plotted(tmp_path):

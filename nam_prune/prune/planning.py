@@ -50,8 +50,10 @@ class PruneConfig:
     round_to: keep channel counts at multiples of this (CPU kernels like 8 or 16).
     steps: prune in this many steps, fine-tuning ``epochs_between_steps`` between them.
     ignore: module names never pruned (the classifier head never is).
-    strip_gates: remove the NAM gates after pruning (gate-then-strip): a plain, faster
-        model; fine-tuning then recovers the gates' scaling.
+    strip_gates: remove the NAM gates after pruning, each folded into its host BN as its
+        best affine fit (gate-then-strip): the plain, faster model fine-tuning then trains.
+        On by default: on the quickstart it costs -0.20 +- 0.41 points of fine-tuned top-1
+        (3 seeds, within their spread) and kept gates realise a third less of the MAC cut.
     """
 
     target: Literal["macs", "channels"] = "macs"
@@ -65,7 +67,7 @@ class PruneConfig:
     steps: int = bounded(1, low=1)
     epochs_between_steps: int = bounded(1, low=0)
     ignore: list[str] = field(default_factory=list)
-    strip_gates: bool = False
+    strip_gates: bool = True
 
 
 @dataclass
