@@ -31,7 +31,7 @@ def bare_torch_pruning(model, x):
 
 
 def ours(model, x):
-    prune_model(model, x, PruneConfig(target="channels", scope="local", channel_ratio=0.3))
+    prune_model(model, x, PruneConfig(target="channels", scope="local", channel_ratio=0.3, round_to=1))
 
 
 def main() -> None:

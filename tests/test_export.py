@@ -28,7 +28,7 @@ def pruned(tmp_path):
             if hasattr(gate, "gamma"):
                 gate.gamma.uniform_(0.1, 1)
     model.train()(torch.randn(16, 1, 28, 28))
-    result = prune_model(model.eval(), torch.zeros(1, 1, 28, 28), PruneConfig(macs_keep=0.5))
+    result = prune_model(model.eval(), torch.zeros(1, 1, 28, 28), PruneConfig(macs_keep=0.5, round_to=1))
     path = tmp_path / "model.pt"
     save(path, model, ModelRecord(spec, (1, 28, 28), nam, result.history))
     return model, path

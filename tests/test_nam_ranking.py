@@ -84,7 +84,7 @@ def test_pruning_zero_gamma_channels_of_closing_gates_changes_nothing():
     model.eval()
     x = torch.randn(2, 1, 28, 28)
     before, channels = model(x), sum(g.bn.num_features for g in gates)
-    prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels", channel_ratio=0.25))
+    prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels", channel_ratio=0.25, round_to=1))
     assert sum(g.bn.num_features for g in gates) == channels - channels // 4
     assert all(bool((g.bn.weight > 0).all()) for g in gates)  # exactly the zero channels went
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
@@ -114,7 +114,7 @@ def test_recalibration_recovers_a_cut_model_on_real_data(fashion_small):
     fit(model, fashion_small.train, TrainConfig(epochs=6, lr=0.05), CPU, "train")
     recalibrate_bn(model, fashion_small.calibration, 8, CPU)
     trained = evaluate(model, fashion_small.test, CPU)
-    prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels", channel_ratio=0.5, max_pruning_ratio=0.6))
+    prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels", channel_ratio=0.5, max_pruning_ratio=0.6, round_to=1))
     stale = evaluate(model, fashion_small.test, CPU)
     recalibrate_bn(model, fashion_small.calibration, 8, CPU)
     recalibrated = evaluate(model, fashion_small.test, CPU)

@@ -32,7 +32,7 @@ def test_untrained_gammas_trap_torch_pruning_prunes_nothing(tiny_nam_resnet):
 def test_untrained_gammas_trap_nam_prune_meets_target(tiny_nam_resnet):
     """...while nam-prune spreads the tied cut evenly and meets the MACs target."""
     macs_before = count_macs_params(tiny_nam_resnet, X)[0]
-    prune_model(tiny_nam_resnet, X, PruneConfig(macs_keep=0.5))
+    prune_model(tiny_nam_resnet, X, PruneConfig(macs_keep=0.5, round_to=1))
     macs_after = count_macs_params(tiny_nam_resnet, X)[0]
     assert 0.48 * macs_before <= macs_after <= 0.5 * macs_before
     widths = [g.bn.num_features for g in _gates(tiny_nam_resnet)]
@@ -50,7 +50,7 @@ def test_lowest_gamma_channels_are_the_ones_removed():
         original = model[0].weight.detach().clone()
     x = torch.zeros(1, 1, 6, 6)
     # the last conv is the head; only conv 0's 8 output channels are prunable: cut 3 of them
-    prune_model(model, x, PruneConfig(target="channels", max_pruning_ratio=0.9, channel_ratio=3 / 8))
+    prune_model(model, x, PruneConfig(target="channels", max_pruning_ratio=0.9, channel_ratio=3 / 8, round_to=1))
     kept = [0, 2, 4, 5, 7]
     torch.testing.assert_close(model[0].weight, original[kept])
     torch.testing.assert_close(model[1].channel.bn.weight.detach(), gamma[kept])
@@ -64,7 +64,7 @@ def test_macs_before_after_exact():
     x = torch.zeros(1, 1, 6, 6)
     conv_macs = lambda c: 36 * (9 * c + c * 4)
     macs_before, params_before = count_macs_params(model, x)
-    result = prune_model(model, x, PruneConfig(target="channels", channel_ratio=0.5))
+    result = prune_model(model, x, PruneConfig(target="channels", channel_ratio=0.5, round_to=1))
     macs_after, params_after = count_macs_params(model, x)
     assert params_before == result.params_before == 8 * 9 + 8 * 2 + 8 * 2 + 8 * 4  # conv, host BN, gate BN, conv
     assert params_after == result.params_after == 4 * 9 + 4 * 2 + 4 * 2 + 4 * 4

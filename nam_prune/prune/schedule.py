@@ -88,8 +88,9 @@ def prune_model(
         history += apply_plan(model, graph, groups, plan)
         if parameter_count(model) >= step_params:  # cheap: MACs are counted by the caller's report
             raise NamPruneError(
-                "pruning removed nothing: every layer is at prune.max_pruning_ratio or the target is the "
-                "model's own size; lower prune.macs_keep / raise prune.channel_ratio"
+                "pruning removed nothing: every layer is at prune.max_pruning_ratio, narrower than prune.round_to "
+                "allows to cut, or the target is the model's own size; lower prune.macs_keep / raise "
+                "prune.channel_ratio, or lower prune.round_to"
             )
         log.info(
             "step %d/%d: pruned %d layer group(s) (channel share %.3f): params %.3fM -> %.3fM",
