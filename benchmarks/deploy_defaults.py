@@ -15,10 +15,18 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 from run_speedup import measure_run
+
+RUNS_MADE_BY = (
+    "nam-prune run recipes/fashion_quickstart.yaml seed=S report.baseline=false output=<config>-s<S> with, per config: "
+    "base prune.strip_gates=false prune.round_to=1 (the defaults before issue #15); fold prune.strip_gates=true "
+    "prune.round_to=1; fold8 prune.strip_gates=true prune.round_to=8 (the defaults now); fold16 "
+    "prune.strip_gates=true prune.round_to=16; OMP_NUM_THREADS=1, two runs sharing the 2 cores"
+)
 
 
 def main() -> None:
@@ -58,7 +66,8 @@ def main() -> None:
               f"vs {args.reference} {summary[config]['paired_mean_pt']:+.2f} ± {summary[config]['paired_std_pt']:.2f} pt; "
               "realised bs32 " + " ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in realised.items()))
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "runs": rows}, indent=1))
+        command = "python benchmarks/deploy_defaults.py " + " ".join(sys.argv[1:])
+        args.json.write_text(json.dumps({"command": command, "runs_made_by": RUNS_MADE_BY, "summary": summary, "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":
