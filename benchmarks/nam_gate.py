@@ -4,14 +4,17 @@ Prints, per shape, our time / reference time and our saved-activation bytes / re
 (the memory autograd keeps for backward, which is what a gate adds to training), and checks
 outputs and gradients agree within 1e-5. Targets: time <= 0.5x, memory <= 0.6x.
 
-    python benchmarks/nam_gate.py [--repeats 20]
+    python benchmarks/nam_gate.py [--repeats 20] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -82,17 +85,24 @@ def check_equal(ours: nn.Module, ref: nn.Module, x: torch.Tensor, grad: torch.Te
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the ratios here")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    rows = []
     for compiled in (False, True):
         use_compiled_gates(compiled)
         print("-- " + ("torch.compile'd affine_sigmoid_gate (dynamic shapes)" if compiled
                        else "eager (plain module path: a gate on its own shares no host BN pass)"))
-        compare(args.repeats)
+        rows += [{"compiled": compiled, **row} for row in compare(args.repeats)]
+    use_compiled_gates(False)
+    if args.json:
+        args.json.write_text(json.dumps({"command": "python benchmarks/nam_gate.py " + " ".join(sys.argv[1:]),
+                                         "torch": torch.__version__, "rows": rows}, indent=1))
 
 
-def compare(repeats: int) -> None:
+def compare(repeats: int) -> list[dict]:
+    rows = []
     print(f"{'shape':>20} {'ours ms':>9} {'ref ms':>9} {'time ratio':>10} {'mem ratio':>9} {'max |diff|':>10}")
     for shape in SHAPES:
         ours, ref = NAMChannelGate(shape[1]), ReferenceChannelAtt(shape[1])
@@ -110,6 +120,8 @@ def compare(repeats: int) -> None:
             f"{m_ours / m_ref:9.2f} {diff:10.1e}"
         )
         assert diff < 1e-5, f"gate disagrees with the reference by {diff}"
+        rows.append({"shape": list(shape), "time_ratio": t_ours / t_ref, "memory_ratio": m_ours / m_ref, "max_abs_diff": diff})
+    return rows
 
 
 if __name__ == "__main__":

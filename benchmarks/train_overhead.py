@@ -5,14 +5,17 @@ medians is printed per gate path and placement, measured in one run. Targets (is
 every_bn <= 1.15x eager and <= 1.10x with ``nam.compile: true``, with no recompilation per
 layer shape (the compiled graph count is printed).
 
-    python benchmarks/train_overhead.py [--batch 8] [--size 224] [--steps 8]
+    python benchmarks/train_overhead.py [--batch 8] [--size 224] [--steps 8] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -55,7 +58,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="also write the ratios here")
     args = parser.parse_args()
+    rows = []
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 1000, (args.batch,))
     plain_step = make_step(build_model(ModelSpec("resnet50", num_classes=1000)), x, y, 0.0)
@@ -70,8 +75,15 @@ def main() -> None:
             target = 1.10 if compiled else 1.15
             print(f"{mode:>14}, placement={placement:>9}: plain {t_plain:.3f} s, NAM {t_gated:.3f} s, "
                   f"ratio {t_gated / t_plain:.3f} (target <= {target} for every_bn)")
+            rows.append({"compiled": compiled, "placement": placement, "plain_s": t_plain, "nam_s": t_gated,
+                         "ratio": t_gated / t_plain})
         if compiled:
-            print(f"compiled graphs for all gates of both placements: {counters['stats']['unique_graphs']}")
+            graphs = counters["stats"]["unique_graphs"]
+            print(f"compiled graphs for all gates of both placements: {graphs}")
+    if args.json:
+        args.json.write_text(json.dumps({"command": "python benchmarks/train_overhead.py " + " ".join(sys.argv[1:]),
+                                         "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                         "compiled_graphs": graphs, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
