@@ -126,21 +126,26 @@ def frozen_torchscript(
         raise NamPruneError(f"TorchScript tracing failed ({type(error).__name__}: {first_line(error, 200)})") from None
 
 
+def median_ms(call: Callable[[], object], runs: int, warmup: int) -> float:
+    """Median wall time of ``call()`` over ``runs`` calls after ``warmup`` untimed ones, in milliseconds."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def torchscript_latency_ms(
     model: nn.Module, example: torch.Tensor, runs: int, warmup: int, deploy_mode: DeployMode = contextlib.nullcontext
 ) -> float:
     """Median CPU latency of ``frozen_torchscript(model)`` on ``example``'s batch."""
     frozen = frozen_torchscript(model, example, deploy_mode)
     x = example.cpu()
-    with torch.inference_mode():
-        for _ in range(max(warmup, 2)):  # the first calls of a frozen module optimize its graph
-            frozen(x)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            frozen(x)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    with torch.inference_mode():  # the first calls of a frozen module optimize its graph: warm up twice at least
+        return median_ms(lambda: frozen(x), runs, max(warmup, 2))
 
 
 def export_torchscript(
@@ -191,11 +196,4 @@ def ort_latency_ms(
         write_onnx(model, example, path, deploy_mode=deploy_mode)
         session = ort_session(path)
         x = {"input": example.cpu().numpy()}
-        for _ in range(warmup):
-            session.run(None, x)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, x)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        return median_ms(lambda: session.run(None, x), runs, warmup)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,7 +13,7 @@ import torch.nn as nn
 
 from nam_prune.config import bounded
 from nam_prune.errors import NamPruneError
-from nam_prune.export import DeployMode, torchscript_latency_ms
+from nam_prune.export import DeployMode, median_ms, torchscript_latency_ms
 from nam_prune.prune.graph import count_macs_params
 
 log = logging.getLogger("nam_prune")
@@ -54,14 +52,7 @@ def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, war
     """Median wall time of one forward pass on ``example_input`` on the CPU, in milliseconds."""
     model = copy.deepcopy(model).cpu().eval()
     x = example_input.cpu()
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return median_ms(lambda: model(x), runs, warmup)
 
 
 def gflops(macs: int) -> float:
