@@ -267,8 +267,9 @@ def affine_fit(gate: NAMChannelGate, nodes: int = 48) -> tuple[torch.Tensor, tor
     it lets ``strip_gates`` hand fine-tuning a model close to the gated one.
     """
     points, weights = np.polynomial.hermite_e.hermegauss(nodes)
-    points, weights = torch.from_numpy(points), torch.from_numpy(weights / weights.sum())
     bn = gate.bn
+    device = bn.running_mean.device
+    points, weights = torch.from_numpy(points).to(device), torch.from_numpy(weights / weights.sum()).to(device)
     mean, var = bn.running_mean.double(), bn.running_var.double().clamp_min(1e-12)
     u = mean[:, None] + var.sqrt()[:, None] * points[None, :]
     a, b = (t.double()[:, None] for t in gate.folded())
