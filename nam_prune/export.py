@@ -155,10 +155,10 @@ def export_torchscript(
     nam-prune. A parity miss beyond 1e-4 is an error."""
     model = model.cpu().eval()
     x = torch.rand_like(example.cpu())
-    with torch.no_grad(), deploy_mode(model):
-        expected = model(x).numpy()
     frozen = frozen_torchscript(model, example, deploy_mode)
     try:
+        with torch.no_grad(), deploy_mode(model):
+            expected = model(x).numpy()
         atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp))
         with torch.no_grad():
             got = torch.jit.load(str(path))(x).numpy()
