@@ -123,6 +123,7 @@ def check_model(
         inputs = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
         for scope in scopes:
             model = copy.deepcopy(dense)
+            # channel by channel: the check is about the graph, and keeps the committed sweep's figures
             pruned = prune_model(model, example, PruneConfig(macs_keep=macs_keep, scope=scope, round_to=1))
             result.macs_after[scope], result.params_after[scope] = count_macs_params(model, example)
             record = ModelRecord(spec, shape, NAMConfig(), pruned.history)

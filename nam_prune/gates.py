@@ -129,9 +129,10 @@ class _AffineSigmoidGate(torch.autograd.Function):
         sum_gu, sum_gu_xhat = _channel_sums(grad_u, x_hat)
         sum_gz, sum_gz_xhat = _channel_sums(grad_z, x_hat)
         sums = (sum_gu_xhat, sum_gu, sum_gz_xhat, sum_gz)  # dL/da, dL/db, dL/dc, dL/dd
-        varying = [(t, s) for t, s in zip(coefficients, sums) if t.requires_grad]
+        varying = [(coefficient, total) for coefficient, total in zip(coefficients, sums) if coefficient.requires_grad]
         grad_mean, grad_invstd, *grad_params = torch.autograd.grad(
-            [t for t, _ in varying], leaves, [s for _, s in varying], allow_unused=True, materialize_grads=True
+            [coefficient for coefficient, _ in varying], leaves, [total for _, total in varying],
+            allow_unused=True, materialize_grads=True,
         )
         # x_hat = (x - mean) invstd over the batch: batch norm's backward for dL/dx_hat = a grad_u + c grad_z,
         # plus the coefficients' own dependence on the mean (d/dx = 1/n) and on invstd (d/dx = -invstd^2 x_hat / n)
