@@ -27,7 +27,7 @@ from nam_prune.models import ModelSpec
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
 from nam_prune.recipe import load_recipe
 from nam_prune.surgery import NAMConfig, insert_nam
-from nam_prune.yolo.data import build_demo_set, ultralytics_assets
+from nam_prune.yolo.data import DEMO_NAMES, build_demo_set, ultralytics_assets
 from nam_prune.yolo.models import C2fSplitFree, build_yolo, make_split_free, scope_prefixes
 from nam_prune.yolo.task import DetectionTask, detect_export_mode, protection, save_ultralytics
 from nam_prune.yolo.train import NAMDetectionTrainer
@@ -119,6 +119,26 @@ def test_pruned_detector_reloads_from_weights_only_checkpoint(tmp_path: Path) ->
     x = torch.rand(1, 3, SIZE, SIZE)
     assert torch.equal(_outputs(model, x), _outputs(reloaded, x))
     assert count_macs_params(reloaded, example)[0] == count_macs_params(model, example)[0]
+
+
+def test_model_weights_starts_a_detector_run_from_a_saved_nam_model(tmp_path: Path) -> None:
+    """A run's dense.pt can be pruned again without retraining; a classifier checkpoint is refused."""
+    classes = len(DEMO_NAMES)  # the recipe's demo set
+    model = build_yolo("yolov8n.yaml", classes, 3)
+    nam = NAMConfig(include=scope_prefixes(model, "backbone+neck"))
+    insert_nam(model, nam)
+    record = ModelRecord(ModelSpec("yolov8n.yaml", classes, 3), (3, SIZE, SIZE), nam)
+    save(tmp_path / "dense.pt", model, record)
+    recipe = load_recipe(ROOT / "recipes/yolov8n_backbone_neck.yaml", [f"model.weights={tmp_path / 'dense.pt'}"])
+    loaded, loaded_record = DetectionTask(recipe, torch.device("cpu")).prepare()
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert loaded_record.nam == record.nam and loaded_record.input_shape == (3, 640, 640)
+
+    save(tmp_path / "classifier.pt", torch.nn.Conv2d(1, 2, 1), ModelRecord(ModelSpec("resnet20", 2, 1), (1, 28, 28)))
+    recipe = load_recipe(ROOT / "recipes/yolov8n_backbone_neck.yaml", [f"model.weights={tmp_path / 'classifier.pt'}"])
+    with pytest.raises(NamPruneError, match="not a YOLO detector"):
+        DetectionTask(recipe, torch.device("cpu")).prepare()
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from nam_prune.artifact import ModelRecord
-from nam_prune.checkpoint import atomic_write
+from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of, state_dict_of
+from nam_prune.checkpoint import atomic_write, is_nam_checkpoint, read_checkpoint
 from nam_prune.console import console
 from nam_prune.data import FASHION_CLASSES
 from nam_prune.errors import NamPruneError
@@ -155,6 +155,8 @@ class DetectionTask(Task):
         """Build (yaml) or load (trusted ultralytics .pt) the detector, split-free, with NAM gates in scope."""
         recipe, names = self.recipe, self.names
         name = recipe.model.name
+        if recipe.model.weights:
+            return self._from_weights(recipe.model.weights)
         if not name.endswith(".pt"):
             return self.build(recipe.nam)
         model = load_ultralytics_checkpoint(name, recipe.model.trust_pickle)
@@ -162,6 +164,29 @@ class DetectionTask(Task):
             raise NamPruneError(f"{name} detects {model.model[-1].nc} classes but yolo.data has {len(names)}; use its own data yaml")
         spec = ModelSpec(name=name, num_classes=len(names), in_channels=3, config=copy.deepcopy(model.yaml))
         return self._gated(model, spec, recipe.nam)
+
+    def _from_weights(self, weights: str) -> tuple[nn.Module, ModelRecord]:
+        """The detector of ``model.weights``: a nam-prune checkpoint (a run's ``dense.pt``, to prune it
+        again without retraining) or a state dict for ``model.name``'s yaml."""
+        recipe, names = self.recipe, self.names
+        payload = read_checkpoint(weights, recipe.model.trust_pickle)
+        if not is_nam_checkpoint(payload):
+            model, record = self.build(None)
+            load_state(model, state_dict_of(payload, f"model.weights {weights}"), weights)
+            return self._gated(model, record.spec, recipe.nam)
+        record = record_of(payload)
+        if record.spec.num_classes != len(names) or not record.spec.name.endswith((".yaml", ".yml", ".pt")):
+            raise NamPruneError(
+                f"model.weights {weights} holds a {record.spec.name} with {record.spec.num_classes} classes, not a "
+                f"YOLO detector for yolo.data's {len(names)} classes; use a checkpoint of a run on that data"
+            )
+        model = rebuild(record)
+        load_state(model, payload["state_dict"], weights)
+        if record.nam is None:
+            return self._gated(model, record.spec, recipe.nam)
+        model.names = names
+        size = self.yolo.report_imgsz
+        return model, replace(record, input_shape=(3, size, size))
 
     def build(self, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
         spec = ModelSpec(name=self.recipe.model.name, num_classes=len(self.names), in_channels=3)
