@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of, state_dict_of
+from nam_prune.artifact import ModelRecord, from_payload, load_state, record_of, state_dict_of
 from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
 from nam_prune.data import DataConfig, load_data
 from nam_prune.errors import NamPruneError
@@ -150,8 +150,7 @@ class ClassificationTask(Task):
                     f"model.weights was trained on inputs {tuple(record.input_shape)} but data gives "
                     f"{tuple(data.input_shape)}; use the data set it was trained on"
                 )
-            model = rebuild(record)
-            load_state(model, payload["state_dict"], weights)
+            model = from_payload(payload, weights).train()
             if record.nam is None:
                 insert_nam(model, recipe.nam, record.example_input())
                 record = replace(record, nam=recipe.nam)

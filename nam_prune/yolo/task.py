@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of, state_dict_of
+from nam_prune.artifact import ModelRecord, from_payload, load_state, record_of, state_dict_of
 from nam_prune.checkpoint import atomic_write, is_nam_checkpoint, read_checkpoint
 from nam_prune.console import console
 from nam_prune.data import FASHION_CLASSES
@@ -180,8 +180,7 @@ class DetectionTask(Task):
                 f"model.weights {weights} holds a {record.spec.name} with {record.spec.num_classes} classes, not a "
                 f"YOLO detector for yolo.data's {len(names)} classes; use a checkpoint of a run on that data"
             )
-        model = rebuild(record)
-        load_state(model, payload["state_dict"], weights)
+        model = from_payload(payload, weights).train()
         if record.nam is None:
             return self._gated(model, record.spec, recipe.nam)
         model.names = names
