@@ -207,6 +207,8 @@ class DetectionTask(Task):
             self.data_yaml = make_fashion_detect(folder / "fashion_detect_data", FashionDetectConfig(imgsz=self.yolo.imgsz))
 
     def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales):
+        if not config.epochs:  # e.g. a run that starts from a trained dense.pt
+            return []
         label = stage.replace(" ", "")  # ultralytics' run sub-folder
         overrides = trainer_overrides(config, self.yolo, self.data_yaml, self.device, self.folder, label, self.recipe.seed)
         console.print(f"{stage}: {config.epochs} epoch(s) with ultralytics (log: {self.log_file})", soft_wrap=True)

@@ -142,8 +142,6 @@ def train_detector(
     model: nn.Module, overrides: dict[str, Any], config: TrainConfig, penalised: Scales = gate_scales
 ) -> StageLog:
     """Train ``model`` in place with ultralytics (EMA weights kept, as ultralytics deploys them)."""
-    if overrides["epochs"] == 0:
-        return StageLog(0, {}, gamma_stats(model).near_zero)
     trainer = NAMDetectionTrainer(overrides=overrides)
     trainer.sparsity = config
     trainer.penalised = penalised
