@@ -41,7 +41,8 @@ class NAMConfig:
     spatial: add the pixel gate too (off by default, as in the reference code).
     grad_through_weights: let the gradient flow through ``w = |gamma|/sum|gamma|``
         (the reference detaches it).
-    compile: fuse the training gates with ``torch.compile`` (faster on large feature maps).
+    compile: train through ``torch.compile``: a classifier's whole model (its gates traced with it,
+        fused with BN and activation); YOLO, trained by ultralytics, its gates (one dynamic-shape graph).
     include: gate only modules whose names start with one of these prefixes (empty: all);
         the YOLO pipeline fills it with the backbone (and neck) layers.
     """

@@ -176,7 +176,8 @@ class ClassificationTask(Task):
 
     def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales):
         history = fit(
-            model, self.data.train, config, self.device, stage, on_epoch_end=on_epoch_end, resume=resume, penalised=penalised
+            model, self.data.train, config, self.device, stage,
+            on_epoch_end=on_epoch_end, resume=resume, penalised=penalised, compiled=self.recipe.nam.compile,
         )
         return [asdict(entry) for entry in history]
 

@@ -102,17 +102,23 @@ def fit(
     on_epoch_end: Callable[[TrainState], None] | None = None,
     resume: TrainState | None = None,
     penalised: Callable[[nn.Module], list[torch.Tensor]] = gate_scales,
+    compiled: bool = False,
 ) -> list[EpochLog]:
     """Train ``model`` for ``config.epochs``; the NAM penalty is applied when ``config.penalty > 0``.
 
     ``on_epoch_end`` receives the state after each complete epoch (to checkpoint it);
     ``resume`` continues from such a state with the same optimizer and schedule;
-    ``penalised`` picks the scales the L1 penalty acts on (NAM gates by default).
+    ``penalised`` picks the scales the L1 penalty acts on (NAM gates by default);
+    ``compiled`` trains through ``torch.compile`` of the whole model, so each BN, its gate and
+    the activation after them run as fused kernels (``nam.compile``; compiled anew per stage,
+    as pruning changes the shapes).
     """
     if config.epochs == 0:
         return []
     model.to(device)
     trained = distributed.wrap(model, device)  # DDP under torchrun; the penalty finds the gates through it
+    if compiled:
+        trained = torch.compile(trained)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, len(loader))
     history: list[EpochLog] = []

@@ -140,6 +140,18 @@ def _digits_recipe(tmp_path, **sections):
     return recipe_from_dict(tree)
 
 
+@pytest.mark.slow
+def test_compiled_training_runs_the_whole_model_through_torch_compile(tmp_path):
+    """nam.compile: true on a classifier trains a compiled model in every stage and still learns."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    result = nam_prune.run(_digits_recipe(tmp_path, nam={"compile": True}, finetune={"epochs": 2}))
+    assert counters["stats"]["unique_graphs"] >= 2  # sparsity training and the pruned model's fine-tuning
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert result.results["after"]["accuracy"] > 0.5
+
+
 def test_plain_state_dict_starts_a_run(tmp_path):
     """A torchvision-style state dict (no NAM) is loaded before the gates go in."""
     from nam_prune.models import ModelSpec, build_model

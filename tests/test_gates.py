@@ -223,6 +223,33 @@ def test_compiled_training_gate_matches_plain_path_without_recompiling():
     assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])  # one per gate form (+1 dynamic recompile)
 
 
+@pytest.mark.slow
+def test_whole_model_compile_traces_the_gates_and_matches_eager_training():
+    """nam.compile on a classifier compiles the whole gated model: its fused gates are traced with
+    it (no graph break) and a training step gives the eager model's outputs, gradients and statistics."""
+    from torch._dynamo.utils import counters
+
+    from nam_prune.models import ModelSpec, build_model
+    from nam_prune.surgery import NAMConfig, insert_nam
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = insert_nam(build_model(ModelSpec("resnet8", num_classes=10, in_channels=1, width=8)), NAMConfig())
+    eager = copy.deepcopy(model)
+    x, target = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    outputs = [m(x) for m in (torch.compile(model), eager)]
+    for output in outputs:
+        nn.functional.cross_entropy(output, target).backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(*outputs, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), name
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        assert torch.allclose(b.double(), c.double(), rtol=1e-5, atol=1e-6), name
+
+
 def test_affine_fit_is_the_least_squares_line_over_the_gates_inputs():
     """strip_gates folds ``e u + f`` into the host BN: the least-squares line over u ~ N(running stats)."""
     from nam_prune.gates import affine_fit
