@@ -49,7 +49,7 @@ from nam_prune.recipe import Recipe
 from nam_prune.sparsity import Scales, batchnorm_scales, gate_scales
 from nam_prune.surgery import NAMConfig, strip_gates
 from nam_prune.tasks import Task, task_class
-from nam_prune.train import TrainConfig
+from nam_prune.train import TrainConfig, require_cpp_compiler
 
 log = logging.getLogger("nam_prune")
 
@@ -170,6 +170,8 @@ def compare(
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise NamPruneError("--budgets are shares of MACs to remove, each strictly between 0 and 1")
     task = task_class(recipe.model.name)(recipe, resolve_device(recipe.device))
+    if recipe.nam.compile:
+        require_cpp_compiler(task.device)
     folder.mkdir(parents=True, exist_ok=True)
     task.open(folder)
     path = folder / "compare.json"

@@ -32,7 +32,7 @@ from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, layer_table, summary_table
 from nam_prune.surgery import strip_gates
 from nam_prune.tasks import Task, task_class
-from nam_prune.train import TrainConfig, TrainState
+from nam_prune.train import TrainConfig, TrainState, require_cpp_compiler
 
 log = logging.getLogger("nam_prune")
 
@@ -148,6 +148,8 @@ def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult
     main = distributed.is_main()
     if not main:
         log.setLevel(logging.WARNING)
+    if recipe.nam.compile:
+        require_cpp_compiler(task.device)
     use_compiled_gates(recipe.nam.compile)
     recipe_dict = recipe.to_dict()
     if resume:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
@@ -43,6 +45,19 @@ class TrainConfig:
     penalty: float = bounded(0.0, low=0)
     regularizer: Regularizer = "polarization"
     polarization_t: float = bounded(1.2, low=1)
+
+
+def require_cpp_compiler(device: torch.device) -> None:
+    """``torch.compile`` builds its CPU kernels with a C++ compiler: say so before a run starts,
+    not as an Inductor traceback at the first training step."""
+    if device.type != "cpu":
+        return
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if not any(shutil.which(name) for name in names):
+        raise NamPruneError(
+            "nam.compile: true needs a C++ compiler on the CPU (torch.compile builds its kernels with one): "
+            "install g++ (apt-get install -y g++) or set nam.compile: false"
+        )
 
 
 @dataclass

@@ -15,6 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import nam_prune
 from nam_prune.checkpoint import read_checkpoint
 from nam_prune.errors import NamPruneError
 from nam_prune.prune import PruneConfig, prune_model
@@ -164,6 +165,17 @@ class _ItemOutput(nn.Module):
 
     def forward(self, x):
         return float(self.head(self.bn(self.conv(x))).mean())
+
+
+def test_compiling_without_a_cpp_compiler_is_a_clear_error(tmp_path, fashion_root, monkeypatch):
+    """nam.compile on the CPU needs a C++ compiler: a one-line error before any run folder is made."""
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    recipe = recipe_from_dict({"output": str(tmp_path / "run"), "device": "cpu", "nam": {"compile": True},
+                               "data": {"root": str(fashion_root)}})
+    with pytest.raises(NamPruneError, match="needs a C\\+\\+ compiler"):
+        nam_prune.run(recipe)
+    assert not (tmp_path / "run").exists()
 
 
 def test_untraceable_model_is_a_clear_error():
