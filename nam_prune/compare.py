@@ -42,6 +42,7 @@ from nam_prune.artifact import ModelRecord, load_state, save
 from nam_prune.checkpoint import atomic_write, read_checkpoint
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
+from nam_prune.gates import use_compiled_gates
 from nam_prune.measure import cpu_latency_ms
 from nam_prune.pipeline import resolve_device, seed_everything
 from nam_prune.prune import NAMImportance, count_macs_params, prune_model
@@ -172,6 +173,7 @@ def compare(
     task = task_class(recipe.model.name)(recipe, resolve_device(recipe.device))
     if recipe.nam.compile:
         require_cpp_compiler(task.device)
+    use_compiled_gates(recipe.nam.compile)  # as in a run: YOLO's gates; a classifier compiles whole in fit
     folder.mkdir(parents=True, exist_ok=True)
     task.open(folder)
     path = folder / "compare.json"

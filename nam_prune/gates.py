@@ -169,7 +169,7 @@ def use_compiled_gates(enabled: bool = True) -> None:
 
 def _fused_gate(x: torch.Tensor, coefficients: Coefficients, eps: float, options: tuple, *params: torch.Tensor):
     """``(out, batch mean, batch invstd)``, compiled after ``use_compiled_gates()``."""
-    if torch.compiler.is_compiling():  # traced with the whole model (``fit(..., compiled=True)``)
+    if torch._dynamo.is_compiling():  # traced with the whole model (``fit(..., compiled=True)``); torch >= 2.1
         return affine_sigmoid_gate(x, coefficients, eps, options, *params)
     if _compiled_gate is not None:
         # parameters are shape-specialized by default: one graph per channel count otherwise

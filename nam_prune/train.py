@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
@@ -52,8 +53,8 @@ def require_cpp_compiler(device: torch.device) -> None:
     not as an Inductor traceback at the first training step."""
     if device.type != "cpu":
         return
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    if not any(shutil.which(name) for name in names):
+    compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")  # what Inductor runs
+    if not shutil.which(compiler.split()[0]):
         raise NamPruneError(
             "nam.compile: true needs a C++ compiler on the CPU (torch.compile builds its kernels with one): "
             "install g++ (apt-get install -y g++) or set nam.compile: false"
@@ -132,7 +133,8 @@ def fit(
         return []
     model.to(device)
     trained = distributed.wrap(model, device)  # DDP under torchrun; the penalty finds the gates through it
-    if compiled:
+    if compiled:  # a fresh cache: each pruned architecture would otherwise count towards recompile_limit
+        torch._dynamo.reset()
         trained = torch.compile(trained)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, len(loader))

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,11 @@ def test_model_weights_starts_a_detector_run_from_a_saved_nam_model(tmp_path: Pa
     assert loaded.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     assert loaded_record.nam == record.nam and loaded_record.input_shape == (3, 640, 640)
+
+    save(tmp_path / "stripped.pt", model, replace(record, stripped=True))  # a run's model.pt: no gates to rank by
+    recipe = load_recipe(ROOT / "recipes/yolov8n_backbone_neck.yaml", [f"model.weights={tmp_path / 'stripped.pt'}"])
+    with pytest.raises(NamPruneError, match="start from its dense.pt"):
+        DetectionTask(recipe, torch.device("cpu")).prepare()
 
     save(tmp_path / "classifier.pt", torch.nn.Conv2d(1, 2, 1), ModelRecord(ModelSpec("resnet20", 2, 1), (1, 28, 28)))
     recipe = load_recipe(ROOT / "recipes/yolov8n_backbone_neck.yaml", [f"model.weights={tmp_path / 'classifier.pt'}"])

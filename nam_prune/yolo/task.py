@@ -180,9 +180,14 @@ class DetectionTask(Task):
                 f"model.weights {weights} holds a {record.spec.name} with {record.spec.num_classes} classes, not a "
                 f"YOLO detector for yolo.data's {len(names)} classes; use a checkpoint of a run on that data"
             )
+        if record.stripped:
+            raise NamPruneError(
+                f"model.weights {weights} has no NAM gates left (a run's model.pt); start from its dense.pt"
+            )
         model = from_payload(payload, weights).train()
         if record.nam is None:
-            return self._gated(model, record.spec, recipe.nam)
+            model, gated = self._gated(model, record.spec, recipe.nam)
+            return model, replace(record, nam=gated.nam, input_shape=gated.input_shape)
         model.names = names
         size = self.yolo.report_imgsz
         return model, replace(record, input_shape=(3, size, size))
