@@ -42,7 +42,6 @@ from nam_prune.artifact import ModelRecord, load_state, save
 from nam_prune.checkpoint import atomic_write, read_checkpoint
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
-from nam_prune.gates import use_compiled_gates
 from nam_prune.measure import cpu_latency_ms
 from nam_prune.pipeline import resolve_device, seed_everything
 from nam_prune.prune import NAMImportance, count_macs_params, prune_model
@@ -50,7 +49,7 @@ from nam_prune.recipe import Recipe
 from nam_prune.sparsity import Scales, batchnorm_scales, gate_scales
 from nam_prune.surgery import NAMConfig, strip_gates
 from nam_prune.tasks import Task, task_class
-from nam_prune.train import TrainConfig, require_cpp_compiler
+from nam_prune.train import TrainConfig, enable_compile
 
 log = logging.getLogger("nam_prune")
 
@@ -171,9 +170,7 @@ def compare(
     if not budgets or any(not 0 < b < 1 for b in budgets):
         raise NamPruneError("--budgets are shares of MACs to remove, each strictly between 0 and 1")
     task = task_class(recipe.model.name)(recipe, resolve_device(recipe.device))
-    if recipe.nam.compile:
-        require_cpp_compiler(task.device)
-    use_compiled_gates(recipe.nam.compile)  # as in a run: YOLO's gates; a classifier compiles whole in fit
+    enable_compile(recipe.nam.compile, task.device)
     folder.mkdir(parents=True, exist_ok=True)
     task.open(folder)
     path = folder / "compare.json"

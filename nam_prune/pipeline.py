@@ -26,13 +26,12 @@ from nam_prune.artifact import load_state, rebuild, record_of, save
 from nam_prune.checkpoint import atomic_write, library_versions, read_checkpoint
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
-from nam_prune.gates import use_compiled_gates
 from nam_prune.prune import channel_counts, prune_model
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, layer_table, summary_table
 from nam_prune.surgery import strip_gates
 from nam_prune.tasks import Task, task_class
-from nam_prune.train import TrainConfig, TrainState, require_cpp_compiler
+from nam_prune.train import TrainConfig, TrainState, enable_compile
 
 log = logging.getLogger("nam_prune")
 
@@ -148,9 +147,7 @@ def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult
     main = distributed.is_main()
     if not main:
         log.setLevel(logging.WARNING)
-    if recipe.nam.compile:
-        require_cpp_compiler(task.device)
-    use_compiled_gates(recipe.nam.compile)
+    enable_compile(recipe.nam.compile, task.device)
     recipe_dict = recipe.to_dict()
     if resume:
         folder, payload = _resume_point(recipe, recipe_dict)

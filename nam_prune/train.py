@@ -21,6 +21,7 @@ from nam_prune import distributed
 from nam_prune.config import bounded
 from nam_prune.console import progress_bar
 from nam_prune.errors import NamPruneError
+from nam_prune.gates import use_compiled_gates
 from nam_prune.sparsity import Regularizer, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
 
 log = logging.getLogger("nam_prune")
@@ -59,6 +60,14 @@ def require_cpp_compiler(device: torch.device) -> None:
             "nam.compile: true needs a C++ compiler on the CPU (torch.compile builds its kernels with one): "
             "install g++ (apt-get install -y g++) or set nam.compile: false"
         )
+
+
+def enable_compile(enabled: bool, device: torch.device) -> None:
+    """``nam.compile`` for a run or a compare: the compiler check first, then the compiled gates
+    (what YOLO's trainer uses; a classifier is compiled whole in :func:`fit`)."""
+    if enabled:
+        require_cpp_compiler(device)
+    use_compiled_gates(enabled)
 
 
 @dataclass
