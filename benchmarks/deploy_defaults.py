@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import sys
 from collections import defaultdict
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--reference", default="base")
     parser.add_argument("--runs", dest="repeats", type=int, default=40, help="timed passes at batch 1")
+    parser.add_argument("--made-by", default=RUNS_MADE_BY, help="how the run folders were made (kept in the JSON)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
@@ -66,8 +68,8 @@ def main() -> None:
               f"vs {args.reference} {summary[config]['paired_mean_pt']:+.2f} ± {summary[config]['paired_std_pt']:.2f} pt; "
               "realised bs32 " + " ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in realised.items()))
     if args.json:
-        command = "python benchmarks/deploy_defaults.py " + " ".join(sys.argv[1:])
-        args.json.write_text(json.dumps({"command": command, "runs_made_by": RUNS_MADE_BY, "summary": summary, "runs": rows}, indent=1))
+        command = "python benchmarks/deploy_defaults.py " + shlex.join(sys.argv[1:])
+        args.json.write_text(json.dumps({"command": command, "runs_made_by": args.made_by, "summary": summary, "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ For each run folder: the sparsity-trained ``dense.pt`` with its gates stripped (
 had before compressing) against ``model.pt`` as the recipe produced it (gates kept or stripped,
 widths as rounded), in torch (eager, inference mode), frozen channels-last TorchScript (what
 ``export --format torchscript`` writes) and onnxruntime on the CPU, batch 1 and 32.
-Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), measured in one run.
+Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), measured in one run,
+the two models timed in alternation (``timing.py``).
 
     python benchmarks/run_speedup.py runs/fashion_quickstart [more run folders] [--json out.json]
 """
@@ -13,27 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
-import torch
+from timing import interleaved_ms, runners
 
 from nam_prune.artifact import load_with_metadata, record_of
-from nam_prune.export import ort_latency_ms, torchscript_latency_ms
-from nam_prune.measure import cpu_latency_ms
 from nam_prune.prune import count_macs_params
 from nam_prune.surgery import strip_gates
-
-
-def _latencies(model: torch.nn.Module, example: torch.Tensor, runs: int) -> dict[str, float]:
-    batch = example.expand(32, *example.shape[1:]).contiguous()
-    return {
-        "torch_bs1": cpu_latency_ms(model, example, runs, 3),
-        "torch_bs32": cpu_latency_ms(model, batch, max(runs // 4, 3), 1),
-        "torchscript_bs1": torchscript_latency_ms(model, example, runs, 3),
-        "torchscript_bs32": torchscript_latency_ms(model, batch, max(runs // 4, 3), 1),
-        "ort_bs1": ort_latency_ms(model, example, runs, 3),
-        "ort_bs32": ort_latency_ms(model, batch, max(runs // 4, 3), 1),
-    }
 
 
 def measure_run(folder: Path, runs: int) -> dict[str, object]:
@@ -42,7 +30,10 @@ def measure_run(folder: Path, runs: int) -> dict[str, object]:
     pruned, _ = load_with_metadata(folder / "model.pt")
     example = record_of(payload).example_input()
     dense_macs, pruned_macs = count_macs_params(dense, example)[0], count_macs_params(pruned, example)[0]
-    slow, fast = _latencies(dense, example, runs), _latencies(pruned, example, runs)
+    examples = {"bs1": example, "bs32": example.expand(32, *example.shape[1:]).contiguous()}
+    with tempfile.TemporaryDirectory() as scratch:
+        calls = [runners(model, examples, Path(scratch)) for model in (dense, pruned)]
+        slow, fast = interleaved_ms(calls, {"bs1": max(runs // 5, 1), "bs32": max(runs // 8, 1)}, rounds=5, warmup=3)
     macs_speedup = dense_macs / pruned_macs
     return {
         "run": str(folder),

@@ -8,6 +8,8 @@ Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), e
 against the dense model in the same runtime. The NAM gammas are random here (no training
 offline); the ranking does not change latency, the widths do.
 
+Models are timed in alternation (``timing.py``).
+
     python benchmarks/speedup.py [--models resnet50,mobilenet_v2] [--round-to 1,8,16] [--json out.json]
 """
 
@@ -15,27 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
+from timing import interleaved_ms, runners
 
-from nam_prune.export import ort_latency_ms, torchscript_latency_ms
 from nam_prune.gates import NAMChannelGate
-from nam_prune.measure import cpu_latency_ms
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
 from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
 
-COLUMNS = ("torch bs1", "TorchScript bs1", "ort bs1", "torch bs32", "TorchScript bs32", "ort bs32")
-
-
-def latencies(model, x1, x32, args) -> list[float]:
-    """Median milliseconds in the order of ``COLUMNS``."""
-    return [
-        timer(model, x, runs, 1)
-        for x, runs in ((x1, args.runs1), (x32, args.runs32))
-        for timer in (cpu_latency_ms, torchscript_latency_ms, ort_latency_ms)
-    ]
+COLUMNS = ("torch_bs1", "torchscript_bs1", "ort_bs1", "torch_bs32", "torchscript_bs32", "ort_bs32")
 
 
 def pruned_variant(name: str, round_to: int, strip: bool, keep: float):
@@ -55,8 +48,10 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50,mobilenet_v2")
     parser.add_argument("--round-to", default="1,8,16,32")
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of MACs kept")
-    parser.add_argument("--runs1", type=int, default=20)
-    parser.add_argument("--runs32", type=int, default=3)
+    parser.add_argument("--runs1", type=int, default=10, help="batch-1 calls per model and round")
+    parser.add_argument("--runs32", type=int, default=1, help="batch-32 calls per model and round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each model's turn")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, 224x224")
@@ -67,15 +62,17 @@ def main() -> None:
         dense = build_model(ModelSpec(name, num_classes=1000)).eval()
         x1, x32 = torch.randn(1, 3, 224, 224), torch.randn(32, 3, 224, 224)
         dense_macs = count_macs_params(dense, x1)[0]
-        base = latencies(dense, x1, x32, args)
+        variants = [(int(r), True) for r in args.round_to.split(",")] + [(8, False)]
+        models = [pruned_variant(name, round_to, strip, args.keep) for round_to, strip in variants]
+        labels = [f"round_to={r}" + ("" if strip else " +gates") for r, strip in variants]
+        with tempfile.TemporaryDirectory() as folder:
+            calls = [runners(model, {"bs1": x1, "bs32": x32}, Path(folder)) for model in [dense, *models]]
+            timed = interleaved_ms(calls, {"bs1": args.runs1, "bs32": args.runs32}, args.rounds, args.warmup)
+        base, *pruned = ([row[column] for column in COLUMNS] for row in timed)
         print(f"{name:>13} {'dense':>18} {1.0:7.2f} " + " ".join(f"{t:13.1f} ms" for t in base))
         rows.append({"model": name, "variant": "dense", "macs_speedup": 1.0, "ms": dict(zip(COLUMNS, base))})
-        variants = [(int(r), True) for r in args.round_to.split(",")] + [(8, False)]
-        for round_to, strip in variants:
-            model = pruned_variant(name, round_to, strip, args.keep)
+        for model, label, lat in zip(models, labels, pruned):
             macs_x = dense_macs / count_macs_params(model, x1)[0]
-            lat = latencies(model, x1, x32, args)
-            label = f"round_to={round_to}" + ("" if strip else " +gates")
             realised = [(b / t) / macs_x for b, t in zip(base, lat)]
             print(f"{name:>13} {label:>18} {macs_x:7.2f} " + " ".join(f"{r:16.2f}" for r in realised))
             rows.append({"model": name, "variant": label, "macs_speedup": macs_x, "ms": dict(zip(COLUMNS, lat)),

@@ -1,0 +1,64 @@
+"""Latency ratios on a shared, noisy machine: time the models being compared in alternation.
+
+Each round times every model in turn and a model's figure is its median over all rounds, so a
+slow spell hits the dense and the pruned model alike instead of skewing one ratio (timed one
+after the other, single ratios of ``speedup.py`` moved by up to 0.15 between runs). A model's
+first calls after another model ran are slow (onnxruntime MobileNetV2: 2.4 ms instead of 1.8 ms
+with 10 calls per turn; the other session's threads still spin), so each turn starts with a short
+pause and untimed calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from nam_prune.export import DeployMode, frozen_torchscript, ort_session, write_onnx
+
+RUNTIMES = ("torch", "torchscript", "ort")
+
+
+def runners(
+    model: torch.nn.Module, examples: dict[str, torch.Tensor], folder: Path,
+    deploy_mode: DeployMode = contextlib.nullcontext,
+) -> dict[str, Callable[[], object]]:
+    """``{runtime_example: call}``: eager torch, frozen channels-last TorchScript (what ``export
+    --format torchscript`` writes) and onnxruntime, on each named example batch."""
+    eager = copy.deepcopy(model).cpu().eval()
+    calls = {}
+    for label, x in examples.items():
+        frozen = frozen_torchscript(model, x, deploy_mode)
+        path = folder / f"{id(model)}-{label}.onnx"
+        write_onnx(model, x, path, deploy_mode=deploy_mode)
+        session, feed = ort_session(path), {"input": x.numpy()}
+        calls[f"torch_{label}"] = lambda x=x: eager(x)
+        calls[f"torchscript_{label}"] = lambda x=x, frozen=frozen: frozen(x)
+        calls[f"ort_{label}"] = lambda session=session, feed=feed: session.run(None, feed)
+    return calls
+
+
+def interleaved_ms(
+    models: list[dict[str, Callable[[], object]]], runs: dict[str, int], rounds: int, warmup: int
+) -> list[dict[str, float]]:
+    """Median milliseconds per model and column (``runtime_example``): each round, each model gets
+    ``warmup`` untimed calls, then ``runs[example]`` timed ones."""
+    columns = list(models[0])
+    times: list[dict[str, list[float]]] = [{column: [] for column in columns} for _ in models]
+    with torch.inference_mode():
+        for column in columns:
+            for _ in range(rounds):
+                for calls, samples in zip(models, times):
+                    time.sleep(0.05)  # lets the last model's runtime threads stop spinning
+                    for _ in range(warmup):  # then warm this model's caches
+                        calls[column]()
+                    for _ in range(runs[column.split("_", 1)[1]]):
+                        start = time.perf_counter()
+                        calls[column]()
+                        samples[column].append(time.perf_counter() - start)
+    return [{column: 1000 * statistics.median(values) for column, values in samples.items()} for samples in times]
