@@ -49,10 +49,12 @@ class Metrics:
 
 @torch.inference_mode()
 def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, warmup: int) -> float:
-    """Median wall time of one forward pass on ``example_input`` on the CPU, in milliseconds."""
+    """Median wall time of one forward pass on ``example_input`` on the CPU in inference mode (as
+    deployed: no autograd bookkeeping), in milliseconds."""
     model = copy.deepcopy(model).cpu().eval()
     x = example_input.cpu()
-    return median_ms(lambda: model(x), runs, warmup)
+    with torch.inference_mode():
+        return median_ms(lambda: model(x), runs, warmup)
 
 
 def gflops(macs: int) -> float:
