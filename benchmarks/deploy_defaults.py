@@ -23,10 +23,11 @@ from pathlib import Path
 from run_speedup import measure_run
 
 RUNS_MADE_BY = (
-    "nam-prune run recipes/fashion_quickstart.yaml seed=S report.baseline=false output=<config>-s<S> with, per config: "
-    "base prune.strip_gates=false prune.round_to=1 (the defaults before issue #15); fold prune.strip_gates=true "
-    "prune.round_to=1; fold8 prune.strip_gates=true prune.round_to=8 (the defaults now); fold16 "
-    "prune.strip_gates=true prune.round_to=16; OMP_NUM_THREADS=1, two runs sharing the 2 cores"
+    "nam-prune run recipes/fashion_quickstart.yaml seed=S report.baseline=false finetune.lr=0.02 output=<config>-s<S> "
+    "(lr 0.02: the recipe's fine-tune rate when these runs were made), in the folder holding the run folders, with, "
+    "per config: base prune.strip_gates=false prune.round_to=1 (the defaults before issue #15); fold "
+    "prune.strip_gates=true prune.round_to=1; fold8 prune.strip_gates=true prune.round_to=8 (the defaults since); "
+    "fold16 prune.strip_gates=true prune.round_to=16; OMP_NUM_THREADS=1, two runs sharing the 2 cores"
 )
 
 

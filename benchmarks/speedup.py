@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import interleaved_ms, runners
+from timing import allocator_env, command_line, interleaved_ms, runners
 
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
@@ -80,11 +80,11 @@ def main() -> None:
     print("(pruned rows: latency speed-up / MACs speed-up, each runtime against the dense model in it; targets: "
           "ResNet-50 bs1 >= 0.8, bs32 >= 0.95, MobileNetV2 bs1 >= 0.7)")
     if args.json:
-        command = "python benchmarks/speedup.py " + " ".join(
+        command = command_line("python benchmarks/speedup.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"
-        )
+        ))
         args.json.write_text(json.dumps({"command": command, "torch": torch.__version__,
-                                         "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+                                         "threads": torch.get_num_threads(), "allocator_env": allocator_env(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

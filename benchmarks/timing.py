@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,8 +21,6 @@ from pathlib import Path
 import torch
 
 from nam_prune.export import DeployMode, frozen_torchscript, ort_session, write_onnx
-
-RUNTIMES = ("torch", "torchscript", "ort")
 
 
 def runners(
@@ -62,3 +61,14 @@ def interleaved_ms(
                         calls[column]()
                         samples[column].append(time.perf_counter() - start)
     return [{column: 1000 * statistics.median(values) for column, values in samples.items()} for samples in times]
+
+
+def allocator_env() -> dict[str, str]:
+    """The environment that sets how glibc's malloc serves large blocks: it halves eager ResNet-50
+    batch-32 latency (README, *Performance*), so every JSON records it."""
+    return {key: value for key, value in os.environ.items() if key.startswith("MALLOC_") or key == "LD_PRELOAD"}
+
+
+def command_line(script_and_args: str) -> str:
+    """``script_and_args`` as a shell command, prefixed with the allocator environment it ran in."""
+    return " ".join([*(f"{key}={value}" for key, value in sorted(allocator_env().items())), script_and_args])

@@ -1,0 +1,58 @@
+"""How much of TorchScript's lead over eager torch is the memory format? Dense ResNet-50 on the CPU.
+
+Eager and frozen TorchScript, each contiguous (NCHW) and channels-last (NHWC), at 224x224, batch 1
+and 32, timed in alternation (``timing.py``), in inference mode.
+
+    python benchmarks/memory_format.py [--json docs/memory_format.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from timing import allocator_env, command_line, interleaved_ms
+
+from nam_prune.export import frozen_torchscript
+from nam_prune.models import ModelSpec, build_model
+
+
+def frozen_contiguous(model: torch.nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
+    """``frozen_torchscript`` without the channels-last conversion."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return torch.jit.freeze(torch.jit.trace(copy.deepcopy(model).eval(), x, check_trace=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    model = build_model(ModelSpec("resnet50", num_classes=1000)).eval()
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    examples = {"bs1": torch.randn(1, 3, 224, 224), "bs32": torch.randn(32, 3, 224, 224)}
+    forms = {name: {} for name in ("eager NCHW", "eager NHWC", "TorchScript NCHW", "TorchScript NHWC")}
+    for label, x in examples.items():
+        x_nhwc = x.contiguous(memory_format=torch.channels_last)
+        frozen_nchw, frozen_nhwc = frozen_contiguous(model, x), frozen_torchscript(model, x)
+        forms["eager NCHW"][f"ms_{label}"] = lambda x=x: model(x)
+        forms["eager NHWC"][f"ms_{label}"] = lambda x=x_nhwc: nhwc(x)
+        forms["TorchScript NCHW"][f"ms_{label}"] = lambda x=x, m=frozen_nchw: m(x)
+        forms["TorchScript NHWC"][f"ms_{label}"] = lambda x=x, m=frozen_nhwc: m(x)  # converts its input itself
+    timed = interleaved_ms(list(forms.values()), {"bs1": 10, "bs32": 1}, args.rounds, warmup=2)
+    rows = dict(zip(forms, timed))
+    for name, ms in rows.items():
+        print(f"{name:>17}: " + "  ".join(f"{column[3:]} {value:8.1f} ms" for column, value in ms.items()))
+    if args.json:
+        args.json.write_text(json.dumps({"command": command_line(f"python benchmarks/memory_format.py --rounds {args.rounds}"),
+                                         "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator_env": allocator_env(),
+                                         "ms": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
