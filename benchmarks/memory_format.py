@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,13 +18,6 @@ from timing import allocator_env, command_line, interleaved_ms
 
 from nam_prune.export import frozen_torchscript
 from nam_prune.models import ModelSpec, build_model
-
-
-def frozen_contiguous(model: torch.nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
-    """``frozen_torchscript`` without the channels-last conversion."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return torch.jit.freeze(torch.jit.trace(copy.deepcopy(model).eval(), x, check_trace=False))
 
 
 def main() -> None:
@@ -39,7 +31,7 @@ def main() -> None:
     forms = {name: {} for name in ("eager NCHW", "eager NHWC", "TorchScript NCHW", "TorchScript NHWC")}
     for label, x in examples.items():
         x_nhwc = x.contiguous(memory_format=torch.channels_last)
-        frozen_nchw, frozen_nhwc = frozen_contiguous(model, x), frozen_torchscript(model, x)
+        frozen_nchw, frozen_nhwc = frozen_torchscript(model, x, channels_last=False), frozen_torchscript(model, x)
         forms["eager NCHW"][f"ms_{label}"] = lambda x=x: model(x)
         forms["eager NHWC"][f"ms_{label}"] = lambda x=x_nhwc: nhwc(x)
         forms["TorchScript NCHW"][f"ms_{label}"] = lambda x=x, m=frozen_nchw: m(x)

@@ -113,15 +113,17 @@ class ChannelsLastInput(nn.Module):
 
 
 def frozen_torchscript(
-    model: nn.Module, example: torch.Tensor, deploy_mode: DeployMode = contextlib.nullcontext
+    model: nn.Module, example: torch.Tensor, deploy_mode: DeployMode = contextlib.nullcontext, channels_last: bool = True
 ) -> torch.jit.ScriptModule:
     """A copy of ``model`` in its deploy form, channels-last, traced and frozen (weights as constants,
-    conv-BN folded): the fast way to run a pruned model in plain torch on the CPU."""
-    copied = copy.deepcopy(model).cpu().eval().to(memory_format=torch.channels_last)
+    conv-BN folded): the fast way to run a pruned model in plain torch on the CPU. ``channels_last=False``
+    keeps NCHW (``benchmarks/memory_format.py`` measures the difference)."""
+    copied = copy.deepcopy(model).cpu().eval()
+    traced = ChannelsLastInput(copied.to(memory_format=torch.channels_last)) if channels_last else copied
     try:
         with warnings.catch_warnings(), torch.no_grad(), deploy_mode(copied):
             warnings.simplefilter("ignore")
-            return torch.jit.freeze(torch.jit.trace(ChannelsLastInput(copied).eval(), example.cpu(), check_trace=False))
+            return torch.jit.freeze(torch.jit.trace(traced.eval(), example.cpu(), check_trace=False))
     except Exception as error:  # the tracer and freezing raise many types
         raise NamPruneError(f"TorchScript tracing failed ({type(error).__name__}: {first_line(error, 200)})") from None
 
