@@ -75,7 +75,10 @@ def main() -> None:
             gated = insert_nam(build_model(ModelSpec("resnet50", num_classes=1000)), NAMConfig(placement=placement))
             if mode == "compiled model":
                 gated = torch.compile(gated)
-            t_plain, t_gated = alternating_ratio(plain_step, make_step(gated, x, y, 1e-4), args.steps)
+            gated_step = make_step(gated, x, y, 1e-4)
+            if (mode, placement) == ("compiled model", "every_bn"):
+                compiled_every_bn_step = gated_step  # also timed against the plain model compiled, below
+            t_plain, t_gated = alternating_ratio(plain_step, gated_step, args.steps)
             target = 1.15 if mode == "eager gates" else 1.10
             print(f"{mode:>14}, placement={placement:>9}: plain {t_plain:.3f} s, NAM {t_gated:.3f} s, "
                   f"ratio {t_gated / t_plain:.3f} (target <= {target} for every_bn)")
@@ -84,10 +87,8 @@ def main() -> None:
         if mode == "compiled gates":
             graphs = counters["stats"]["unique_graphs"]
             print(f"compiled graphs for all gates of both placements: {graphs}")
-    use_compiled_gates(False)
     plain_compiled_step = make_step(torch.compile(build_model(ModelSpec("resnet50", num_classes=1000))), x, y, 0.0)
-    gated = torch.compile(insert_nam(build_model(ModelSpec("resnet50", num_classes=1000)), NAMConfig()))
-    t_plain, t_gated = alternating_ratio(plain_compiled_step, make_step(gated, x, y, 1e-4), args.steps)
+    t_plain, t_gated = alternating_ratio(plain_compiled_step, compiled_every_bn_step, args.steps)
     print(f"compiled model vs the plain model compiled, every_bn: plain {t_plain:.3f} s, NAM {t_gated:.3f} s, "
           f"ratio {t_gated / t_plain:.3f}")
     rows.append({"mode": "compiled model vs plain compiled", "placement": "every_bn", "plain_s": t_plain,
