@@ -1,8 +1,9 @@
 """Which deploy defaults to ship: quickstart runs that differ only in ``prune`` settings, read side by side.
 
 Each run folder is one (configuration, seed) of ``nam-prune run recipes/fashion_quickstart.yaml
-seed=S report.baseline=false [overrides]``; folders are named ``<config>-s<seed>``. Prints per
-configuration the fine-tuned top-1 per seed, its mean, the paired difference to ``--reference``
+seed=S model.weights=<seed S's dense.pt> sparsity.epochs=0 report.baseline=false [overrides]``, so the
+configurations of a seed differ only in what they override; folders are named ``<config>-s<seed>``.
+Prints per configuration the fine-tuned top-1 per seed, its mean, the paired difference to ``--reference``
 (mean ± std over seeds) and the realised share of the MAC cut at batch 32 (eager torch,
 frozen TorchScript, onnxruntime), measured here in one process.
 
@@ -21,13 +22,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from run_speedup import measure_run
+from timing import command_line
 
 RUNS_MADE_BY = (
-    "nam-prune run recipes/fashion_quickstart.yaml seed=S report.baseline=false finetune.lr=0.02 output=<config>-s<S> "
-    "(lr 0.02: the recipe's fine-tune rate when these runs were made), in the folder holding the run folders, with, "
-    "per config: base prune.strip_gates=false prune.round_to=1 (the defaults before issue #15); fold "
-    "prune.strip_gates=true prune.round_to=1; fold8 prune.strip_gates=true prune.round_to=8 (the defaults since); "
-    "fold16 prune.strip_gates=true prune.round_to=16; OMP_NUM_THREADS=1, two runs sharing the 2 cores"
+    "nam-prune run recipes/fashion_quickstart.yaml seed=S model.weights=<full run of seed S>/dense.pt sparsity.epochs=0 "
+    "report.baseline=false output=<config>-s<S> [the config's overrides], in the folder holding the run folders: every "
+    "config of a seed prunes the same sparsity-trained model"
 )
 
 
@@ -69,7 +69,7 @@ def main() -> None:
               f"vs {args.reference} {summary[config]['paired_mean_pt']:+.2f} ± {summary[config]['paired_std_pt']:.2f} pt; "
               "realised bs32 " + " ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in realised.items()))
     if args.json:
-        command = "python benchmarks/deploy_defaults.py " + shlex.join(sys.argv[1:])
+        command = command_line("python benchmarks/deploy_defaults.py " + shlex.join(sys.argv[1:]))
         args.json.write_text(json.dumps({"command": command, "runs_made_by": args.made_by, "summary": summary, "runs": rows}, indent=1))
 
 

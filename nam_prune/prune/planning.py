@@ -48,11 +48,11 @@ class PruneConfig:
         or leave them unpruned (``skip``).
     max_pruning_ratio: the largest share of any layer's original channels that may go.
     round_to: keep channel counts at multiples of this: CPU kernels run 8- and 16-channel
-        blocks, so unrounded widths waste most of a cut (``benchmarks/speedup.py``). The
-        default 8 cost -0.13 +- 0.26 points of fine-tuned top-1 against 1 on the quickstart
-        (3 seeds) and lifts onnxruntime's realised share of its MAC cut at batch 32 from 0.49 to 0.65
-        there, 0.64 to 0.94 on ResNet-50 and 0.45 to 0.84 on MobileNetV2; 16 suits AVX-512
-        machines with wide layers; 1 cuts a channel at a time.
+        blocks, so other widths waste much of a cut. The default 16 realises more of a 50% MAC
+        cut than 8 in every runtime measured (``benchmarks/speedup.py``: ResNet-50 onnxruntime
+        batch 32 0.89 -> 0.95, MobileNetV2 0.82 -> 0.90) and costs -0.18 +- 0.07 points of
+        fine-tuned top-1 against 8 on the quickstart (3 seeds, README); 8 suits nets whose
+        layers are 16-32 channels wide; 1 cuts a channel at a time.
     steps: prune in this many steps, fine-tuning ``epochs_between_steps`` between them.
     ignore: module names never pruned (the classifier head never is).
     strip_gates: remove the NAM gates after pruning, each folded into its host BN as its
@@ -68,7 +68,7 @@ class PruneConfig:
     normalizer: Normalizer = "mean"
     fallback: Literal["bn", "skip"] = "bn"
     max_pruning_ratio: float = bounded(0.9, low=0, high=1, low_open=True, high_open=True)
-    round_to: int = bounded(8, low=1)
+    round_to: int = bounded(16, low=1)
     steps: int = bounded(1, low=1)
     epochs_between_steps: int = bounded(1, low=0)
     ignore: list[str] = field(default_factory=list)
