@@ -110,3 +110,16 @@ def test_torchvision_models_prune_to_macs_target(name):
     prune_model(model, x, PruneConfig(round_to=8, macs_keep=0.6))
     assert 0.55 * macs <= count_macs_params(model, x)[0] <= 0.6 * macs
     assert model.eval()(x).shape == (1, 10)
+
+
+def test_rounded_global_cut_takes_all_zero_blocks_before_live_channels():
+    """round_to 16: a layer with 9 zero scores of 32 cannot lose 16 channels for free, one with 40
+    zeros of 64 can lose 32; flooring each layer's count after ranking channels cut 7 live ones."""
+    from nam_prune.prune.planning import ScoredGroup, plan_cut
+
+    narrow = ScoredGroup("narrow", True, torch.cat([torch.zeros(9), torch.ones(23)]), min_keep=1)
+    wide = ScoredGroup("wide", True, torch.cat([torch.ones(24), torch.zeros(40)]), min_keep=1)
+    plan = plan_cut([narrow, wide], fraction=32 / 96, config=PruneConfig(round_to=16))
+    assert plan == {"wide": list(range(24, 56))}  # two all-zero blocks of 16; the narrow layer keeps 32
+    plan = plan_cut([narrow, wide], fraction=64 / 96, config=PruneConfig(round_to=16))
+    assert len(plan["narrow"]) == 16 and len(plan["wide"]) == 48  # live channels only once the zeros are gone

@@ -224,31 +224,52 @@ def _round_keep(keep: int, size: int, min_keep: int, round_to: int) -> int:
     return min(size, max(keep, min_keep))
 
 
+def _cut_blocks(group: ScoredGroup, order: np.ndarray, score: np.ndarray, step: int) -> list[tuple[int, int, float]]:
+    """The cuts ``round_to`` allows in ``group``, as consecutive blocks of its ranked positions:
+    ``(start, end, score)`` where cutting through ``end`` leaves a multiple of ``step`` positions
+    (at least one step and ``min_keep``), and a block scores as its most important position."""
+    size = group.positions
+    floor = max(step, group.min_keep)
+    keeps = [keep for keep in range(size - 1, floor - 1, -1) if keep % step == 0]
+    blocks, start = [], 0
+    for keep in keeps:
+        end = size - keep
+        blocks.append((start, end, float(score[order[end - 1]])))
+        start = end
+    return blocks
+
+
 def plan_cut(groups: list[ScoredGroup], fraction: float, config: PruneConfig) -> dict[str, list[int]]:
     """Channels to remove per root layer so that ``fraction`` of the current channels go.
 
-    Global scope ranks (score, rank within layer / layer size) across all layers: the
-    second key spreads tied scores evenly instead of emptying the first layers. A position
+    Global scope ranks blocks of channels across all layers: each layer's channels in score
+    order, cut in the blocks ``round_to`` allows (a block scores as its best channel, so an
+    all-zero block goes before any live channel; rounding each layer's cut afterwards would cut
+    live channels while whole blocks of zeros stayed elsewhere). Ties go by the share of its
+    layer already cut, which spreads them evenly instead of emptying the first layers. A position
     of a grouped layer weighs as many channels as it has blocks.
     """
     sizes = np.array([g.positions for g in groups])
     weights = np.array([g.channel_groups for g in groups])
-    caps = np.maximum(sizes - np.array([g.min_keep for g in groups]), 0)
+    steps = [config.round_to // math.gcd(config.round_to, g.channel_groups) for g in groups]
     scores = [g.position_scores().numpy() for g in groups]
     orders = [np.argsort(score, kind="stable") for score in scores]
     if config.scope == "local":
+        caps = np.maximum(sizes - np.array([g.min_keep for g in groups]), 0)
         counts = np.minimum(caps, np.round(fraction * sizes).astype(int))
     else:
-        score_key = np.concatenate([score[order[:cap]] for score, order, cap in zip(scores, orders, caps)])
-        rank_key = np.concatenate([np.arange(cap) / size for cap, size in zip(caps, sizes)])
-        owner = np.concatenate([np.full(cap, i) for i, cap in enumerate(caps)]).astype(int)
-        ranked = owner[np.lexsort((rank_key, score_key))]
+        blocks = [_cut_blocks(g, order, score, step) for g, order, score, step in zip(groups, orders, scores, steps)]
+        owner = np.array([i for i, group_blocks in enumerate(blocks) for _ in group_blocks], dtype=int)
+        ends = np.array([end for group_blocks in blocks for _, end, _ in group_blocks], dtype=int)
+        starts = np.array([start for group_blocks in blocks for start, _, _ in group_blocks], dtype=int)
+        score_key = np.array([s for group_blocks in blocks for _, _, s in group_blocks])
+        ranked = np.lexsort((starts / np.maximum(sizes[owner], 1), score_key)) if len(owner) else owner
         wanted = int(round(fraction * float((sizes * weights).sum())))
-        taken = int(np.searchsorted(np.cumsum(weights[ranked]), wanted, side="right"))
-        counts = np.bincount(ranked[:taken], minlength=len(groups))
+        taken = int(np.searchsorted(np.cumsum(((ends - starts) * weights[owner])[ranked]), wanted, side="right"))
+        counts = np.zeros(len(groups), dtype=int)
+        np.maximum.at(counts, owner[ranked[:taken]], ends[ranked[:taken]])
     plan = {}
-    for group, order, size, count in zip(groups, orders, sizes, counts):
-        step = config.round_to // math.gcd(config.round_to, group.channel_groups)
+    for group, order, size, count, step in zip(groups, orders, sizes, counts, steps):
         keep = _round_keep(int(size - count), int(size), group.min_keep, step)
         if keep < size:
             cut = group.channels_at(order[: size - keep])
