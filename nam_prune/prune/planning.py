@@ -48,16 +48,16 @@ class PruneConfig:
         or leave them unpruned (``skip``).
     max_pruning_ratio: the largest share of any layer's original channels that may go.
     round_to: keep channel counts at multiples of this: CPU kernels run 8- and 16-channel
-        blocks, so other widths waste much of a cut. The default 16 realises more of a 50% MAC
-        cut than 8 in every runtime measured (``benchmarks/speedup.py``: ResNet-50 onnxruntime
-        batch 32 0.89 -> 0.95, MobileNetV2 0.82 -> 0.90) and costs -0.18 +- 0.07 points of
-        fine-tuned top-1 against 8 on the quickstart (3 seeds, README); 8 suits nets whose
-        layers are 16-32 channels wide; 1 cuts a channel at a time.
+        blocks, so other widths waste much of a cut. Each layer is cut in the blocks this allows,
+        ranked globally (``plan_cut``). The default 16 realises more of a 50% MAC cut than 8 in
+        every runtime measured (``benchmarks/speedup.py``) and matched 8's fine-tuned top-1 on the
+        quickstart (-0.01 +- 0.11 points, 3 seeds, README); 8 suits nets whose layers are 16-32
+        channels wide; 1 cuts a channel at a time.
     steps: prune in this many steps, fine-tuning ``epochs_between_steps`` between them.
     ignore: module names never pruned (the classifier head never is).
     strip_gates: remove the NAM gates after pruning, each folded into its host BN as its
         best affine fit (gate-then-strip): the plain, faster model fine-tuning then trains.
-        On by default: on the quickstart it costs -0.20 +- 0.41 points of fine-tuned top-1
+        On by default: on the ResNet-20 quickstart it cost -0.20 +- 0.41 points of fine-tuned top-1
         (3 seeds, within their spread) and kept gates realise a third less of the MAC cut.
     """
 
