@@ -4,8 +4,9 @@ share that meets a MAC target, and apply it through the dependency graph.
 The channel budget is allocated here rather than by torch-pruning's global pruner,
 which thresholds with ``score <= k-th smallest``: when many scores tie (an untrained
 NAM model has every gamma = 1) that marks every channel of every layer, every group
-fails the "would empty the layer" check and *nothing* is pruned, silently. Ties are
-broken by each channel's rank within its layer, so equal scores spread the cut evenly.
+fails the "would empty the layer" check and *nothing* is pruned, silently. Layers are cut in
+the blocks ``round_to`` allows, ranked together; ties go by the share of its layer a block
+would follow, so equal scores spread the cut evenly.
 """
 
 from __future__ import annotations
@@ -224,19 +225,16 @@ def _round_keep(keep: int, size: int, min_keep: int, round_to: int) -> int:
     return min(size, max(keep, min_keep))
 
 
-def _cut_blocks(group: ScoredGroup, order: np.ndarray, score: np.ndarray, step: int) -> list[tuple[int, int, float]]:
-    """The cuts ``round_to`` allows in ``group``, as consecutive blocks of its ranked positions:
-    ``(start, end, score)`` where cutting through ``end`` leaves a multiple of ``step`` positions
-    (at least one step and ``min_keep``), and a block scores as its most important position."""
+def _allowed_cuts(group: ScoredGroup, order: np.ndarray, score: np.ndarray, step: int) -> np.ndarray:
+    """The cuts ``round_to`` allows in ``group``, as consecutive runs of its ranked positions:
+    rows ``(start, end, score)`` where cutting through ``end`` leaves a multiple of ``step``
+    positions (at least one step and ``min_keep``), scoring as the run's most important position."""
     size = group.positions
-    floor = max(step, group.min_keep)
-    keeps = [keep for keep in range(size - 1, floor - 1, -1) if keep % step == 0]
-    blocks, start = [], 0
-    for keep in keeps:
-        end = size - keep
-        blocks.append((start, end, float(score[order[end - 1]])))
-        start = end
-    return blocks
+    ends = np.array([size - keep for keep in range(size - 1, max(step, group.min_keep) - 1, -1) if keep % step == 0])
+    if not len(ends):
+        return np.zeros((0, 3))
+    starts = np.concatenate([[0], ends[:-1]])
+    return np.stack([starts, ends, score[order[ends - 1]]], axis=1)
 
 
 def plan_cut(groups: list[ScoredGroup], fraction: float, config: PruneConfig) -> dict[str, list[int]]:
@@ -258,12 +256,11 @@ def plan_cut(groups: list[ScoredGroup], fraction: float, config: PruneConfig) ->
         caps = np.maximum(sizes - np.array([g.min_keep for g in groups]), 0)
         counts = np.minimum(caps, np.round(fraction * sizes).astype(int))
     else:
-        blocks = [_cut_blocks(g, order, score, step) for g, order, score, step in zip(groups, orders, scores, steps)]
-        owner = np.array([i for i, group_blocks in enumerate(blocks) for _ in group_blocks], dtype=int)
-        ends = np.array([end for group_blocks in blocks for _, end, _ in group_blocks], dtype=int)
-        starts = np.array([start for group_blocks in blocks for start, _, _ in group_blocks], dtype=int)
-        score_key = np.array([s for group_blocks in blocks for _, _, s in group_blocks])
-        ranked = np.lexsort((starts / np.maximum(sizes[owner], 1), score_key)) if len(owner) else owner
+        cuts = [_allowed_cuts(g, order, score, step) for g, order, score, step in zip(groups, orders, scores, steps)]
+        owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(cuts)]).astype(int)
+        starts, ends, score_key = np.concatenate(cuts).T
+        starts, ends = starts.astype(int), ends.astype(int)
+        ranked = np.lexsort((starts / sizes[owner], score_key))
         wanted = int(round(fraction * float((sizes * weights).sum())))
         taken = int(np.searchsorted(np.cumsum(((ends - starts) * weights[owner])[ranked]), wanted, side="right"))
         counts = np.zeros(len(groups), dtype=int)
