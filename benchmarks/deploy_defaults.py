@@ -7,7 +7,7 @@ Prints per configuration the fine-tuned top-1 per seed, its mean, the paired dif
 (mean ± std over seeds) and the realised share of the MAC cut at batch 32 (eager torch,
 frozen TorchScript, onnxruntime), measured here in one process.
 
-    python benchmarks/deploy_defaults.py runs/base-s0 runs/fold-s0 ... [--reference base] [--json out.json]
+    python benchmarks/deploy_defaults.py runs/old-s0 runs/r16-s0 ... --reference old [--json out.json]
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import NAMImportance, PruneConfig, count_macs_params, normalize_scores, prune_model
+from nam_prune.prune.planning import ScoredGroup, plan_cut
 from nam_prune.surgery import NAMConfig, insert_nam
 
 X = torch.zeros(1, 1, 28, 28)
@@ -115,8 +116,6 @@ def test_torchvision_models_prune_to_macs_target(name):
 def test_rounded_global_cut_takes_all_zero_blocks_before_live_channels():
     """round_to 16: a layer with 9 zero scores of 32 cannot lose 16 channels for free, one with 40
     zeros of 64 can lose 32; flooring each layer's count after ranking channels cut 7 live ones."""
-    from nam_prune.prune.planning import ScoredGroup, plan_cut
-
     narrow = ScoredGroup("narrow", True, torch.cat([torch.zeros(9), torch.ones(23)]), min_keep=1)
     wide = ScoredGroup("wide", True, torch.cat([torch.ones(24), torch.zeros(40)]), min_keep=1)
     plan = plan_cut([narrow, wide], fraction=32 / 96, config=PruneConfig(round_to=16))
