@@ -10,6 +10,7 @@ outputs and gradients agree within 1e-5. Targets: time <= 0.5x, memory <= 0.6x.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -19,9 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from nam_prune import gate_kernel
 from nam_prune.gates import NAMChannelGate, use_compiled_gates
 
 SHAPES = [(32, 64, 32, 32), (32, 256, 16, 16), (8, 512, 7, 7)]
+PATHS = {
+    "kernel": "fused CPU kernel (gate_kernel.c, the default where it builds)",
+    "torch ops": "kernel off: plain module path (a gate on its own shares no host BN pass)",
+    "compiled": "kernel off: torch.compile'd affine_sigmoid_gate (dynamic shapes)",
+}
 
 
 class ReferenceChannelAtt(nn.Module):
@@ -90,11 +97,12 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     rows = []
-    for compiled in (False, True):
-        use_compiled_gates(compiled)
-        print("-- " + ("torch.compile'd affine_sigmoid_gate (dynamic shapes)" if compiled
-                       else "eager (plain module path: a gate on its own shares no host BN pass)"))
-        rows += [{"compiled": compiled, **row} for row in compare(args.repeats)]
+    print(f"the kernel: {gate_kernel.status()}")
+    for path, title in PATHS.items():
+        use_compiled_gates(path == "compiled")
+        print(f"-- {title}")
+        with gate_kernel.disabled() if path != "kernel" else contextlib.nullcontext():
+            rows += [{"path": path, **row} for row in compare(args.repeats)]
     use_compiled_gates(False)
     if args.json:
         args.json.write_text(json.dumps({"command": "python benchmarks/nam_gate.py " + " ".join(sys.argv[1:]),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nam_prune import distributed
+from nam_prune import distributed, gate_kernel
 from nam_prune.artifact import load_state, rebuild, record_of, save
 from nam_prune.checkpoint import atomic_write, library_versions, read_checkpoint
 from nam_prune.console import console
@@ -165,6 +165,8 @@ def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult
     task.open(folder)
     device = task.device
     log.info("run folder %s, device %s, %d process(es)", folder, device, distributed.world_size())
+    if device.type == "cpu" and not recipe.nam.compile:
+        log.info("NAM gates train on %s", gate_kernel.status())
     model.to(device)
     example = record.example_input(device)
     results, timings = progress["results"], progress["timings"]

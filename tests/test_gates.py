@@ -1,11 +1,14 @@
 """The NAM gates reproduce the published formulas exactly, without the reference's permutes."""
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
 import torch.nn as nn
 
+from nam_prune import gate_kernel
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate, _uses_batch_statistics
 
@@ -202,6 +205,71 @@ def test_fused_training_gate_skips_layers_without_batch_statistics():
         _gated_pair(closing=True, grad_through_weights=False, host="bn")[0](torch.randn(1, 16, 1, 1))
 
 
+@pytest.fixture
+def kernel():
+    """The fused CPU gate kernel, which every machine with a C compiler builds (CI has gcc)."""
+    if not shutil.which(os.environ.get("CC", "cc")):
+        pytest.skip("no C compiler: training gates run on torch ops")
+    assert gate_kernel.applies(torch.zeros(2, 3, 4, 4)), gate_kernel.status()
+
+
+@pytest.mark.parametrize("host", ["bn", "silu"])
+@pytest.mark.parametrize("shape", [(8, 16, 7, 7), (2, 5, 33, 37), (3, 24, 1, 2)])  # 33 x 37 > one 1024-value chunk
+def test_gate_kernel_matches_plain_path_and_torch_ops(kernel, host, shape):
+    """The kernel's four passes give the plain modules' outputs, gradients and running statistics
+    within 1e-5, as the torch-op form of the same fused gate does, for a gate behind a host BN
+    and one on its own (as in YOLO)."""
+    fused, plain = _gated_pair(True, False, host, channels=shape[1])
+    on_kernel = _train_step_differences(fused, plain, shape, torch.float32)
+    assert max(on_kernel.values()) <= 1e-5, on_kernel
+    fused, plain = _gated_pair(True, False, host, channels=shape[1])
+    with gate_kernel.disabled():
+        on_torch_ops = _train_step_differences(fused, plain, shape, torch.float32)
+    assert max(on_torch_ops.values()) <= 1e-5, on_torch_ops
+
+
+def test_gate_kernel_skips_what_it_cannot_run(kernel):
+    """channels_last and float64 maps (and any map while the kernel is off) take the torch-op form, exactly."""
+    x = torch.randn(2, 8, 5, 5)
+    assert gate_kernel.applies(x)
+    assert not gate_kernel.applies(x.to(memory_format=torch.channels_last))
+    assert not gate_kernel.applies(x.double())
+    with gate_kernel.disabled():
+        assert not gate_kernel.applies(x)
+    fused, plain = _gated_pair(True, False, "bn", channels=8)
+    fused, plain = fused.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
+    differences = _train_step_differences(fused, plain, (2, 8, 5, 5), torch.float32)
+    assert max(differences.values()) <= 1e-5, differences
+
+
+def test_gate_kernel_without_a_compiler_falls_back_to_torch_ops(monkeypatch):
+    """No compiler: status says so and gates train on torch ops with the same numbers."""
+    monkeypatch.setenv("CC", "no-such-compiler")
+    gate_kernel._load.cache_clear()
+    try:
+        assert gate_kernel.status().startswith("torch ops (no C compiler 'no-such-compiler'")
+        assert not gate_kernel.applies(torch.randn(2, 8, 5, 5))
+        fused, plain = _gated_pair(True, False, "bn", channels=8)
+        assert max(_train_step_differences(fused, plain, (4, 8, 5, 5), torch.float32).values()) <= 1e-5
+    finally:
+        gate_kernel._load.cache_clear()
+
+
+def test_gate_kernel_cache_survives_a_failed_build(monkeypatch, tmp_path):
+    """A compiler that fails leaves no library in the cache (built beside it, renamed when done)."""
+    compiler = tmp_path / "failing-cc"
+    compiler.write_text("#!/bin/sh\necho 'cc: error: unsupported option' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gate_kernel._load.cache_clear()
+    try:
+        assert gate_kernel.status() == "torch ops (the fused gate kernel did not build: cc: error: unsupported option)"
+        assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    finally:
+        gate_kernel._load.cache_clear()
+
+
 @pytest.mark.slow
 def test_compiled_training_gate_matches_plain_path_without_recompiling():
     """nam.compile: one dynamic-shape graph per gate form serves every layer shape, exactly."""
@@ -216,7 +284,8 @@ def test_compiled_training_gate_matches_plain_path_without_recompiling():
         for host in ("bn", "none"):  # a gate behind a host BN, and one on its own (as in YOLO)
             for shape in [(8, 16, 7, 7), (4, 24, 9, 5), (2, 40, 3, 3), (8, 16, 12, 12), (3, 64, 6, 6)]:
                 fused, plain = _gated_pair(True, False, host, channels=shape[1])
-                differences = _train_step_differences(fused, plain, shape, torch.float32)
+                with gate_kernel.disabled():  # the CPU kernel takes precedence where it applies
+                    differences = _train_step_differences(fused, plain, shape, torch.float32)
                 assert max(differences.values()) <= 1e-5, (host, shape, differences)
     finally:
         use_compiled_gates(False)

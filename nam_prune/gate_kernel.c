@@ -1,0 +1,141 @@
+/* NAM training gate in fused CPU passes (float32, NCHW contiguous).
+
+   out = (a x_hat + b) * sigmoid(c x_hat + d),  x_hat = (x - mean) * invstd,  per channel a, b, c, d.
+
+   Plain batch norm reads the feature map twice forward (statistics, output) and twice backward
+   (reductions, input gradient); these four functions do the same passes for the gated form,
+   recomputing the sigmoid from x instead of keeping extra maps. Built and loaded by
+   nam_prune/gate_kernel.py; the torch-op path in gates.py is the reference and the fallback. */
+
+#include <stdint.h>
+#include <string.h>
+
+#define CHUNK 1024 /* float partial sums over at most this many elements, then double */
+
+/* exp(t) for t <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial): written
+   branch-free so the compiler vectorizes the loops that call it. */
+static inline float exp_nonpositive(float t) {
+    t = t < -87.0f ? -87.0f : t;
+    float n = __builtin_floorf(t * 1.44269504088896341f + 0.5f);
+    float r = t - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float sigmoid(float z) {
+    float e = exp_nonpositive(z < 0.0f ? z : -z);
+    return (z < 0.0f ? e : 1.0f) / (1.0f + e);
+}
+
+/* Per-channel batch mean and biased variance, one read: sums shifted by the channel's first value. */
+void nam_gate_stats(const float *x, int64_t n, int64_t channels, int64_t hw, float *mean, float *var, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ch = 0; ch < channels; ch++) {
+        const float shift = x[ch * hw];
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            const float *p = x + (i * channels + ch) * hw;
+            for (int64_t j0 = 0; j0 < hw; j0 += CHUNK) {
+                const int64_t j1 = j0 + CHUNK < hw ? j0 + CHUNK : hw;
+                float f1 = 0.0f, f2 = 0.0f;
+#pragma omp simd reduction(+ : f1, f2)
+                for (int64_t j = j0; j < j1; j++) {
+                    const float v = p[j] - shift;
+                    f1 += v;
+                    f2 += v * v;
+                }
+                s1 += f1;
+                s2 += f2;
+            }
+        }
+        const double count = (double)(n * hw), m = s1 / count;
+        mean[ch] = (float)(shift + m);
+        const double v = s2 / count - m * m;
+        var[ch] = (float)(v > 0.0 ? v : 0.0);
+    }
+}
+
+void nam_gate_forward(const float *x, float *out, int64_t n, int64_t channels, int64_t hw, const float *mean,
+                      const float *invstd, const float *a, const float *b, const float *c, const float *d, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t plane = 0; plane < n * channels; plane++) {
+        const int64_t ch = plane % channels;
+        const float m = mean[ch], is = invstd[ch], ac = a[ch], bc = b[ch], cc = c[ch], dc = d[ch];
+        const float *p = x + plane * hw;
+        float *o = out + plane * hw;
+#pragma omp simd
+        for (int64_t j = 0; j < hw; j++) {
+            const float xh = (p[j] - m) * is;
+            o[j] = (ac * xh + bc) * sigmoid(cc * xh + dc);
+        }
+    }
+}
+
+/* Per-channel sums(4 x channels): sum g_u, sum g_u x_hat, sum g_z, sum g_z x_hat, where g_u = grad * s and
+   g_z = grad * u * s (1 - s) are the gradients at u = a x_hat + b and z = c x_hat + d, s = sigmoid(z). */
+void nam_gate_backward_sums(const float *grad, const float *x, int64_t n, int64_t channels, int64_t hw, const float *mean,
+                            const float *invstd, const float *a, const float *b, const float *c, const float *d, double *sums,
+                            int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ch = 0; ch < channels; ch++) {
+        const float m = mean[ch], is = invstd[ch], ac = a[ch], bc = b[ch], cc = c[ch], dc = d[ch];
+        double gu = 0.0, gux = 0.0, gz = 0.0, gzx = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            const float *p = x + (i * channels + ch) * hw, *g = grad + (i * channels + ch) * hw;
+            for (int64_t j0 = 0; j0 < hw; j0 += CHUNK) {
+                const int64_t j1 = j0 + CHUNK < hw ? j0 + CHUNK : hw;
+                float f_gu = 0.0f, f_gux = 0.0f, f_gz = 0.0f, f_gzx = 0.0f;
+#pragma omp simd reduction(+ : f_gu, f_gux, f_gz, f_gzx)
+                for (int64_t j = j0; j < j1; j++) {
+                    const float xh = (p[j] - m) * is;
+                    const float s = sigmoid(cc * xh + dc);
+                    const float g_u = g[j] * s;
+                    const float g_z = g_u * (ac * xh + bc) * (1.0f - s);
+                    f_gu += g_u;
+                    f_gux += g_u * xh;
+                    f_gz += g_z;
+                    f_gzx += g_z * xh;
+                }
+                gu += f_gu;
+                gux += f_gux;
+                gz += f_gz;
+                gzx += f_gzx;
+            }
+        }
+        sums[ch] = gu;
+        sums[channels + ch] = gux;
+        sums[2 * channels + ch] = gz;
+        sums[3 * channels + ch] = gzx;
+    }
+}
+
+/* grad_x = u_scale g_u + z_scale g_z + slope x_hat + offset, per channel. */
+void nam_gate_backward_input(const float *grad, const float *x, float *grad_x, int64_t n, int64_t channels, int64_t hw,
+                             const float *mean, const float *invstd, const float *a, const float *b, const float *c,
+                             const float *d, const float *u_scale, const float *z_scale, const float *slope,
+                             const float *offset, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t plane = 0; plane < n * channels; plane++) {
+        const int64_t ch = plane % channels;
+        const float m = mean[ch], is = invstd[ch], ac = a[ch], bc = b[ch], cc = c[ch], dc = d[ch];
+        const float us = u_scale[ch], zs = z_scale[ch], sl = slope[ch], of = offset[ch];
+        const float *p = x + plane * hw, *g = grad + plane * hw;
+        float *o = grad_x + plane * hw;
+#pragma omp simd
+        for (int64_t j = 0; j < hw; j++) {
+            const float xh = (p[j] - m) * is;
+            const float s = sigmoid(cc * xh + dc);
+            const float g_u = g[j] * s;
+            o[j] = us * g_u + zs * g_u * (ac * xh + bc) * (1.0f - s) + sl * xh + of;
+        }
+    }
+}
