@@ -81,54 +81,72 @@ void nam_gate_forward(const float *x, float *out, int64_t n, int64_t channels, i
 }
 
 /* Per-channel sums(4 x channels): sum g_u, sum g_u x_hat, sum g_z, sum g_z x_hat, where g_u = grad * s and
-   g_z = grad * u * s (1 - s) are the gradients at u = a x_hat + b and z = c x_hat + d, s = sigmoid(z). */
-void nam_gate_backward_sums(const float *grad, const float *x, int64_t n, int64_t channels, int64_t hw, const float *mean,
-                            const float *invstd, const float *a, const float *b, const float *c, const float *d, double *sums,
-                            int threads) {
+   g_z = grad * u * s (1 - s) are the gradients at u = a x_hat + b and z = c x_hat + d, s = sigmoid(z).
+   The sums run in LANES float lanes across a channel's planes (small maps are common: 5 x 5 in YOLO),
+   flushed into double every CHUNK values per lane. grad's planes are contiguous; its samples lie
+   grad_stride apart (a channel slice of a larger gradient, as a concat's backward hands out). */
+#define LANES 16
+void nam_gate_backward_sums(const float *grad, int64_t grad_stride, const float *x, int64_t n, int64_t channels,
+                            int64_t hw, const float *mean, const float *invstd, const float *a, const float *b,
+                            const float *c, const float *d, double *sums, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ch = 0; ch < channels; ch++) {
         const float m = mean[ch], is = invstd[ch], ac = a[ch], bc = b[ch], cc = c[ch], dc = d[ch];
-        double gu = 0.0, gux = 0.0, gz = 0.0, gzx = 0.0;
+        double total[4] = {0.0, 0.0, 0.0, 0.0};
+        float lane[4][LANES] = {{0.0f}};
+        int64_t pending = 0;
         for (int64_t i = 0; i < n; i++) {
-            const float *p = x + (i * channels + ch) * hw, *g = grad + (i * channels + ch) * hw;
-            for (int64_t j0 = 0; j0 < hw; j0 += CHUNK) {
-                const int64_t j1 = j0 + CHUNK < hw ? j0 + CHUNK : hw;
-                float f_gu = 0.0f, f_gux = 0.0f, f_gz = 0.0f, f_gzx = 0.0f;
-#pragma omp simd reduction(+ : f_gu, f_gux, f_gz, f_gzx)
-                for (int64_t j = j0; j < j1; j++) {
-                    const float xh = (p[j] - m) * is;
+            const float *p = x + (i * channels + ch) * hw, *g = grad + i * grad_stride + ch * hw;
+            int64_t j = 0;
+            for (; j + LANES <= hw; j += LANES) {
+#pragma omp simd
+                for (int l = 0; l < LANES; l++) {
+                    const float xh = (p[j + l] - m) * is;
                     const float s = sigmoid(cc * xh + dc);
-                    const float g_u = g[j] * s;
+                    const float g_u = g[j + l] * s;
                     const float g_z = g_u * (ac * xh + bc) * (1.0f - s);
-                    f_gu += g_u;
-                    f_gux += g_u * xh;
-                    f_gz += g_z;
-                    f_gzx += g_z * xh;
+                    lane[0][l] += g_u;
+                    lane[1][l] += g_u * xh;
+                    lane[2][l] += g_z;
+                    lane[3][l] += g_z * xh;
                 }
-                gu += f_gu;
-                gux += f_gux;
-                gz += f_gz;
-                gzx += f_gzx;
+            }
+#pragma omp simd
+            for (int l = 0; l < (int)(hw - j); l++) {
+                const float xh = (p[j + l] - m) * is;
+                const float s = sigmoid(cc * xh + dc);
+                const float g_u = g[j + l] * s;
+                const float g_z = g_u * (ac * xh + bc) * (1.0f - s);
+                lane[0][l] += g_u;
+                lane[1][l] += g_u * xh;
+                lane[2][l] += g_z;
+                lane[3][l] += g_z * xh;
+            }
+            pending += hw;
+            if (pending >= CHUNK * LANES || i == n - 1) {
+                for (int k = 0; k < 4; k++)
+                    for (int l = 0; l < LANES; l++) {
+                        total[k] += lane[k][l];
+                        lane[k][l] = 0.0f;
+                    }
+                pending = 0;
             }
         }
-        sums[ch] = gu;
-        sums[channels + ch] = gux;
-        sums[2 * channels + ch] = gz;
-        sums[3 * channels + ch] = gzx;
+        for (int k = 0; k < 4; k++) sums[k * channels + ch] = total[k];
     }
 }
 
-/* grad_x = u_scale g_u + z_scale g_z + slope x_hat + offset, per channel. */
-void nam_gate_backward_input(const float *grad, const float *x, float *grad_x, int64_t n, int64_t channels, int64_t hw,
-                             const float *mean, const float *invstd, const float *a, const float *b, const float *c,
-                             const float *d, const float *u_scale, const float *z_scale, const float *slope,
-                             const float *offset, int threads) {
+/* grad_x = u_scale g_u + z_scale g_z + slope x_hat + offset, per channel (grad laid out as above). */
+void nam_gate_backward_input(const float *grad, int64_t grad_stride, const float *x, float *grad_x, int64_t n,
+                             int64_t channels, int64_t hw, const float *mean, const float *invstd, const float *a,
+                             const float *b, const float *c, const float *d, const float *u_scale, const float *z_scale,
+                             const float *slope, const float *offset, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t plane = 0; plane < n * channels; plane++) {
         const int64_t ch = plane % channels;
         const float m = mean[ch], is = invstd[ch], ac = a[ch], bc = b[ch], cc = c[ch], dc = d[ch];
         const float us = u_scale[ch], zs = z_scale[ch], sl = slope[ch], of = offset[ch];
-        const float *p = x + plane * hw, *g = grad + plane * hw;
+        const float *p = x + plane * hw, *g = grad + (plane / channels) * grad_stride + ch * hw;
         float *o = grad_x + plane * hw;
 #pragma omp simd
         for (int64_t j = 0; j < hw; j++) {

@@ -33,8 +33,8 @@ _pointer, _size, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "nam_gate_stats": [_pointer, _size, _size, _size, _pointer, _pointer, _int],
     "nam_gate_forward": [_pointer, _pointer, _size, _size, _size] + [_pointer] * 6 + [_int],
-    "nam_gate_backward_sums": [_pointer, _pointer, _size, _size, _size] + [_pointer] * 7 + [_int],
-    "nam_gate_backward_input": [_pointer, _pointer, _pointer, _size, _size, _size] + [_pointer] * 10 + [_int],
+    "nam_gate_backward_sums": [_pointer, _size, _pointer, _size, _size, _size] + [_pointer] * 7 + [_int],
+    "nam_gate_backward_input": [_pointer, _size, _pointer, _pointer, _size, _size, _size] + [_pointer] * 10 + [_int],
 }
 
 
@@ -157,9 +157,9 @@ def forward(x: torch.Tensor, per_channel: list[torch.Tensor]) -> torch.Tensor:
 def backward_sums(grad: torch.Tensor, x: torch.Tensor, per_channel: list[torch.Tensor]) -> torch.Tensor:
     """``(4, C)`` float64: sums of ``g_u``, ``g_u x_hat``, ``g_z``, ``g_z x_hat`` (see ``gate_kernel.c``)."""
     n, channels, hw = _layout(x)
-    sums, vectors = x.new_empty((4, channels), dtype=torch.float64), _vectors(per_channel)
+    sums, vectors, grad = x.new_empty((4, channels), dtype=torch.float64), _vectors(per_channel), _planar(grad)
     _load()[0].nam_gate_backward_sums(
-        *_pointers(grad, x), n, channels, hw, *_pointers(*vectors, sums), torch.get_num_threads()
+        grad.data_ptr(), grad.stride(0), x.data_ptr(), n, channels, hw, *_pointers(*vectors, sums), torch.get_num_threads()
     )
     return sums
 
@@ -167,11 +167,20 @@ def backward_sums(grad: torch.Tensor, x: torch.Tensor, per_channel: list[torch.T
 def backward_input(grad: torch.Tensor, x: torch.Tensor, per_channel: list[torch.Tensor]) -> torch.Tensor:
     """``dL/dx``; ``per_channel`` is ``[mean, invstd, a, b, c, d, u_scale, z_scale, slope, offset]``."""
     n, channels, hw = _layout(x)
-    grad_x, vectors = torch.empty_like(x), _vectors(per_channel)
+    grad_x, vectors, grad = torch.empty_like(x), _vectors(per_channel), _planar(grad)
     _load()[0].nam_gate_backward_input(
-        *_pointers(grad, x, grad_x), n, channels, hw, *_pointers(*vectors), torch.get_num_threads()
+        grad.data_ptr(), grad.stride(0), *_pointers(x, grad_x), n, channels, hw, *_pointers(*vectors), torch.get_num_threads()
     )
     return grad_x
+
+
+def _planar(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` itself when each of its (sample, channel) planes is contiguous and a sample's channels
+    follow each other (a channel slice of a larger gradient, as ``torch.cat``'s backward hands out);
+    a contiguous copy otherwise."""
+    _, _, height, width = grad.shape
+    planar = grad.stride()[1:] == (height * width, width, 1) or grad.shape[2:].numel() == 1 and grad.stride(1) == 1
+    return grad if planar else grad.contiguous()
 
 
 def _vectors(per_channel: list[torch.Tensor]) -> list[torch.Tensor]:

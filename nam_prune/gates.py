@@ -138,7 +138,6 @@ class _AffineSigmoidGate(torch.autograd.Function):
         a, b, c, d = (t.detach() for t in coefficients)
         if ctx.fused:
             (x,) = maps
-            grad = grad.contiguous()
             sum_gu, sum_gu_xhat, sum_gz, sum_gz_xhat = gate_kernel.backward_sums(grad, x, [mean, invstd, a, b, c, d]).to(x.dtype)
         else:
             x_hat, s, u = maps

@@ -228,6 +228,28 @@ def test_gate_kernel_matches_plain_path_and_torch_ops(kernel, host, shape):
     assert max(on_torch_ops.values()) <= 1e-5, on_torch_ops
 
 
+def test_gate_kernel_reads_channel_slices_of_a_concat_gradient(kernel):
+    """Behind torch.cat (YOLO's C2f) a gate's upstream gradient is a channel slice of a larger one; the
+    kernel reads it in place (no copy) and still matches the plain modules."""
+    shape = (4, 8, 6, 5)
+    fused, plain = _gated_pair(True, False, "silu", channels=8)
+    g = torch.Generator().manual_seed(6)
+    x, other = torch.randn(shape, generator=g), torch.randn(4, 3, 6, 5, generator=g)
+    upstream = torch.randn(4, 11, 6, 5, generator=g)
+    grads, outputs = [], []
+    for module in (fused, plain):
+        xi = x.clone().requires_grad_()
+        out = torch.cat([other, module(xi)], 1)
+        (out * upstream).sum().backward()
+        outputs.append(out)
+        grads.append([xi.grad, *(p.grad for p in module.parameters())])
+    slice_of_upstream = upstream[:, 3:]
+    assert not slice_of_upstream.is_contiguous() and gate_kernel._planar(slice_of_upstream) is slice_of_upstream
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_gate_kernel_skips_what_it_cannot_run(kernel):
     """channels_last and float64 maps (and any map while the kernel is off) take the torch-op form, exactly."""
     x = torch.randn(2, 8, 5, 5)
