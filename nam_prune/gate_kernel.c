@@ -122,7 +122,7 @@ void nam_gate_backward_sums(const float *grad, int64_t grad_stride, const float 
                 lane[2][l] += g_z;
                 lane[3][l] += g_z * xh;
             }
-            pending += hw;
+            pending += hw < LANES ? LANES : hw; /* a lane takes at most ~2 CHUNK values between flushes */
             if (pending >= CHUNK * LANES || i == n - 1) {
                 for (int k = 0; k < 4; k++)
                     for (int l = 0; l < LANES; l++) {
