@@ -36,11 +36,14 @@ static inline float sigmoid(float z) {
     return (z < 0.0f ? e : 1.0f) / (1.0f + e);
 }
 
-/* Per-channel batch mean and biased variance, one read: sums shifted by the channel's first value. */
+/* Per-channel batch mean and biased variance in one read, from sums shifted by the mean of the channel's
+   first plane (close to the batch mean, so the float sums of squares lose little to cancellation). */
 void nam_gate_stats(const float *x, int64_t n, int64_t channels, int64_t hw, float *mean, float *var, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ch = 0; ch < channels; ch++) {
-        const float shift = x[ch * hw];
+        double first = 0.0;
+        for (int64_t j = 0; j < hw; j++) first += x[ch * hw + j];
+        const float shift = (float)(first / (double)hw);
         double s1 = 0.0, s2 = 0.0;
         for (int64_t i = 0; i < n; i++) {
             const float *p = x + (i * channels + ch) * hw;

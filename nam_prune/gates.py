@@ -32,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from nam_prune import gate_kernel
 from nam_prune.errors import NamPruneError
@@ -130,6 +131,7 @@ class _AffineSigmoidGate(torch.autograd.Function):
         return out, mean, invstd
 
     @staticmethod
+    @once_differentiable  # the kernel's gradients carry no graph: a second derivative must fail, not come out zero
     def backward(ctx, grad, _grad_mean, _grad_invstd):
         maps, (mean, invstd, *params) = ctx.saved_tensors[: ctx.map_count], ctx.saved_tensors[ctx.map_count :]
         with torch.enable_grad():
@@ -156,7 +158,9 @@ class _AffineSigmoidGate(torch.autograd.Function):
         count = grad.numel() // grad.shape[1]
         slope = -(invstd * (a * sum_gu_xhat + c * sum_gz_xhat) + grad_invstd * invstd.square()) / count
         offset = (grad_mean - invstd * (a * sum_gu + c * sum_gz)) / count
-        if ctx.fused:
+        if not ctx.needs_input_grad[0]:
+            grad_x = None
+        elif ctx.fused:
             grad_x = gate_kernel.backward_input(grad, x, [mean, invstd, a, b, c, d, a * invstd, c * invstd, slope, offset])
         else:
             grad_x = _affine(grad_u, a * invstd, offset).addcmul_(grad_z, _channel(c * invstd))
@@ -216,9 +220,10 @@ def _uses_batch_statistics(bn: nn.Module, x: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def _update_running_statistics(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """What BatchNorm2d's training forward does with its batch statistics (``var`` biased)."""
+    """What BatchNorm2d's training forward does with its batch statistics (``var`` biased; rebuilt from
+    1/std it can come out a rounding error below 0 for a constant channel)."""
     bn.running_mean.lerp_(mean, bn.momentum)
-    bn.running_var.lerp_(var * (count / (count - 1)), bn.momentum)
+    bn.running_var.lerp_(var.clamp_min(0) * (count / (count - 1)), bn.momentum)
     bn.num_batches_tracked.add_(1)
 
 

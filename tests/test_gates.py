@@ -2,7 +2,9 @@
 
 import copy
 import os
+import shlex
 import shutil
+import sys
 
 import pytest
 import torch
@@ -207,10 +209,14 @@ def test_fused_training_gate_skips_layers_without_batch_statistics():
 
 @pytest.fixture
 def kernel():
-    """The fused CPU gate kernel, which every machine with a C compiler builds (CI has gcc)."""
-    if not shutil.which(os.environ.get("CC", "cc")):
+    """The fused CPU gate kernel, which Linux machines with a C compiler build (CI has gcc)."""
+    compiler = shlex.split(os.environ.get("CC", "cc"))
+    if not compiler or not shutil.which(compiler[0]):
         pytest.skip("no C compiler: training gates run on torch ops")
-    assert gate_kernel.applies(torch.zeros(2, 3, 4, 4)), gate_kernel.status()
+    if not gate_kernel.applies(torch.zeros(2, 3, 4, 4)):
+        if sys.platform.startswith("linux"):
+            pytest.fail(gate_kernel.status())
+        pytest.skip(gate_kernel.status())  # e.g. a compiler without OpenMP
 
 
 @pytest.mark.parametrize("host", ["bn", "silu"])
@@ -248,6 +254,15 @@ def test_gate_kernel_reads_channel_slices_of_a_concat_gradient(kernel):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
     for ours, reference in zip(*grads):
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_kernel_refuses_a_second_derivative(kernel):
+    """Its gradients carry no graph: double backward raises instead of returning zeros."""
+    fused, _ = _gated_pair(True, False, "silu", channels=8)
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    (grad,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
 
 
 def test_gate_kernel_skips_what_it_cannot_run(kernel):
