@@ -89,6 +89,19 @@ void nam_gate_forward(const float *x, float *out, int64_t n, int64_t channels, i
    flushed into double every CHUNK values per lane. grad's planes are contiguous; its samples lie
    grad_stride apart (a channel slice of a larger gradient, as a concat's backward hands out). */
 #define LANES 16
+/* Adds one value's g_u, g_u x_hat, g_z, g_z x_hat to float lane l (see nam_gate_backward_sums). */
+static inline void accumulate(float lane[4][LANES], int l, float x, float grad, float mean, float invstd, float a, float b,
+                              float c, float d) {
+    const float xh = (x - mean) * invstd;
+    const float s = sigmoid(c * xh + d);
+    const float g_u = grad * s;
+    const float g_z = g_u * (a * xh + b) * (1.0f - s);
+    lane[0][l] += g_u;
+    lane[1][l] += g_u * xh;
+    lane[2][l] += g_z;
+    lane[3][l] += g_z * xh;
+}
+
 void nam_gate_backward_sums(const float *grad, int64_t grad_stride, const float *x, int64_t n, int64_t channels,
                             int64_t hw, const float *mean, const float *invstd, const float *a, const float *b,
                             const float *c, const float *d, double *sums, int threads) {
@@ -103,28 +116,10 @@ void nam_gate_backward_sums(const float *grad, int64_t grad_stride, const float 
             int64_t j = 0;
             for (; j + LANES <= hw; j += LANES) {
 #pragma omp simd
-                for (int l = 0; l < LANES; l++) {
-                    const float xh = (p[j + l] - m) * is;
-                    const float s = sigmoid(cc * xh + dc);
-                    const float g_u = g[j + l] * s;
-                    const float g_z = g_u * (ac * xh + bc) * (1.0f - s);
-                    lane[0][l] += g_u;
-                    lane[1][l] += g_u * xh;
-                    lane[2][l] += g_z;
-                    lane[3][l] += g_z * xh;
-                }
+                for (int l = 0; l < LANES; l++) accumulate(lane, l, p[j + l], g[j + l], m, is, ac, bc, cc, dc);
             }
-#pragma omp simd
-            for (int l = 0; l < (int)(hw - j); l++) {
-                const float xh = (p[j + l] - m) * is;
-                const float s = sigmoid(cc * xh + dc);
-                const float g_u = g[j + l] * s;
-                const float g_z = g_u * (ac * xh + bc) * (1.0f - s);
-                lane[0][l] += g_u;
-                lane[1][l] += g_u * xh;
-                lane[2][l] += g_z;
-                lane[3][l] += g_z * xh;
-            }
+#pragma omp simd /* the rest of the plane, in lanes 0.. */
+            for (int l = 0; l < (int)(hw - j); l++) accumulate(lane, l, p[j + l], g[j + l], m, is, ac, bc, cc, dc);
             pending += hw < LANES ? LANES : hw; /* a lane takes at most ~2 CHUNK values between flushes */
             if (pending >= CHUNK * LANES || i == n - 1) {
                 for (int k = 0; k < 4; k++)
