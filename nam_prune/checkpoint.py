@@ -12,7 +12,7 @@ import pickle
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch_pruning
@@ -20,6 +20,8 @@ import torchvision
 
 from nam_prune.errors import NamPruneError, first_line
 from nam_prune.version import __version__
+
+T = TypeVar("T")
 
 FORMAT = "nam-prune"
 FORMAT_VERSION = 2  # 2: nam.gate recorded (format 1 files hold reference gates)
@@ -35,8 +37,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
+def atomic_write(path: Path, write: Callable[[str], T]) -> T:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file, and a
+    ``write`` that raises (a failed check of the written file, say) leaves none. Returns what ``write`` does."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,11 +48,12 @@ def atomic_write(path: Path, write: Any) -> None:
         raise NamPruneError(f"cannot write to {path.parent}: {error.strerror}; choose another output folder") from None
     os.close(handle)
     try:
-        write(tmp)
+        result = write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return result
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:

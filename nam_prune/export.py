@@ -46,6 +46,32 @@ def _onnx_modules():
     return onnx, onnxruntime
 
 
+@contextlib.contextmanager
+def _failure_named(step: str):
+    """Exporters, checkers, the tracer and the runtimes raise many types: one line naming the step."""
+    try:
+        yield
+    except NamPruneError:
+        raise
+    except Exception as error:
+        raise NamPruneError(f"{step} failed ({type(error).__name__}: {first_line(error, 200)})") from None
+
+
+def _onnx_file(
+    model: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool, deploy_mode: DeployMode
+) -> None:
+    """torch.onnx.export (TorchScript exporter: conv nets need no dynamic control flow) then onnx.checker."""
+    onnx, _ = _onnx_modules()
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), deploy_mode(model):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example.cpu(),), path, input_names=["input"], output_names=["logits"],
+            opset_version=opset, dynamic_axes=axes, dynamo=False,
+        )
+    onnx.checker.check_model(onnx.load(path))
+
+
 def write_onnx(
     model: nn.Module,
     example: torch.Tensor,
@@ -54,26 +80,10 @@ def write_onnx(
     dynamic_batch: bool = False,
     deploy_mode: DeployMode = contextlib.nullcontext,
 ) -> None:
-    """torch.onnx.export (TorchScript exporter: conv nets need no dynamic control flow) then onnx.checker."""
-    onnx, _ = _onnx_modules()
+    """Write a checked ONNX file (no output comparison: ``export_onnx`` adds that)."""
     model = model.cpu().eval()
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-
-    def export(tmp: str) -> None:
-        with warnings.catch_warnings(), deploy_mode(model):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (example.cpu(),), tmp, input_names=["input"], output_names=["logits"],
-                opset_version=opset, dynamic_axes=axes, dynamo=False,
-            )
-        onnx.checker.check_model(onnx.load(tmp))
-
-    try:
-        atomic_write(path, export)
-    except NamPruneError:
-        raise
-    except Exception as error:  # exporter and checker raise many types
-        raise NamPruneError(f"ONNX export failed ({type(error).__name__}: {first_line(error, 200)})") from None
+    with _failure_named("ONNX export"):
+        atomic_write(path, lambda tmp: _onnx_file(model, example, tmp, opset, dynamic_batch, deploy_mode))
 
 
 def ort_session(path: Path):
@@ -93,6 +103,12 @@ def parity(
     with torch.inference_mode(), deploy_mode(model):
         expected = model.cpu().eval()(x).numpy()
     return _difference(expected, ort_session(path).run(None, {"input": x.numpy()})[0])
+
+
+def _checked_parity(diff: float, runtime: str, hint: str) -> float:
+    if diff > PARITY_TOLERANCE:
+        raise NamPruneError(f"{runtime} output differs from eager torch by {diff:.2e} (> {PARITY_TOLERANCE}){hint}")
+    return diff
 
 
 def _difference(expected: np.ndarray, got: np.ndarray) -> float:
@@ -120,12 +136,9 @@ def frozen_torchscript(
     keeps NCHW (``benchmarks/memory_format.py`` measures the difference)."""
     copied = copy.deepcopy(model).cpu().eval()
     traced = ChannelsLastInput(copied.to(memory_format=torch.channels_last)) if channels_last else copied
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), deploy_mode(copied):
-            warnings.simplefilter("ignore")
-            return torch.jit.freeze(torch.jit.trace(traced.eval(), example.cpu(), check_trace=False))
-    except Exception as error:  # the tracer and freezing raise many types
-        raise NamPruneError(f"TorchScript tracing failed ({type(error).__name__}: {first_line(error, 200)})") from None
+    with _failure_named("TorchScript tracing"), warnings.catch_warnings(), torch.no_grad(), deploy_mode(copied):
+        warnings.simplefilter("ignore")
+        return torch.jit.freeze(torch.jit.trace(traced.eval(), example.cpu(), check_trace=False))
 
 
 def median_ms(call: Callable[[], object], runs: int, warmup: int) -> float:
@@ -154,23 +167,21 @@ def export_torchscript(
     model: nn.Module, example: torch.Tensor, path: Path, deploy_mode: DeployMode = contextlib.nullcontext
 ) -> ExportResult:
     """Write ``frozen_torchscript(model)``; the file loads with ``torch.jit.load`` and needs no
-    nam-prune. A parity miss beyond 1e-4 is an error."""
+    nam-prune. It is checked before it takes ``path``: a parity miss beyond 1e-4 is an error and
+    leaves no file."""
     model = model.cpu().eval()
     x = torch.rand_like(example.cpu())
     frozen = frozen_torchscript(model, example, deploy_mode)
-    try:
+
+    def write_checked(tmp: str) -> float:
+        torch.jit.save(frozen, tmp)
+        with torch.no_grad():
+            return _checked_parity(_difference(expected, torch.jit.load(tmp)(x).numpy()), "TorchScript", "")
+
+    with _failure_named("TorchScript export"):
         with torch.no_grad(), deploy_mode(model):
             expected = model(x).numpy()
-        atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp))
-        with torch.no_grad():
-            got = torch.jit.load(str(path))(x).numpy()
-    except Exception as error:
-        raise NamPruneError(f"TorchScript export failed ({type(error).__name__}: {first_line(error, 200)})") from None
-    diff = _difference(expected, got)
-    if diff > PARITY_TOLERANCE:
-        path.unlink(missing_ok=True)
-        raise NamPruneError(f"TorchScript output differs from eager torch by {diff:.2e} (> {PARITY_TOLERANCE})")
-    return ExportResult(path, diff, 0)
+        return ExportResult(path, atomic_write(path, write_checked), 0)
 
 
 def export_onnx(
@@ -181,12 +192,16 @@ def export_onnx(
     dynamic_batch: bool = False,
     deploy_mode: DeployMode = contextlib.nullcontext,
 ) -> ExportResult:
-    """Write, check and verify an ONNX file; a parity miss beyond 1e-4 is an error."""
-    write_onnx(model, example, path, opset, dynamic_batch, deploy_mode)
-    diff = parity(model, path, example, deploy_mode)
-    if diff > PARITY_TOLERANCE:
-        raise NamPruneError(f"ONNX output differs from torch by {diff:.2e} (> {PARITY_TOLERANCE}); try another --opset")
-    return ExportResult(path, diff, opset)
+    """Write, check and verify an ONNX file before it takes ``path``: a parity miss beyond 1e-4 is
+    an error and leaves no file."""
+    model = model.cpu().eval()
+
+    def write_checked(tmp: str) -> float:
+        _onnx_file(model, example, tmp, opset, dynamic_batch, deploy_mode)
+        return _checked_parity(parity(model, Path(tmp), example, deploy_mode), "ONNX", "; try another --opset")
+
+    with _failure_named("ONNX export"):
+        return ExportResult(path, atomic_write(path, write_checked), opset)
 
 
 def ort_latency_ms(

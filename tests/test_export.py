@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from nam_prune.artifact import ModelRecord, save
-from nam_prune.export import export_onnx, ort_session
+from nam_prune import export as export_module
+from nam_prune.errors import NamPruneError
+from nam_prune.export import export_onnx, export_torchscript, ort_session
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, prune_model
 from nam_prune.surgery import NAMConfig, insert_nam
@@ -43,6 +45,17 @@ def test_export_parity_and_dynamic_batch(pruned, tmp_path):
     got = ort_session(result.path).run(None, {"input": x.numpy()})[0]
     with torch.inference_mode():
         np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("write", [export_onnx, export_torchscript])
+def test_an_export_that_fails_its_check_leaves_no_file(pruned, tmp_path, monkeypatch, write):
+    """The written file is compared with eager torch before it takes its name: a miss leaves nothing behind."""
+    model, _ = pruned
+    monkeypatch.setattr(export_module, "_difference", lambda expected, got: 0.5)
+    folder = tmp_path / "out"
+    with pytest.raises(NamPruneError, match=r"differs from eager torch by 5.00e-01"):
+        write(model, torch.zeros(1, 1, 28, 28), folder / "m.exported")
+    assert list(folder.iterdir()) == []
 
 
 def test_export_cli(pruned):
