@@ -1,7 +1,8 @@
 """How much of TorchScript's lead over eager torch is the memory format? Dense ResNet-50 on the CPU.
 
-Eager and frozen TorchScript, each contiguous (NCHW) and channels-last (NHWC), at 224x224, batch 1
-and 32, timed in alternation (``timing.py``), in inference mode.
+Eager and frozen TorchScript, each contiguous (NCHW) and channels-last (NHWC), and the file ``export
+--format torchscript`` writes (channels-last, large batches run in slices: ``export.BatchChunks``),
+at 224x224, batch 1 and 32, timed in alternation (``timing.py``), in inference mode.
 
     python benchmarks/memory_format.py [--json docs/memory_format.json]
 """
@@ -28,14 +29,17 @@ def main() -> None:
     model = build_model(ModelSpec("resnet50", num_classes=1000)).eval()
     nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
     examples = {"bs1": torch.randn(1, 3, 224, 224), "bs32": torch.randn(32, 3, 224, 224)}
-    forms = {name: {} for name in ("eager NCHW", "eager NHWC", "TorchScript NCHW", "TorchScript NHWC")}
+    names = ("eager NCHW", "eager NHWC", "TorchScript NCHW", "TorchScript NHWC", "TorchScript NHWC sliced")
+    forms = {name: {} for name in names}
     for label, x in examples.items():
         x_nhwc = x.contiguous(memory_format=torch.channels_last)
-        frozen_nchw, frozen_nhwc = frozen_torchscript(model, x, channels_last=False), frozen_torchscript(model, x)
+        frozen_nchw = frozen_torchscript(model, x, channels_last=False, batch_chunks=False)
+        frozen_nhwc = frozen_torchscript(model, x, batch_chunks=False)
         forms["eager NCHW"][f"ms_{label}"] = lambda x=x: model(x)
         forms["eager NHWC"][f"ms_{label}"] = lambda x=x_nhwc: nhwc(x)
         forms["TorchScript NCHW"][f"ms_{label}"] = lambda x=x, m=frozen_nchw: m(x)
         forms["TorchScript NHWC"][f"ms_{label}"] = lambda x=x, m=frozen_nhwc: m(x)  # converts its input itself
+        forms["TorchScript NHWC sliced"][f"ms_{label}"] = lambda x=x, m=frozen_torchscript(model, x): m(x)  # the export
     timed = interleaved_ms(list(forms.values()), {"bs1": 10, "bs32": 1}, args.rounds, warmup=2)
     rows = dict(zip(forms, timed))
     for name, ms in rows.items():

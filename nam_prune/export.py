@@ -128,17 +128,68 @@ class ChannelsLastInput(nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
+CHUNK_BYTES = 16 * 2**20
+"""Largest feature map a TorchScript file lets one slice of its batch make. glibc's malloc hands
+blocks above its mmap threshold (32 MiB at most) back to the OS after each call, so a forward pass
+at batch 32 page-faulted its maps in again every call (ResNet-50, 224 px: 279k faults, a third of
+its time); at 16 MiB a slice runs from memory the heap keeps (0 faults; README, *Performance*)."""
+
+
+class BatchChunks(nn.Module):
+    """Runs the wrapped model on slices of at most ``chunk`` samples and concatenates the outputs:
+    per-sample results are unchanged (eval mode), and each slice's maps stay small enough to reuse memory."""
+
+    def __init__(self, model: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(0) <= self.chunk:
+            return self.model(x)
+        return torch.cat([self.model(part) for part in x.split(self.chunk)])
+
+
+def samples_per_chunk(model: nn.Module, example: torch.Tensor) -> int:
+    """How many samples keep every module output of one slice within ``CHUNK_BYTES`` (one sample at
+    least); ``model`` as it will run (in its deploy form)."""
+    largest = example[:1].numel() * example.element_size()
+
+    def record(module: nn.Module, inputs: object, output: object) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+
+    hooks = [module.register_forward_hook(record) for module in model.modules()]
+    try:
+        with torch.inference_mode():
+            model(example[:1].cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(1, CHUNK_BYTES // largest)
+
+
 def frozen_torchscript(
-    model: nn.Module, example: torch.Tensor, deploy_mode: DeployMode = contextlib.nullcontext, channels_last: bool = True
+    model: nn.Module,
+    example: torch.Tensor,
+    deploy_mode: DeployMode = contextlib.nullcontext,
+    channels_last: bool = True,
+    batch_chunks: bool = True,
 ) -> torch.jit.ScriptModule:
     """A copy of ``model`` in its deploy form, channels-last, traced and frozen (weights as constants,
-    conv-BN folded): the fast way to run a pruned model in plain torch on the CPU. ``channels_last=False``
-    keeps NCHW (``benchmarks/memory_format.py`` measures the difference)."""
+    conv-BN folded): the fast way to run a pruned model in plain torch on the CPU. With ``batch_chunks``
+    a model that returns one tensor runs large batches in slices (``BatchChunks``, ``samples_per_chunk``).
+    ``channels_last=False, batch_chunks=False`` keeps plain NCHW (``benchmarks/memory_format.py``)."""
     copied = copy.deepcopy(model).cpu().eval()
     traced = ChannelsLastInput(copied.to(memory_format=torch.channels_last)) if channels_last else copied
     with _failure_named("TorchScript tracing"), warnings.catch_warnings(), torch.no_grad(), deploy_mode(copied):
         warnings.simplefilter("ignore")
-        return torch.jit.freeze(torch.jit.trace(traced.eval(), example.cpu(), check_trace=False))
+        chunk = samples_per_chunk(copied, example) if batch_chunks else 0
+        script = torch.jit.trace(traced.eval(), example.cpu(), check_trace=False)
+        if batch_chunks and isinstance(script(example[:1].cpu()), torch.Tensor):
+            script = torch.jit.script(BatchChunks(script, chunk))
+        return torch.jit.freeze(script.eval())
 
 
 def median_ms(call: Callable[[], object], runs: int, warmup: int) -> float:

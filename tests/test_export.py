@@ -13,7 +13,7 @@ import torch
 from nam_prune.artifact import ModelRecord, save
 from nam_prune import export as export_module
 from nam_prune.errors import NamPruneError
-from nam_prune.export import export_onnx, export_torchscript, ort_session
+from nam_prune.export import export_onnx, export_torchscript, frozen_torchscript, ort_session, samples_per_chunk
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, prune_model
 from nam_prune.surgery import NAMConfig, insert_nam
@@ -94,3 +94,20 @@ def test_torchscript_export_matches_eager_and_loads_without_nam_prune(pruned, tm
     assert run.returncode == 0, run.stderr
     with torch.no_grad():
         assert torch.allclose(torch.load(tmp_path / "y.pt"), model.eval()(x), atol=1e-4)
+
+
+
+def test_slices_are_sized_by_the_largest_feature_map_of_one_sample():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+    assert samples_per_chunk(conv, torch.zeros(5, 1, 28, 28)) == 16 * 2**20 // (4 * 28 * 28 * 4)  # 1337
+
+
+def test_torchscript_runs_large_batches_in_slices_with_the_same_outputs(pruned, monkeypatch):
+    """Slices of one sample here (a 1-byte bound): the outputs equal one whole-batch eager pass."""
+    model, _ = pruned
+    monkeypatch.setattr(export_module, "CHUNK_BYTES", 1)
+    frozen = frozen_torchscript(model, torch.zeros(1, 1, 28, 28))
+    assert "prim::Loop" in str(frozen.graph)
+    x = torch.randn(7, 1, 28, 28)
+    with torch.inference_mode():
+        np.testing.assert_allclose(frozen(x).numpy(), model(x).numpy(), atol=1e-5)
