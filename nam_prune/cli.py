@@ -159,8 +159,13 @@ def compare(recipe: Path, overrides: tuple[str, ...], criteria: str, budgets: st
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
 @click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True, help="ONNX only.")
 @click.option("--dynamic-batch", is_flag=True, help="Let the batch dimension vary (ONNX only).")
+@click.option(
+    "--whole-batch", is_flag=True,
+    help="TorchScript only: run large batches whole, not in slices "
+    "(faster where the allocator keeps freed memory: jemalloc, tcmalloc, tuned glibc).",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL with .onnx / .torchscript")
-def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path | None) -> None:
+def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, whole_batch: bool, output: Path | None) -> None:
     """Export a saved MODEL to ONNX (checked, onnxruntime vs torch) or frozen TorchScript (for plain
     PyTorch deployment); outputs must match eager torch within 1e-4."""
     from nam_prune.artifact import load_with_metadata, record_of
@@ -172,7 +177,7 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, output: Path 
     deploy_mode = task_class(record.spec.name).deploy_mode
     target = output or model.with_suffix(f".{fmt}")
     if fmt == "torchscript":
-        result = export_torchscript(module, record.example_input(), target, deploy_mode)
+        result = export_torchscript(module, record.example_input(), target, deploy_mode, batch_chunks=not whole_batch)
         console.print(f"wrote {result.path} (frozen TorchScript, max |eager - TorchScript| = {result.max_abs_diff:.1e})", soft_wrap=True)
         return
     result = export_onnx(module, record.example_input(), target, opset, dynamic_batch, deploy_mode)

@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 
-from nam_prune.artifact import ModelRecord, save
 from nam_prune import export as export_module
+from nam_prune.artifact import ModelRecord, save
 from nam_prune.errors import NamPruneError
 from nam_prune.export import export_onnx, export_torchscript, frozen_torchscript, ort_session, samples_per_chunk
 from nam_prune.models import ModelSpec, build_model
@@ -111,3 +111,11 @@ def test_torchscript_runs_large_batches_in_slices_with_the_same_outputs(pruned, 
     x = torch.randn(7, 1, 28, 28)
     with torch.inference_mode():
         np.testing.assert_allclose(frozen(x).numpy(), model(x).numpy(), atol=1e-5)
+
+
+def test_a_whole_batch_export_has_no_slicing_loop(pruned, tmp_path):
+    model, _ = pruned
+    for batch_chunks, expected in ((True, True), (False, False)):
+        result = export_torchscript(model, torch.zeros(1, 1, 28, 28), tmp_path / f"{batch_chunks}.torchscript",
+                                    batch_chunks=batch_chunks)
+        assert ("prim::Loop" in str(torch.jit.load(str(result.path)).graph)) is expected
