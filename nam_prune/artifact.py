@@ -83,7 +83,7 @@ def rebuild(record: ModelRecord) -> nn.Module:
         stand_ins = family.trace_stand_ins() if family.trace_stand_ins else None
         replay(model, record.example_input(), record.history, stand_ins)
     if record.stripped:
-        strip_gates(model)
+        strip_gates(model, fold=False)  # the checkpoint's weights replace whatever a fold would give
     return model
 
 

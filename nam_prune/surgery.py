@@ -166,19 +166,20 @@ def insert_nam(
     return model
 
 
-def strip_gates(model: nn.Module) -> nn.Module:
+def strip_gates(model: nn.Module, fold: bool = True) -> nn.Module:
     """Replace every ``NAMGated`` by its host layer, in place: the deployable model without gates.
 
     A BatchNorm host absorbs its channel gate's best affine fit (``affine_fit``: least squares
     over the inputs the gate saw in training), so the plain model starts close to the gated
     one; other hosts (an activation, in YOLO) drop the gate's scaling. Fine-tune after
     stripping (``prune.strip_gates: true`` does: stripping happens before fine-tuning).
+    ``fold=False`` only restores the architecture, for weights that are loaded next.
     """
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, NAMGated):
                 host = child.host
-                if isinstance(host, nn.BatchNorm2d) and host.affine:
+                if fold and isinstance(host, nn.BatchNorm2d) and host.affine:
                     slope, intercept = affine_fit(child.channel)
                     with torch.no_grad():
                         host.bias.mul_(slope).add_(intercept)
