@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -52,10 +53,18 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+STALE_BUILD_S = 3600
+"""A build folder this old was left by a killed process (a build takes seconds, at most 300 s)."""
+
+
 def _compile(compiler: list[str], target: Path) -> str | None:
-    """Build the library at ``target`` (written beside it, then renamed); the compiler's error on failure."""
+    """Build the library at ``target`` (written beside it, then renamed); the compiler's error on failure.
+    Build folders that killed processes left behind are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    for stale in target.parent.glob("build-*"):
+        if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         for extra in (NATIVE, []):  # some compilers or CPUs have no -march=native
             result = subprocess.run(

@@ -5,6 +5,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -293,16 +294,24 @@ def test_gate_kernel_without_a_compiler_falls_back_to_torch_ops(monkeypatch):
 
 
 def test_gate_kernel_cache_survives_a_failed_build(monkeypatch, tmp_path):
-    """A compiler that fails leaves no library in the cache (built beside it, renamed when done)."""
+    """A compiler that fails leaves no library in the cache (built beside it, renamed when done), and
+    a build folder a killed process left an hour ago is removed."""
     compiler = tmp_path / "failing-cc"
     compiler.write_text("#!/bin/sh\necho 'cc: error: unsupported option' >&2\nexit 1\n")
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kernels = tmp_path / "cache" / "nam-prune" / "kernels"
+    stale, fresh = kernels / "build-killed", kernels / "build-running"  # a killed build's folder, a running one's
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+        (folder / "gate_kernel.so").write_bytes(b"half")
+    os.utime(stale, (time.time() - 2 * gate_kernel.STALE_BUILD_S,) * 2)
     gate_kernel._load.cache_clear()
     try:
         assert gate_kernel.status() == "torch ops (the fused gate kernel did not build: cc: error: unsupported option)"
-        assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+        assert not stale.exists() and fresh.exists()
+        assert not any(p.is_file() for p in kernels.glob("*"))
     finally:
         gate_kernel._load.cache_clear()
 
