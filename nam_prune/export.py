@@ -187,9 +187,21 @@ def frozen_torchscript(
         warnings.simplefilter("ignore")
         chunk = samples_per_chunk(copied, example) if batch_chunks else 0
         script = torch.jit.trace(traced.eval(), example.cpu(), check_trace=False)
-        if batch_chunks and isinstance(script(example[:1].cpu()), torch.Tensor):
+        if batch_chunks and _slices_agree(script, example):
             script = torch.jit.script(BatchChunks(script, chunk))
         return torch.jit.freeze(script.eval())
+
+
+def _slices_agree(script: torch.jit.ScriptModule, example: torch.Tensor) -> bool:
+    """Whether one-sample slices of a batch of two, concatenated, give the whole batch's output: not
+    so for a model that returns several tensors or puts its batch elsewhere than first (left unsliced)."""
+    pair = torch.rand_like(example[:1].cpu()).expand(2, *example.shape[1:]).clone()
+    pair[1] = torch.rand_like(pair[1])
+    whole = script(pair)
+    if not isinstance(whole, torch.Tensor):
+        return False
+    sliced = torch.cat([script(pair[:1]), script(pair[1:])])
+    return sliced.shape == whole.shape and bool(torch.allclose(sliced, whole, rtol=1e-4, atol=1e-5))
 
 
 def median_ms(call: Callable[[], object], runs: int, warmup: int) -> float:

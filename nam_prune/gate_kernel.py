@@ -54,7 +54,7 @@ def _cpu_flags() -> str:
 
 
 STALE_BUILD_S = 3600
-"""A build folder this old was left by a killed process (a build takes seconds, at most 300 s)."""
+"""A build folder this old was left by a killed process (a build takes seconds; two tries of at most 300 s)."""
 
 
 def _compile(compiler: list[str], target: Path) -> str | None:
@@ -62,8 +62,9 @@ def _compile(compiler: list[str], target: Path) -> str | None:
     Build folders that killed processes left behind are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob("build-*"):
-        if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
-            shutil.rmtree(stale, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process may remove it first
+            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         for extra in (NATIVE, []):  # some compilers or CPUs have no -march=native

@@ -96,7 +96,6 @@ def test_torchscript_export_matches_eager_and_loads_without_nam_prune(pruned, tm
         assert torch.allclose(torch.load(tmp_path / "y.pt"), model.eval()(x), atol=1e-4)
 
 
-
 def test_slices_are_sized_by_the_largest_feature_map_of_one_sample():
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
     assert samples_per_chunk(conv, torch.zeros(5, 1, 28, 28)) == 16 * 2**20 // (4 * 28 * 28 * 4)  # 1337
@@ -119,3 +118,25 @@ def test_a_whole_batch_export_has_no_slicing_loop(pruned, tmp_path):
         result = export_torchscript(model, torch.zeros(1, 1, 28, 28), tmp_path / f"{batch_chunks}.torchscript",
                                     batch_chunks=batch_chunks)
         assert ("prim::Loop" in str(torch.jit.load(str(result.path)).graph)) is expected
+
+
+class _ChannelsFirst(torch.nn.Module):
+    """Returns its features as (channels, batch): slicing the batch would reorder them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)).t()
+
+
+def test_a_model_whose_output_is_not_batch_first_is_not_sliced(monkeypatch):
+    monkeypatch.setattr(export_module, "CHUNK_BYTES", 1)
+    model = _ChannelsFirst().eval()
+    frozen = frozen_torchscript(model, torch.zeros(1, 1, 8, 8))
+    assert "prim::Loop" not in str(frozen.graph)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.inference_mode():
+        assert frozen(x).shape == (4, 5)
+        np.testing.assert_allclose(frozen(x).numpy(), model(x).numpy(), atol=1e-5)
