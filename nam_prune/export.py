@@ -92,9 +92,13 @@ def ort_session(path: Path):
 
 
 def parity(
-    model: nn.Module, path: Path, example: torch.Tensor, deploy_mode: DeployMode = contextlib.nullcontext
+    model: nn.Module,
+    run: Callable[[torch.Tensor], np.ndarray],
+    example: torch.Tensor,
+    deploy_mode: DeployMode = contextlib.nullcontext,
 ) -> float:
-    """Largest |torch - onnxruntime| / max(1, |torch|) on a random input of the example's shape.
+    """Largest |torch - run(x)| / max(1, |torch|) on a random input ``x`` of the example's shape,
+    ``run`` being the exported model (onnxruntime, a loaded TorchScript file).
 
     Absolute for values up to 1 (logits, scores); relative above, where float32 itself
     cannot resolve 1e-4 (YOLO box coordinates in pixels: one ulp at 640 is 6e-5).
@@ -102,7 +106,8 @@ def parity(
     x = torch.rand_like(example.cpu())
     with torch.inference_mode(), deploy_mode(model):
         expected = model.cpu().eval()(x).numpy()
-    return _difference(expected, ort_session(path).run(None, {"input": x.numpy()})[0])
+    with torch.inference_mode():
+        return _difference(expected, run(x))
 
 
 def _checked_parity(diff: float, runtime: str, hint: str) -> float:
@@ -185,18 +190,16 @@ def frozen_torchscript(
     traced = ChannelsLastInput(copied.to(memory_format=torch.channels_last)) if channels_last else copied
     with _failure_named("TorchScript tracing"), warnings.catch_warnings(), torch.no_grad(), deploy_mode(copied):
         warnings.simplefilter("ignore")
-        chunk = samples_per_chunk(copied, example) if batch_chunks else 0
         script = torch.jit.trace(traced.eval(), example.cpu(), check_trace=False)
         if batch_chunks and _slices_agree(script, example):
-            script = torch.jit.script(BatchChunks(script, chunk))
+            script = torch.jit.script(BatchChunks(script, samples_per_chunk(copied, example)))
         return torch.jit.freeze(script.eval())
 
 
 def _slices_agree(script: torch.jit.ScriptModule, example: torch.Tensor) -> bool:
     """Whether one-sample slices of a batch of two, concatenated, give the whole batch's output: not
     so for a model that returns several tensors or puts its batch elsewhere than first (left unsliced)."""
-    pair = torch.rand_like(example[:1].cpu()).expand(2, *example.shape[1:]).clone()
-    pair[1] = torch.rand_like(pair[1])
+    pair = torch.rand(2, *example.shape[1:], dtype=example.dtype)
     whole = script(pair)
     if not isinstance(whole, torch.Tensor):
         return False
@@ -238,17 +241,14 @@ def export_torchscript(
     leaves no file. ``batch_chunks=False`` suits an allocator that keeps freed memory (jemalloc,
     tcmalloc, tuned glibc), where whole batches run faster than slices."""
     model = model.cpu().eval()
-    x = torch.rand_like(example.cpu())
     frozen = frozen_torchscript(model, example, deploy_mode, batch_chunks=batch_chunks)
 
     def write_checked(tmp: str) -> float:
         torch.jit.save(frozen, tmp)
-        with torch.no_grad():
-            return _checked_parity(_difference(expected, torch.jit.load(tmp)(x).numpy()), "TorchScript", "")
+        loaded = torch.jit.load(tmp)
+        return _checked_parity(parity(model, lambda x: loaded(x).numpy(), example, deploy_mode), "TorchScript", "")
 
     with _failure_named("TorchScript export"):
-        with torch.no_grad(), deploy_mode(model):
-            expected = model(x).numpy()
         return ExportResult(path, atomic_write(path, write_checked), 0)
 
 
@@ -266,7 +266,9 @@ def export_onnx(
 
     def write_checked(tmp: str) -> float:
         _onnx_file(model, example, tmp, opset, dynamic_batch, deploy_mode)
-        return _checked_parity(parity(model, Path(tmp), example, deploy_mode), "ONNX", "; try another --opset")
+        session = ort_session(Path(tmp))
+        diff = parity(model, lambda x: session.run(None, {"input": x.numpy()})[0], example, deploy_mode)
+        return _checked_parity(diff, "ONNX", "; try another --opset")
 
     with _failure_named("ONNX export"):
         return ExportResult(path, atomic_write(path, write_checked), opset)
