@@ -8,7 +8,9 @@ Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), e
 against the dense model in the same runtime. The NAM gammas are random here (no training
 offline); the ranking does not change latency, the widths do.
 
-Models are timed in alternation (``timing.py``).
+Models are timed in alternation (``timing.py``). Each ratio is printed with its interquartile
+range over rounds (each round's dense and pruned calls are back to back, so a round gives one paired
+ratio): the spread says how far a single run's ratio can be trusted.
 
     python benchmarks/speedup.py [--models resnet50,mobilenet_v2] [--round-to 1,8,16] [--json out.json]
 """
@@ -17,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from timing import allocator_env, command_line, interleaved_ms, runners
+from timing import allocator_env, command_line, interleaved_rounds, median_ms, round_speedups, runners
 
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
@@ -43,6 +46,12 @@ def pruned_variant(name: str, round_to: int, strip: bool, keep: float):
     return strip_gates(model) if strip else model
 
 
+def quartile_range(speedups: list[float], macs_speedup: float) -> tuple[float, float]:
+    """First and third quartile of the per-round realised shares."""
+    low, _, high = statistics.quantiles([s / macs_speedup for s in speedups], n=4)
+    return low, high
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,mobilenet_v2")
@@ -50,12 +59,12 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of MACs kept")
     parser.add_argument("--runs1", type=int, default=10, help="batch-1 calls per model and round")
     parser.add_argument("--runs32", type=int, default=1, help="batch-32 calls per model and round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds (9: a quartile range per ratio)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each model's turn")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, 224x224")
-    header = f"{'model':>13} {'variant':>18} {'MACs x':>7} " + " ".join(f"{k:>16}" for k in COLUMNS)
+    header = f"{'model':>13} {'variant':>18} {'MACs x':>7} " + " ".join(f"{k:>17}" for k in COLUMNS)
     rows = []
     for name in args.models.split(","):
         print(header)
@@ -67,17 +76,21 @@ def main() -> None:
         labels = [f"round_to={r}" + ("" if strip else " +gates") for r, strip in variants]
         with tempfile.TemporaryDirectory() as folder:
             calls = [runners(model, {"bs1": x1, "bs32": x32}, Path(folder)) for model in [dense, *models]]
-            timed = interleaved_ms(calls, {"bs1": args.runs1, "bs32": args.runs32}, args.rounds, args.warmup)
-        base, *pruned = ([row[column] for column in COLUMNS] for row in timed)
-        print(f"{name:>13} {'dense':>18} {1.0:7.2f} " + " ".join(f"{t:13.1f} ms" for t in base))
+            timed = interleaved_rounds(calls, {"bs1": args.runs1, "bs32": args.runs32}, args.rounds, args.warmup)
+        base, *pruned = ([median_ms(samples)[column] for column in COLUMNS] for samples in timed)
+        print(f"{name:>13} {'dense':>18} {1.0:7.2f} " + " ".join(f"{t:14.1f} ms" for t in base))
         rows.append({"model": name, "variant": "dense", "macs_speedup": 1.0, "ms": dict(zip(COLUMNS, base))})
-        for model, label, lat in zip(models, labels, pruned):
+        for model, label, lat, samples in zip(models, labels, pruned, timed[1:]):
             macs_x = dense_macs / count_macs_params(model, x1)[0]
             realised = [(b / t) / macs_x for b, t in zip(base, lat)]
-            print(f"{name:>13} {label:>18} {macs_x:7.2f} " + " ".join(f"{r:16.2f}" for r in realised))
+            quartiles = [quartile_range(round_speedups(timed[0][c], samples[c]), macs_x) for c in COLUMNS]
+            print(f"{name:>13} {label:>18} {macs_x:7.2f} "
+                  + " ".join(f"{r:5.2f} ({lo:.2f}-{hi:.2f})" for r, (lo, hi) in zip(realised, quartiles)))
             rows.append({"model": name, "variant": label, "macs_speedup": macs_x, "ms": dict(zip(COLUMNS, lat)),
-                         "realised": dict(zip(COLUMNS, realised))})
-    print("(pruned rows: latency speed-up / MACs speed-up, each runtime against the dense model in it; targets: "
+                         "realised": dict(zip(COLUMNS, realised)),
+                         "realised_round_quartiles": dict(zip(COLUMNS, quartiles))})
+    print("(pruned rows: latency speed-up / MACs speed-up, each runtime against the dense model in it, with the "
+          "quartiles of the per-round paired ratios; targets: "
           "ResNet-50 bs1 >= 0.8, bs32 >= 0.95, MobileNetV2 bs1 >= 0.7)")
     if args.json:
         command = command_line("python benchmarks/speedup.py " + " ".join(

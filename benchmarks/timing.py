@@ -42,13 +42,13 @@ def runners(
     return calls
 
 
-def interleaved_ms(
+def interleaved_rounds(
     models: list[dict[str, Callable[[], object]]], runs: dict[str, int], rounds: int, warmup: int
-) -> list[dict[str, float]]:
-    """Median milliseconds per model and column (``runtime_example``): each round, each model gets
-    ``warmup`` untimed calls, then ``runs[example]`` timed ones."""
+) -> list[dict[str, list[list[float]]]]:
+    """Seconds per timed call, per model and column (``runtime_example``), grouped by round: each
+    round, each model gets ``warmup`` untimed calls, then ``runs[example]`` timed ones."""
     columns = list(models[0])
-    times: list[dict[str, list[float]]] = [{column: [] for column in columns} for _ in models]
+    times: list[dict[str, list[list[float]]]] = [{column: [] for column in columns} for _ in models]
     with torch.inference_mode():
         for column in columns:
             for _ in range(rounds):
@@ -56,11 +56,33 @@ def interleaved_ms(
                     time.sleep(0.05)  # lets the last model's runtime threads stop spinning
                     for _ in range(warmup):  # then warm this model's caches
                         calls[column]()
+                    this_round = []
                     for _ in range(runs[column.split("_", 1)[1]]):
                         start = time.perf_counter()
                         calls[column]()
-                        samples[column].append(time.perf_counter() - start)
-    return [{column: 1000 * statistics.median(values) for column, values in samples.items()} for samples in times]
+                        this_round.append(time.perf_counter() - start)
+                    samples[column].append(this_round)
+    return times
+
+
+def median_ms(rounds_of_seconds: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Median milliseconds per column over every timed call of every round."""
+    return {column: 1000 * statistics.median(t for one in per_round for t in one)
+            for column, per_round in rounds_of_seconds.items()}
+
+
+def interleaved_ms(
+    models: list[dict[str, Callable[[], object]]], runs: dict[str, int], rounds: int, warmup: int
+) -> list[dict[str, float]]:
+    """Median milliseconds per model and column, timed as ``interleaved_rounds`` does."""
+    return [median_ms(samples) for samples in interleaved_rounds(models, runs, rounds, warmup)]
+
+
+def round_speedups(slow: list[list[float]], fast: list[list[float]]) -> list[float]:
+    """Speed-up of ``fast`` over ``slow`` in each round (median call against median call): the two
+    were timed back to back, so a round's ratio is paired and the spread over rounds shows how far
+    one run's ratio can be trusted."""
+    return [statistics.median(s) / statistics.median(f) for s, f in zip(slow, fast)]
 
 
 def allocator_env() -> dict[str, str]:
