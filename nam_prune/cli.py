@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.logging import RichHandler
 from rich.text import Text
 
@@ -154,6 +155,17 @@ def compare(recipe: Path, overrides: tuple[str, ...], criteria: str, budgets: st
     console.print(f"wrote {folder / 'compare.json'} and {folder / 'accuracy_vs_macs.png'}", soft_wrap=True)
 
 
+def _refuse_options_of_the_other_format(fmt: str) -> None:
+    """An option the chosen format ignores would silently change nothing: say so instead."""
+    context = click.get_current_context()
+    other_format = {"onnx": ("whole_batch",), "torchscript": ("opset", "dynamic_batch")}[fmt]
+    given = [name for name in other_format if context.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if given:
+        flags = " and ".join("--" + name.replace("_", "-") for name in given)
+        verb = "does" if len(given) == 1 else "do"
+        raise NamPruneError(f"{flags} {verb} not apply to --format {fmt}: drop it, or export the other format")
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
@@ -172,6 +184,7 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, whole_batch: 
     from nam_prune.export import export_onnx, export_torchscript
     from nam_prune.tasks import task_class
 
+    _refuse_options_of_the_other_format(fmt)
     module, payload = load_with_metadata(model)
     record = record_of(payload)
     deploy_mode = task_class(record.spec.name).deploy_mode

@@ -3,6 +3,7 @@ frozen TorchScript (matches eager torch, loads without nam-prune)."""
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,34 @@ def test_export_cli(pruned):
     )
     assert report.returncode == 0, report.stderr
     assert '"onnx_latency_ms"' in report.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [(["--format", "onnx", "--whole-batch"], "--whole-batch does not apply to --format onnx"),
+     (["--format", "torchscript", "--opset", "13", "--dynamic-batch"],
+      "--opset and --dynamic-batch do not apply to --format torchscript")],
+)
+def test_export_refuses_options_of_the_other_format(pruned, options, refused):
+    _, path = pruned
+    done = subprocess.run([sys.executable, "-m", "nam_prune", "export", str(path), *options],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and refused in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and list(path.parent.iterdir()) == [path]
+
+
+class _HoldsALock(torch.nn.Conv2d):
+    """A user module that cannot be copied (it keeps a lock): the export copies the model first."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 4, 3)
+        self.lock = threading.Lock()
+
+
+def test_a_model_that_cannot_be_copied_is_a_one_line_error(tmp_path):
+    with pytest.raises(NamPruneError, match=r"TorchScript tracing failed \(TypeError: cannot pickle"):
+        export_torchscript(_HoldsALock(), torch.zeros(1, 1, 28, 28), tmp_path / "m.torchscript")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torchscript_export_matches_eager_and_loads_without_nam_prune(pruned, tmp_path):
