@@ -186,14 +186,15 @@ def frozen_torchscript(
     conv-BN folded): the fast way to run a pruned model in plain torch on the CPU. With ``batch_chunks``
     a model that returns one tensor runs large batches in slices (``BatchChunks``, ``samples_per_chunk``).
     ``channels_last=False, batch_chunks=False`` keeps plain NCHW (``benchmarks/memory_format.py``)."""
-    copied = copy.deepcopy(model).cpu().eval()
-    traced = ChannelsLastInput(copied.to(memory_format=torch.channels_last)) if channels_last else copied
-    with _failure_named("TorchScript tracing"), warnings.catch_warnings(), torch.no_grad(), deploy_mode(copied):
+    with _failure_named("TorchScript tracing"), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        script = torch.jit.trace(traced.eval(), example.cpu(), check_trace=False)
-        if batch_chunks and _slices_agree(script, example):
-            script = torch.jit.script(BatchChunks(script, samples_per_chunk(copied, example)))
-        return torch.jit.freeze(script.eval())
+        copied = copy.deepcopy(model).cpu().eval()
+        traced = ChannelsLastInput(copied.to(memory_format=torch.channels_last)) if channels_last else copied
+        with deploy_mode(copied):
+            script = torch.jit.trace(traced.eval(), example.cpu(), check_trace=False)
+            if batch_chunks and _slices_agree(script, example):
+                script = torch.jit.script(BatchChunks(script, samples_per_chunk(copied, example)))
+            return torch.jit.freeze(script.eval())
 
 
 def _slices_agree(script: torch.jit.ScriptModule, example: torch.Tensor) -> bool:
