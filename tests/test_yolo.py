@@ -292,3 +292,14 @@ def test_torchscript_export_of_a_detector_leaves_the_eager_model_alone(tmp_path:
     assert result.max_abs_diff <= 1e-4
     with torch.no_grad(), detect_export_mode(model):
         assert torch.equal(model(x), before)
+
+
+def test_export_mode_restores_what_the_head_had() -> None:
+    """Nested (an export inside a caller's own export mode) the inner exit must not switch the head back."""
+    model = build_yolo("yolov8n.yaml", 3, 3)
+    head = next(m for m in model.modules() if type(m).__name__ == "Detect")
+    with detect_export_mode(model):
+        with detect_export_mode(model):
+            pass
+        assert head.export is True
+    assert head.export is False

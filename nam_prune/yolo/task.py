@@ -113,14 +113,14 @@ def save_ultralytics(path: Path, model: nn.Module, data_yaml: Path, imgsz: int) 
 @contextlib.contextmanager
 def detect_export_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Detect heads return only the decoded boxes and scores (ultralytics' exporter sets the same flag)."""
-    heads = [m for m in model.modules() if type(m).__name__ == "Detect" and hasattr(m, "export")]
-    for head in heads:
+    previous = {head: head.export for head in model.modules() if type(head).__name__ == "Detect" and hasattr(head, "export")}
+    for head in previous:
         head.export = True
     try:
         yield model
     finally:
-        for head in heads:
-            head.export = False
+        for head, export in previous.items():
+            head.export = export
 
 
 class DetectionTask(Task):
