@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import allocator_env, command_line, interleaved_rounds, median_ms, round_speedups, runners
+from timing import allocator_env, command_line, cpu_model, interleaved_rounds, pooled_median_ms, round_speedups, runners
 
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
@@ -77,7 +77,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             calls = [runners(model, {"bs1": x1, "bs32": x32}, Path(folder)) for model in [dense, *models]]
             timed = interleaved_rounds(calls, {"bs1": args.runs1, "bs32": args.runs32}, args.rounds, args.warmup)
-        base, *pruned = ([median_ms(samples)[column] for column in COLUMNS] for samples in timed)
+        base, *pruned = ([pooled_median_ms(samples)[column] for column in COLUMNS] for samples in timed)
         print(f"{name:>13} {'dense':>18} {1.0:7.2f} " + " ".join(f"{t:14.1f} ms" for t in base))
         rows.append({"model": name, "variant": "dense", "macs_speedup": 1.0, "ms": dict(zip(COLUMNS, base))})
         for model, label, lat, samples in zip(models, labels, pruned, timed[1:]):
@@ -96,8 +96,8 @@ def main() -> None:
         command = command_line("python benchmarks/speedup.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"
         ))
-        args.json.write_text(json.dumps({"command": command, "torch": torch.__version__,
-                                         "threads": torch.get_num_threads(), "allocator_env": allocator_env(), "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                         "cpu": cpu_model(), "allocator_env": allocator_env(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def interleaved_rounds(
     return times
 
 
-def median_ms(rounds_of_seconds: dict[str, list[list[float]]]) -> dict[str, float]:
+def pooled_median_ms(rounds_of_seconds: dict[str, list[list[float]]]) -> dict[str, float]:
     """Median milliseconds per column over every timed call of every round."""
     return {column: 1000 * statistics.median(t for one in per_round for t in one)
             for column, per_round in rounds_of_seconds.items()}
@@ -75,7 +75,7 @@ def interleaved_ms(
     models: list[dict[str, Callable[[], object]]], runs: dict[str, int], rounds: int, warmup: int
 ) -> list[dict[str, float]]:
     """Median milliseconds per model and column, timed as ``interleaved_rounds`` does."""
-    return [median_ms(samples) for samples in interleaved_rounds(models, runs, rounds, warmup)]
+    return [pooled_median_ms(samples) for samples in interleaved_rounds(models, runs, rounds, warmup)]
 
 
 def round_speedups(slow: list[list[float]], fast: list[list[float]]) -> list[float]:
@@ -89,6 +89,14 @@ def allocator_env() -> dict[str, str]:
     """The environment that sets how glibc's malloc serves large blocks: it halves eager ResNet-50
     batch-32 latency (README, *Performance*), so every JSON records it."""
     return {key: value for key, value in os.environ.items() if key.startswith("MALLOC_") or key == "LD_PRELOAD"}
+
+
+def cpu_model() -> str:
+    """The CPU's model name: ratios measured on different machines are not comparable, so every JSON says which."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else "unknown"
 
 
 def command_line(script_and_args: str) -> str:
