@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each model's turn")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: each ratio comes with quartiles over rounds")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, 224x224")
     header = f"{'model':>13} {'variant':>18} {'MACs x':>7} " + " ".join(f"{k:>17}" for k in COLUMNS)
     rows = []
