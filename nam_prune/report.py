@@ -12,7 +12,7 @@ from rich.table import Table
 from nam_prune.artifact import adopt, from_payload, record_of
 from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
 from nam_prune.export import ort_latency_ms
-from nam_prune.measure import ReportConfig, gflops, measure
+from nam_prune.measure import BUSY_ELSEWHERE_LIMIT, ReportConfig, gflops, measure
 from nam_prune.plots import gamma_plots
 from nam_prune.prune.graph import channel_counts
 from nam_prune.tasks import CLASSIFICATION_COLUMNS, ClassificationTask, Columns, task_class
@@ -62,7 +62,20 @@ def summary_table(
                 text += f" ({delta:+.1f}{' pt' if key in SCORES else '%'})"
             cells.append(text)
         table.add_row(stage, *cells)
+    table.caption = _contention_warning(stages)
     return table
+
+
+def _contention_warning(stages: dict[str, dict[str, Any]]) -> str | None:
+    """A line under the table when some stage was timed while others used the CPU: its ms are not
+    comparable with the other stages' (a user would read a slow-down the model does not have)."""
+    busy = {stage: m["cpu_busy_elsewhere"] for stage, m in stages.items()
+            if (m.get("cpu_busy_elsewhere") or 0) > BUSY_ELSEWHERE_LIMIT}
+    if not busy:
+        return None
+    which = ", ".join(f"{stage} {100 * share:.0f}%" for stage, share in busy.items())
+    return (f"[yellow]ms unreliable: other processes took CPU while these were timed ({which}); "
+            "time again on an idle machine with nam-prune report MODEL.pt[/]")
 
 
 def layer_table(rows: list[dict[str, Any]], only_changed: bool = False) -> Table:
