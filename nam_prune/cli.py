@@ -185,10 +185,12 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, whole_batch: 
     from nam_prune.tasks import task_class
 
     _refuse_options_of_the_other_format(fmt)
+    target = output or model.with_suffix(f".{fmt}")
+    if target.resolve() == model.resolve():
+        raise NamPruneError(f"the export would overwrite {model}, the checkpoint it reads; name another file with -o")
     module, payload = load_with_metadata(model)
     record = record_of(payload)
     deploy_mode = task_class(record.spec.name).deploy_mode
-    target = output or model.with_suffix(f".{fmt}")
     if fmt == "torchscript":
         result = export_torchscript(module, record.example_input(), target, deploy_mode, batch_chunks=not whole_batch)
         console.print(f"wrote {result.path} (frozen TorchScript, max |eager - TorchScript| = {result.max_abs_diff:.1e})", soft_wrap=True)
@@ -268,6 +270,12 @@ def fashion_detect(out: Path, images: int, imgsz: int, seed: int) -> None:
     console.print(f"wrote {data_yaml} ({images} images of {imgsz} px); train a YOLO recipe with yolo.data={data_yaml}")
 
 
+def _print_error(message: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    prefix = f"[rank {rank}] " if rank != "0" else ""
+    console.print(Text.assemble(prefix, ("error:", "bold red"), f" {message}"), soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: run click, turning every known failure into one line and an exit code."""
     debug = "--debug" in sys.argv[1:]
@@ -277,6 +285,10 @@ def main() -> None:
     except click.exceptions.Abort:
         console.print("interrupted", style="yellow")
         sys.exit(EXIT_INTERRUPTED)
+    except click.UsageError as error:  # click's own form is four lines (usage, hint, blank, error)
+        command = error.ctx.command_path if error.ctx else "nam-prune"
+        _print_error(f"{error.format_message()} (see '{command} --help')")
+        sys.exit(error.exit_code)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
@@ -286,13 +298,15 @@ def main() -> None:
     except NamPruneError as error:
         if debug:
             raise
-        rank = os.environ.get("RANK", "0")
-        prefix = f"[rank {rank}] " if rank != "0" else ""
-        console.print(Text.assemble(prefix, ("error:", "bold red"), f" {error}"), soft_wrap=True)
+        _print_error(str(error))
         sys.exit(EXIT_USER_ERROR)
     except Exception as error:  # a bug: still one line unless --debug
         if debug:
             raise
+        if isinstance(error, OSError) and error.filename is not None:
+            # not a bug: a path the user named that the OS refuses (a file where a folder goes, no permission)
+            _print_error(f"cannot use {error.filename}: {error.strerror}; choose another path")
+            sys.exit(EXIT_USER_ERROR)
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         console.print(
             Text.assemble(

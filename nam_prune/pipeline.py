@@ -73,7 +73,7 @@ def run_folder(recipe: Recipe, overwrite: bool) -> Path:
     (``<name>-2``, like ultralytics) unless ``overwrite`` is set."""
     base = _base_folder(recipe)
     folder, number = base, 1
-    while not overwrite and folder.exists() and any(folder.iterdir()):
+    while not overwrite and folder.is_dir() and any(folder.iterdir()):
         number += 1
         folder = base.with_name(f"{base.name}-{number}")
     try:
