@@ -111,7 +111,7 @@ def load(path: str | Path) -> nn.Module:
 
 
 def load_with_metadata(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    payload = read_checkpoint(path)
+    payload = read_checkpoint(path, how_to_trust="start a run from it (model.weights with model.trust_pickle: true)")
     if not is_nam_checkpoint(payload):
         raise NamPruneError(
             f"{path} is not a nam-prune checkpoint; a plain state dict can start a run via model.weights"

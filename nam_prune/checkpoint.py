@@ -11,6 +11,7 @@ import os
 import pickle
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -78,7 +79,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, how_to_trust: 
     if path.stat().st_size == 0:
         raise NamPruneError(f"checkpoint {path} is empty (an interrupted copy?); use the original file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before it fails on it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported global" in line]
         if not lines:  # an invalid opcode or a broken stream, not a class reference: damaged bytes

@@ -57,11 +57,23 @@ def _failure_named(step: str):
         raise NamPruneError(f"{step} failed ({type(error).__name__}: {first_line(error, 200)})") from None
 
 
+def _highest_opset() -> int | None:
+    """The highest opset torch's TorchScript-based exporter writes (a private constant: None if it moves)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
+
+
 def _onnx_file(
     model: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool, deploy_mode: DeployMode
 ) -> None:
     """torch.onnx.export (TorchScript exporter: conv nets need no dynamic control flow) then onnx.checker."""
     onnx, _ = _onnx_modules()
+    highest = _highest_opset()
+    if highest is not None and opset > highest:  # else the exporter dumps the whole graph to stdout first
+        raise NamPruneError(f"opset {opset} is above the highest this torch exports ({highest}); pass --opset {highest} or lower")
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings(), deploy_mode(model):
         warnings.simplefilter("ignore")
@@ -245,8 +257,10 @@ def export_torchscript(
     frozen = frozen_torchscript(model, example, deploy_mode, batch_chunks=batch_chunks)
 
     def write_checked(tmp: str) -> float:
-        torch.jit.save(frozen, tmp)
-        loaded = torch.jit.load(tmp)
+        with warnings.catch_warnings():  # this torch warns that TorchScript is deprecated on every save and load
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(frozen, tmp)
+            loaded = torch.jit.load(tmp)
         return _checked_parity(parity(model, lambda x: loaded(x).numpy(), example, deploy_mode), "TorchScript", "")
 
     with _failure_named("TorchScript export"):
