@@ -8,6 +8,7 @@ other set from an image folder with ``train/`` and ``val/`` sub-folders.
 from __future__ import annotations
 
 import gzip
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 
 from nam_prune import distributed
 from nam_prune.config import bounded
-from nam_prune.errors import NamPruneError
+from nam_prune.errors import NamPruneError, first_line
 
 DatasetName = Literal["fashion_mnist", "cifar10", "digits", "image_folder"]
 
@@ -146,12 +147,24 @@ def _cifar10(root: Path, download: bool, augment: bool) -> tuple[Dataset, Datase
         )
     normalize = transforms.Normalize(CIFAR_MEAN, CIFAR_STD)
     train_tf = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
-    train = datasets.CIFAR10(
-        str(root), train=True, download=download, transform=transforms.Compose([*train_tf, transforms.ToTensor(), normalize])
-    )
-    test = datasets.CIFAR10(
-        str(root), train=False, download=download, transform=transforms.Compose([transforms.ToTensor(), normalize])
-    )
+    root_existed = root.exists()
+    try:
+        train = datasets.CIFAR10(
+            str(root), train=True, download=download, transform=transforms.Compose([*train_tf, transforms.ToTensor(), normalize])
+        )
+        test = datasets.CIFAR10(
+            str(root), train=False, download=download, transform=transforms.Compose([transforms.ToTensor(), normalize])
+        )
+    except (OSError, RuntimeError) as error:
+        reason = f"{type(error).__name__}: {first_line(error, 120)}"
+        if not download:
+            raise NamPruneError(f"cannot read CIFAR-10 in {root.resolve()} ({reason}): replace it with a fresh copy") from None
+        if not root_existed:  # no empty or half-downloaded folder left behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise NamPruneError(
+            f"CIFAR-10 download failed ({reason}): on a machine without internet, put torchvision's "
+            f"'cifar-10-batches-py' folder in {root.resolve()} and set data.download: false"
+        ) from None
     return train, test, 10
 
 

@@ -147,7 +147,12 @@ def _timm(spec: ModelSpec) -> nn.Module:
         timm = importlib.import_module("timm")
     except ImportError:
         raise NamPruneError("model.name uses timm but timm is not installed: pip install 'nam-prune[timm]'") from None
-    return timm.create_model(spec.name[5:], pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_channels)
+    name = spec.name[5:]
+    if not timm.is_model(name):
+        raise NamPruneError(
+            f"timm has no model {name!r}: list its names with python -c \"import timm; print(timm.list_models('*{name[:4]}*'))\""
+        )
+    return timm.create_model(name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_channels)
 
 
 def _from_factory(spec: ModelSpec) -> nn.Module:
