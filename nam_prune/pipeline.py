@@ -8,6 +8,7 @@ score, protected parts, extra outputs).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -26,7 +27,7 @@ from nam_prune.artifact import load_state, rebuild, record_of, save
 from nam_prune.checkpoint import atomic_write, library_versions, read_checkpoint
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
-from nam_prune.prune import channel_counts, prune_model
+from nam_prune.prune import channel_counts, check_prunable, prune_model
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, layer_table, summary_table
 from nam_prune.surgery import strip_gates
@@ -159,6 +160,8 @@ def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult
         log.info("resuming %s at %s epoch %d", folder, progress["stage"], progress["epoch"])
     else:
         model, record = task.prepare()
+        trial = copy.deepcopy(model).eval()  # a prune setting that cannot work fails now, not after training
+        check_prunable(trial, record.example_input(), recipe.prune, task.protected(trial))
         # only once the inputs are known to be good; rank 0 picks it for everyone
         folder = distributed.broadcast_object(run_folder(recipe, overwrite) if main else None)
         progress = {"stage": "sparsity", "epoch": 0, "train_state": None, "results": {}, "timings": {}}

@@ -360,6 +360,21 @@ def search_fraction(macs_at: Callable[[float], int], target: float, tolerance: f
     return high
 
 
+def least_macs(
+    model: nn.Module, example_input: torch.Tensor, config: PruneConfig, target_macs: float, groups: list[ScoredGroup]
+) -> int:
+    """The MACs of the deepest cut ``config`` allows; an error if that is still above ``target_macs``."""
+    floor = _trial_macs(model, example_input, groups, plan_cut(groups, 1.0, config))
+    if floor > target_macs:
+        rounding = f" and prune.round_to={config.round_to}" if config.round_to > 1 else ""
+        raise NamPruneError(
+            f"cannot reach {target_macs / 1e6:.2f}M MACs: with prune.max_pruning_ratio={config.max_pruning_ratio}"
+            f"{rounding} the least this model can keep is {floor / 1e6:.2f}M; raise max_pruning_ratio"
+            f"{' or lower round_to' if config.round_to > 1 else ''} or raise prune.macs_keep"
+        )
+    return floor
+
+
 def fraction_for_macs(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -372,15 +387,7 @@ def fraction_for_macs(
     Each trial prunes a copy and counts its MACs, so the answer holds whatever the
     architecture's coupling.
     """
-    floor = _trial_macs(model, example_input, groups, plan_cut(groups, 1.0, config))
-    if floor > target_macs:
-        rounding = f" and prune.round_to={config.round_to}" if config.round_to > 1 else ""
-        raise NamPruneError(
-            f"cannot reach {target_macs / 1e6:.2f}M MACs: with prune.max_pruning_ratio={config.max_pruning_ratio}"
-            f"{rounding} the least this model can keep is {floor / 1e6:.2f}M; raise max_pruning_ratio"
-            f"{' or lower round_to' if config.round_to > 1 else ''} or raise prune.macs_keep"
-        )
-    known = {1.0: floor}
+    known = {1.0: least_macs(model, example_input, config, target_macs, groups)}
 
     def macs_at(fraction: float) -> int:
         if fraction not in known:

@@ -20,6 +20,7 @@ from nam_prune.prune.planning import (
     PruneConfig,
     apply_plan,
     fraction_for_macs,
+    least_macs,
     plan_cut,
     score_groups,
     warn_if_untrained,
@@ -51,6 +52,18 @@ def _step_fraction(
         return channel_step_fraction(config.channel_ratio, step, config.steps)
     target = dense_macs * (1 - (1 - config.macs_keep) * step / config.steps)
     return fraction_for_macs(model, example, config, target, groups)
+
+
+def check_prunable(model: nn.Module, example_input: torch.Tensor, config: PruneConfig, protected: Protected | None = None) -> None:
+    """Raise before training what pruning would raise after it: a ``prune.ignore`` that names no
+    module, a model with nothing to rank, a MAC target below the deepest cut that ``round_to`` and
+    ``max_pruning_ratio`` allow. It traces ``model``: pass a copy in eval mode (a forward in
+    training mode would move its BN statistics)."""
+    protected = protected or Protected()
+    graph = build_graph(model, example_input, protected.stand_ins)
+    groups = score_groups(model, graph, config, {}, None, protected)
+    if config.target == "macs":
+        least_macs(model, example_input, config, count_macs_params(model, example_input)[0] * config.macs_keep, groups)
 
 
 def prune_model(
