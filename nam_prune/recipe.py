@@ -114,6 +114,14 @@ def recipe_from_dict(tree: Any, overrides: list[str] | tuple[str, ...] = ()) -> 
     given = {name: tree.pop(name) for name in extra if name in tree}
     recipe = from_dict(Recipe, tree)
     recipe.sections = {name: from_dict(cls, given.get(name), prefix=f"{name}.") for name, cls in extra.items()}
+    if recipe.name in ("", ".", "..") or "/" in recipe.name or "\\" in recipe.name:
+        raise NamPruneError(f"name {printable(recipe.name)!r} must be a plain folder name under runs/; use output: for a path")
+    for family in families():
+        if family.section and family.section[0] in given and not family.claims(recipe.model.name):
+            raise NamPruneError(
+                f"the {family.section[0]}: section is for {family.name} models and model.name is "
+                f"{printable(recipe.model.name)!r}: remove the section or pick a {family.name} model"
+            )
     return recipe
 
 
@@ -129,5 +137,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise NamPruneError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
     except UnicodeDecodeError:
         raise NamPruneError(f"recipe {path} is not a text file") from None
+    if tree is None:
+        raise NamPruneError(f"recipe {path} is empty; start from a shipped one, e.g. recipes/fashion_quickstart.yaml")
     return recipe_from_dict(tree, overrides)
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from nam_prune.artifact import adopt, from_payload, record_of
 from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
+from nam_prune.errors import NamPruneError
 from nam_prune.export import ort_latency_ms
 from nam_prune.measure import BUSY_ELSEWHERE_LIMIT, ReportConfig, gflops, measure
 from nam_prune.plots import gamma_plots
@@ -111,6 +112,8 @@ def inspect_checkpoint(
     """
     payload = read_checkpoint(path, trust_pickle, how_to_trust="pass --trust-pickle")
     if is_nam_checkpoint(payload):
+        if model_name:
+            raise NamPruneError(f"{path} is a nam-prune checkpoint and names its own model: drop --model")
         model, record = from_payload(payload, str(path)), record_of(payload)
         task = task_class(record.spec.name)
     else:
