@@ -1,25 +1,31 @@
 """Never lose a run, never crash with a traceback: resume after kill -9, Ctrl-C, NaN, bad inputs, fuzz."""
 
 import json
+import pickle
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nam_prune
+from nam_prune.artifact import ModelRecord, save
 from nam_prune.checkpoint import read_checkpoint
+from nam_prune.data import _cifar10
 from nam_prune.errors import NamPruneError
+from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, prune_model
-from nam_prune.recipe import recipe_from_dict
+from nam_prune.recipe import load_recipe, recipe_from_dict
 from nam_prune.surgery import NAMConfig, insert_nam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,3 +228,96 @@ def test_fuzzed_recipes_never_crash(tree, extra):
         recipe_from_dict(yaml.safe_load(text), extra)
     except NamPruneError as error:
         assert "\n" not in str(error).strip()
+
+
+# Bad inputs from a sweep of the CLI: each was an internal error, a four-line usage block, a silent
+# no-op or a lost file before it ended in one line, exit code 2 and nothing written.
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    spec = ModelSpec("resnet8", in_channels=1, width=8)
+    model = insert_nam(build_model(spec), NAMConfig(), torch.zeros(1, 1, 28, 28))
+    path = tmp_path_factory.mktemp("saved") / "model.pt"
+    save(path, model.eval(), ModelRecord(spec, (1, 28, 28), NAMConfig(), []))
+    return path
+
+
+def _one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+
+
+def test_export_will_not_overwrite_the_checkpoint_it_reads(saved_model):
+    before = saved_model.read_bytes()
+    _one_line_error(_run("export", str(saved_model), "-o", str(saved_model)), "would overwrite")
+    assert saved_model.read_bytes() == before
+
+
+def test_usage_errors_are_one_line(saved_model):
+    _one_line_error(_run("export", str(saved_model), "--format", "tflite"), "Invalid value for '--format'")
+
+
+def test_paths_the_os_refuses_are_one_line(saved_model, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    _one_line_error(_run("report", str(saved_model), "--plots", str(blocker / "plots")), "Not a directory")
+    _one_line_error(_run("run", RECIPE, *TINY, f"output={blocker}"), "cannot create run folder")
+
+
+def test_an_opset_above_the_exporters_is_one_line_and_no_graph_dump(saved_model, tmp_path):
+    result = _run("export", str(saved_model), "--opset", "99", "-o", str(tmp_path / "m.onnx"))
+    _one_line_error(result, "opset 99 is above the highest")
+    assert result.stdout == "" and not (tmp_path / "m.onnx").exists()
+
+
+def test_report_refuses_model_for_a_nam_checkpoint(saved_model):
+    _one_line_error(_run("report", str(saved_model), "--model", "resnet50"), "drop --model")
+
+
+def test_a_plain_pickle_is_refused_without_torch_warnings(tmp_path):
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    _one_line_error(_run("report", str(path)), "cannot read checkpoint")
+
+
+def test_an_unreachable_budget_fails_before_training_and_leaves_no_folder(tmp_path, fashion_root):
+    folder = tmp_path / "run"
+    for override in ("prune.round_to=1000", "prune.ignore=[no.such.layer]"):
+        result = _run("run", RECIPE, *TINY, override, f"output={folder}")
+        _one_line_error(result, "cannot reach" if "round_to" in override else "unknown modules: no.such.layer")
+        assert "sparsity epoch" not in result.stderr and not folder.exists()
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [({"name": "../../elsewhere"}, "plain folder name"),
+     ({"model": {"name": "resnet20"}, "yolo": {"imgsz": 64}}, "the yolo: section is for")],
+)
+def test_recipes_that_would_be_silently_misread_are_refused(tree, message):
+    with pytest.raises(NamPruneError, match=message):
+        recipe_from_dict(tree)
+
+
+def test_an_empty_recipe_file_is_refused(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(NamPruneError, match="is empty"):
+        load_recipe(tmp_path / "empty.yaml")
+
+
+def test_an_unknown_timm_name_is_one_line():
+    pytest.importorskip("timm")
+    with pytest.raises(NamPruneError, match="timm has no model 'nosuchnet'"):
+        build_model(ModelSpec("timm:nosuchnet"))
+
+
+def test_a_failed_cifar_download_says_where_to_put_it_and_leaves_no_folder(tmp_path, monkeypatch):
+    def offline(self):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    root = tmp_path / "cifar"
+    with pytest.raises(NamPruneError, match="CIFAR-10 download failed .*put torchvision's 'cifar-10-batches-py'"):
+        _cifar10(root, download=True, augment=False)
+    assert not root.exists()
