@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,36 +63,44 @@ def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, war
 BUSY_ELSEWHERE_LIMIT = 0.25
 """Above this share of CPU time taken by others while timing, latency figures are unreliable: two
 processes that both run 2 OpenMP threads on 2 cores slow each other by far more than 2x (the
-quickstart's dense TorchScript model timed 142 ms instead of 0.7 ms beside a training run)."""
+quickstart's sparsity-trained model timed 142 ms in TorchScript beside a training run, 1.6 ms alone)."""
 
 
 @dataclass(frozen=True)
 class CpuTicks:
-    """Clock ticks so far, from ``/proc``: busy on the whole machine (every process, and time the
-    hypervisor stole), in total on the whole machine, and used by this process."""
+    """Clock ticks so far on the CPUs this process may run on (its affinity set, not the whole host:
+    a busy unrelated core elsewhere does not slow our threads): busy (every process, and time the
+    hypervisor stole), in total, and used by this process. A container's CPU quota is not seen."""
 
-    machine_busy: int
-    machine_total: int
+    busy: int
+    total: int
     own: int
+    cpus: int
 
     @classmethod
     def now(cls) -> CpuTicks | None:
         try:
-            machine = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # fields from 3 on
-            user, nice, system, idle, iowait, irq, softirq, steal = machine
-            return cls(user + nice + system + irq + softirq + steal, sum(machine), int(own[11]) + int(own[12]))
-        except (OSError, ValueError, IndexError):
+            mine = {f"cpu{index}" for index in os.sched_getaffinity(0)}
+            busy = total = 0
+            for line in Path("/proc/stat").read_text().splitlines():
+                name, *values = line.split()
+                if name in mine:
+                    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
+                    busy += user + nice + system + irq + softirq + steal
+                    total += user + nice + system + idle + iowait + irq + softirq + steal
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # fields from the 3rd on
+            return cls(busy, total, int(own[11]) + int(own[12]), len(mine))  # utime + stime
+        except (AttributeError, OSError, ValueError, IndexError):  # not Linux
             return None
 
 
-def busy_elsewhere(before: CpuTicks | None, after: CpuTicks | None, min_ticks: int = 20) -> float | None:
-    """Share of the machine's CPU time between two snapshots that was not this process's and not
-    idle; None if unknown or too short to tell (ticks are 10 ms)."""
-    if before is None or after is None or after.machine_total - before.machine_total < min_ticks:
+def busy_elsewhere(before: CpuTicks | None, after: CpuTicks | None, min_ticks_per_cpu: int = 10) -> float | None:
+    """Share of our CPUs' time between two snapshots that was neither idle nor this process's;
+    None if unknown or too short to tell (a tick is 10 ms)."""
+    if before is None or after is None or after.total - before.total < min_ticks_per_cpu * after.cpus:
         return None
-    others = (after.machine_busy - before.machine_busy) - (after.own - before.own)
-    return max(0.0, others / (after.machine_total - before.machine_total))
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return max(0.0, others / (after.total - before.total))
 
 
 def gflops(macs: int) -> float:

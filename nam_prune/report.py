@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from nam_prune.artifact import adopt, from_payload, record_of
@@ -74,9 +75,9 @@ def _contention_warning(stages: dict[str, dict[str, Any]]) -> str | None:
             if (m.get("cpu_busy_elsewhere") or 0) > BUSY_ELSEWHERE_LIMIT}
     if not busy:
         return None
-    which = ", ".join(f"{stage} {100 * share:.0f}%" for stage, share in busy.items())
+    which = ", ".join(f"{escape(stage)} {100 * share:.0f}%" for stage, share in busy.items())
     return (f"[yellow]ms unreliable: other processes took CPU while these were timed ({which}); "
-            "time again on an idle machine with nam-prune report MODEL.pt[/]")
+            "time a saved model again on an idle machine with nam-prune report MODEL.pt[/]")
 
 
 def layer_table(rows: list[dict[str, Any]], only_changed: bool = False) -> Table:
