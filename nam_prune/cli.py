@@ -158,12 +158,15 @@ def compare(recipe: Path, overrides: tuple[str, ...], criteria: str, budgets: st
 def _refuse_options_of_the_other_format(fmt: str) -> None:
     """An option the chosen format ignores would silently change nothing: say so instead."""
     context = click.get_current_context()
-    other_format = {"onnx": ("whole_batch",), "torchscript": ("opset", "dynamic_batch")}[fmt]
-    given = [name for name in other_format if context.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    other, options = {"onnx": ("torchscript", ("whole_batch",)), "torchscript": ("onnx", ("opset", "dynamic_batch"))}[fmt]
+    given = [name for name in options if context.get_parameter_source(name) is not ParameterSource.DEFAULT]
     if given:
         flags = " and ".join("--" + name.replace("_", "-") for name in given)
-        verb = "does" if len(given) == 1 else "do"
-        raise NamPruneError(f"{flags} {verb} not apply to --format {fmt}: drop it, or export the other format")
+        verb, them = ("is", "it") if len(given) == 1 else ("are", "them")
+        default = ", the default" if context.get_parameter_source("fmt") is ParameterSource.DEFAULT else ""
+        raise NamPruneError(
+            f"{flags} {verb} for --format {other} and this export is {fmt}{default}: drop {them} or add --format {other}"
+        )
 
 
 @cli.command()

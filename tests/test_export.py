@@ -77,9 +77,9 @@ def test_export_cli(pruned):
 
 @pytest.mark.parametrize(
     ("options", "refused"),
-    [(["--format", "onnx", "--whole-batch"], "--whole-batch does not apply to --format onnx"),
+    [(["--whole-batch"], "--whole-batch is for --format torchscript and this export is onnx, the default: drop it"),
      (["--format", "torchscript", "--opset", "13", "--dynamic-batch"],
-      "--opset and --dynamic-batch do not apply to --format torchscript")],
+      "--opset and --dynamic-batch are for --format onnx and this export is torchscript: drop them or add --format onnx")],
 )
 def test_export_refuses_options_of_the_other_format(pruned, options, refused):
     _, path = pruned
