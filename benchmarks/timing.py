@@ -92,11 +92,13 @@ def allocator_env() -> dict[str, str]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name: ratios measured on different machines are not comparable, so every JSON says which."""
+    """The CPU's model name and clock: ratios measured on different machines are not comparable, so
+    every JSON says which."""
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else "unknown"
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    clocks = [line.split(":", 1)[1].strip() for line in lines if line.startswith("cpu MHz")]
+    return ", ".join([names[0] if names else "unknown", *([f"{clocks[0]} MHz"] if clocks else [])])
 
 
 def command_line(script_and_args: str) -> str:
