@@ -77,7 +77,7 @@ def _contention_warning(stages: dict[str, dict[str, Any]]) -> str | None:
         return None
     which = ", ".join(f"{escape(stage)} {100 * share:.0f}%" for stage, share in busy.items())
     return (f"[yellow]ms unreliable: other processes took CPU while these were timed ({which}); "
-            "time a saved model again on an idle machine with nam-prune report MODEL.pt[/]")
+            "re-time the model on an idle machine: nam-prune report MODEL.pt[/]")
 
 
 def layer_table(rows: list[dict[str, Any]], only_changed: bool = False) -> Table:
