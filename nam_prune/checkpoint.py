@@ -85,14 +85,16 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, how_to_trust: 
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported global" in line]
         if not lines:  # an invalid opcode or a broken stream, not a class reference: damaged bytes
-            raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or not a torch file") from None
+            raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or not a torch.save file; use the original file") from None
         detail = f" ({lines[0][:160]})"
         raise NamPruneError(
             f"refused to load {path}: it holds pickled objects that weights-only loading does not allow"
             f"{detail}; re-save it as a plain state dict, or {how_to_trust} only if you trust its source"
         ) from None
     except Exception as error:  # truncated zips, random bytes: torch raises many types for these
-        raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or truncated ({first_line(error)})") from None
+        raise NamPruneError(
+            f"cannot read checkpoint {path}: it is corrupt or truncated ({first_line(error, 80)}); use the original file"
+        ) from None
     if is_nam_checkpoint(payload) and payload.get("format_version", 1) > FORMAT_VERSION:
         raise NamPruneError(
             f"{path} was written by a newer nam-prune (checkpoint format {payload['format_version']}, this version "

@@ -323,7 +323,7 @@ def torchvision_weights_file(name: str, tag: str) -> tuple[Path, str]:
     try:
         weights = weights_enum[tag]
     except KeyError:
-        choices = ", ".join(["DEFAULT", *weights_enum.__members__])
+        choices = ", ".join(dict.fromkeys(["DEFAULT", *weights_enum.__members__]))  # some enums list DEFAULT too
         raise NamPruneError(f"model.pretrained '{printable(tag)}' is not a weight of {name}: choose one of {choices}") from None
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name, weights.url
 
