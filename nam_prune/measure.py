@@ -38,8 +38,9 @@ class ReportConfig:
 class Metrics:
     """``latency_ms``: eager torch; ``torchscript_latency_ms``: the form ``export --format
     torchscript`` writes (frozen, channels-last), None where the model cannot be traced;
-    ``cpu_busy_elsewhere``: the share of the machine's CPU time that other processes and the host
-    (steal) took while the latencies were timed, None where the OS does not tell (not Linux)."""
+    ``cpu_busy_elsewhere``: the share of CPU time on this process's CPUs (``CpuTicks``) that other
+    processes and the host (steal) took while the latencies were timed, None where the OS does not
+    tell (not Linux) or the window was too short."""
 
     params: int
     macs: int
