@@ -3,7 +3,9 @@
 For each model: the dense torchvision model (no gates) against NAM-pruned variants
 (``round_to`` 1/8/16/32, gates stripped after pruning, and one variant that keeps its gates),
 at 224x224, batch 1 and 32, on the CPU in eager torch, in the frozen channels-last TorchScript
-that ``nam-prune export --format torchscript`` writes (and ``report`` times), and in onnxruntime.
+that ``nam-prune export --format torchscript`` writes (and ``report`` times), in that TorchScript
+after ``torch.jit.optimize_for_inference`` (``tsopt``: one line after ``torch.jit.load``; it packs
+the convolutions' weights once, which cannot be saved in the file), and in onnxruntime.
 Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), each runtime
 against the dense model in the same runtime. The NAM gammas are random here (no training
 offline); the ranking does not change latency, the widths do.
@@ -32,7 +34,7 @@ from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
 from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
 
-COLUMNS = ("torch_bs1", "torchscript_bs1", "ort_bs1", "torch_bs32", "torchscript_bs32", "ort_bs32")
+COLUMNS = ("torch_bs1", "torchscript_bs1", "tsopt_bs1", "ort_bs1", "torch_bs32", "torchscript_bs32", "tsopt_bs32", "ort_bs32")
 
 
 def pruned_variant(name: str, round_to: int, strip: bool, keep: float):
@@ -79,7 +81,7 @@ def main() -> None:
         models = [pruned_variant(name, round_to, strip, args.keep) for round_to, strip in variants]
         labels = [f"round_to={r}" + ("" if strip else " +gates") for r, strip in variants]
         with tempfile.TemporaryDirectory() as folder:
-            calls = [runners(model, {"bs1": x1, "bs32": x32}, Path(folder)) for model in [dense, *models]]
+            calls = [runners(model, {"bs1": x1, "bs32": x32}, Path(folder), optimized=True) for model in [dense, *models]]
             timed = interleaved_rounds(calls, {"bs1": args.runs1, "bs32": args.runs32}, args.rounds, args.warmup)
         base, *pruned = ([pooled_median_ms(samples)[column] for column in COLUMNS] for samples in timed)
         print(f"{name:>13} {'dense':>18} {1.0:7.2f} " + " ".join(f"{t:14.1f} ms" for t in base))

@@ -25,10 +25,12 @@ from nam_prune.export import DeployMode, frozen_torchscript, ort_session, write_
 
 def runners(
     model: torch.nn.Module, examples: dict[str, torch.Tensor], folder: Path,
-    deploy_mode: DeployMode = contextlib.nullcontext,
+    deploy_mode: DeployMode = contextlib.nullcontext, optimized: bool = False,
 ) -> dict[str, Callable[[], object]]:
     """``{runtime_example: call}``: eager torch, frozen channels-last TorchScript (what ``export
-    --format torchscript`` writes) and onnxruntime, on each named example batch."""
+    --format torchscript`` writes) and onnxruntime, on each named example batch; with ``optimized``
+    also that TorchScript after ``torch.jit.optimize_for_inference`` (``tsopt``: the line a user can
+    add after ``torch.jit.load``, ``load_optimize.py``)."""
     eager = copy.deepcopy(model).cpu().eval()
     calls = {}
     for label, x in examples.items():
@@ -38,6 +40,9 @@ def runners(
         session, feed = ort_session(path), {"input": x.numpy()}
         calls[f"torch_{label}"] = lambda x=x: eager(x)
         calls[f"torchscript_{label}"] = lambda x=x, frozen=frozen: frozen(x)
+        if optimized:  # optimize_for_inference rewrites its argument in place: it gets its own copy
+            packed = torch.jit.optimize_for_inference(frozen_torchscript(model, x, deploy_mode))
+            calls[f"tsopt_{label}"] = lambda x=x, packed=packed: packed(x)
         calls[f"ort_{label}"] = lambda session=session, feed=feed: session.run(None, feed)
     return calls
 
