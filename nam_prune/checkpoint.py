@@ -42,12 +42,7 @@ def atomic_write(path: Path, write: Callable[[str], T]) -> T:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file, and a
     ``write`` that raises (a failed check of the written file, say) leaves none. Returns what ``write`` does."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise NamPruneError(f"cannot write to {path.parent}: {error.strerror}; choose another output folder") from None
-    os.close(handle)
+    tmp = _temp_beside(path)
     try:
         result = write(tmp)
         os.replace(tmp, path)
@@ -55,6 +50,22 @@ def atomic_write(path: Path, write: Callable[[str], T]) -> T:
         Path(tmp).unlink(missing_ok=True)
         raise
     return result
+
+
+def _temp_beside(path: Path) -> str:
+    """An empty temporary file in ``path``'s folder (made if missing), or a one-line error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise NamPruneError(f"cannot write to {path.parent}: {error.strerror}; choose another output folder") from None
+    os.close(handle)
+    return tmp
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, not after minutes of work, if ``atomic_write(path, ...)`` could not write there."""
+    Path(_temp_beside(Path(path))).unlink()
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:

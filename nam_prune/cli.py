@@ -221,11 +221,14 @@ def check(names: tuple[str, ...], sweep: bool, image_size: int, macs_keep: float
     from rich.table import Table
 
     from nam_prune.check import LEAST_MACS_KEEP, SMALLEST_SIZE, check_model, markdown_table, sweep_names
-    from nam_prune.checkpoint import atomic_write
+    from nam_prune.checkpoint import atomic_write, check_writable
 
     chosen = [*names, *(sweep_names() if sweep else [])]
     if not chosen:
         raise click.UsageError("name at least one model, or pass --sweep")
+    for output in (json_path, markdown):
+        if output:
+            check_writable(output)
     table = Table(title=f"nam-prune check: {macs_keep:.0%} of the MACs kept (share kept per scope)")
     for column in ("model", "input", "MACs before", "global", "local", "params after (global)", "status"):
         table.add_column(column, justify="left" if column in ("model", "status") else "right")

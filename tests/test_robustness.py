@@ -266,6 +266,14 @@ def test_paths_the_os_refuses_are_one_line(saved_model, tmp_path):
     _one_line_error(_run("run", RECIPE, *TINY, f"output={blocker}"), "cannot create run folder")
 
 
+def test_check_refuses_an_unwritable_output_before_checking(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = _run("check", "resnet18", "--json", str(blocker / "out.json"))
+    _one_line_error(result, "cannot write to")
+    assert "MACs before" not in result.stdout  # refused before any model was built and cut
+
+
 def test_an_opset_above_the_exporters_is_one_line_and_no_graph_dump(saved_model, tmp_path):
     result = _run("export", str(saved_model), "--opset", "99", "-o", str(tmp_path / "m.onnx"))
     _one_line_error(result, "opset 99 is above the highest")
