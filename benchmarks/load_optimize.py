@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import statistics
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,7 +24,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import torch
 from speedup import pruned_variant
-from timing import allocator_env, command_line, cpu_model, interleaved_rounds, pooled_median_ms, round_speedups
+from timing import cpu_model, interleaved_rounds, median_quartiles, pooled_median_ms, round_speedups, write_result
 
 from nam_prune.export import DeployMode, export_torchscript
 from nam_prune.models import ModelSpec, build_model
@@ -83,18 +81,14 @@ def main() -> None:
             row = {"model": name, "inputs": {k: list(x.shape) for k, x in examples.items()},
                    "ms_as_loaded": pooled_median_ms(plain), "ms_optimized": pooled_median_ms(packed), "speedup": {}}
             for column in plain:
-                speedups = round_speedups(plain[column], packed[column])
-                low, median, high = statistics.quantiles(speedups, n=4, method="inclusive")
-                row["speedup"][column] = {"median": median, "quartiles": [low, high], "rounds": speedups}
+                speedup = row["speedup"][column] = median_quartiles(round_speedups(plain[column], packed[column]))
+                low, high = speedup["quartiles"]
                 print(f"  {column}: {row['ms_as_loaded'][column]:8.1f} ms as loaded, {row['ms_optimized'][column]:8.1f} ms "
-                      f"optimized: x{median:.2f} ({low:.2f}-{high:.2f})")
+                      f"optimized: x{speedup['median']:.2f} ({low:.2f}-{high:.2f})")
             rows.append(row)
     print("(x: speed-up of optimize_for_inference over the file as loaded, median and quartiles of paired rounds)")
     if args.json:
-        command = command_line("python benchmarks/load_optimize.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"))
-        args.json.write_text(json.dumps({"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                         "cpu": cpu_model(), "allocator_env": allocator_env(), "rows": rows}, indent=1))
+        write_result(args.json, "load_optimize.py", args, rows=rows)
 
 
 if __name__ == "__main__":

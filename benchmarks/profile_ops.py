@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 from pathlib import Path
 
 import torch
 from speedup import pruned_variant
-from timing import command_line, cpu_model
+from timing import cpu_model, write_result
 from torch.profiler import ProfilerActivity, profile
 
 from nam_prune.export import frozen_torchscript
@@ -30,7 +29,8 @@ def op_ms(model: torch.nn.Module, x: torch.Tensor, calls: int) -> dict[str, floa
     """Milliseconds per call of each op's own time, keyed ``op@height`` (``op`` for inputs of another rank)."""
     frozen = frozen_torchscript(model, x)
     with torch.inference_mode():
-        frozen(x), frozen(x)
+        for _ in range(2):  # the first calls of a frozen module optimize its graph
+            frozen(x)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(calls):
                 frozen(x)
@@ -66,10 +66,8 @@ def main() -> None:
     total_dense, total_pruned = sum(dense_ms.values()), sum(pruned_ms.values())
     print(f"{'all ops':40s} {total_dense:8.1f} ms {total_pruned:8.1f} ms  x{total_dense / total_pruned:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({
-            "command": command_line(f"python benchmarks/profile_ops.py --calls {args.calls}"), "torch": torch.__version__,
-            "cpu": cpu_model(), "macs_speedup": macs_speedup, "total_ms": {"dense": total_dense, "pruned": total_pruned},
-            "rows": rows}, indent=1))
+        write_result(args.json, "profile_ops.py", args, macs_speedup=macs_speedup,
+                     total_ms={"dense": total_dense, "pruned": total_pruned}, rows=rows)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,11 @@ ratio and, as ``realised``, the ratio of the all-round medians that earlier runs
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from timing import allocator_env, command_line, cpu_model, interleaved_rounds, pooled_median_ms, round_speedups, runners
+from timing import interleaved_rounds, median_quartiles, pooled_median_ms, round_speedups, runners, write_result
 
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
@@ -51,9 +49,7 @@ def pruned_variant(name: str, round_to: int, strip: bool, keep: float):
 
 def paired_shares(speedups: list[float], macs_speedup: float) -> dict[str, object]:
     """Per-round realised shares, their median and their first and third quartiles (inclusive)."""
-    shares = [s / macs_speedup for s in speedups]
-    low, median, high = statistics.quantiles(shares, n=4, method="inclusive")
-    return {"median": median, "quartiles": [low, high], "rounds": shares}
+    return median_quartiles([s / macs_speedup for s in speedups])
 
 
 def main() -> None:
@@ -98,11 +94,7 @@ def main() -> None:
           "and quartiles of the per-round paired ratios; JSON 'realised' is the ratio of all-round medians; targets: "
           "ResNet-50 bs1 >= 0.8, bs32 >= 0.95, MobileNetV2 bs1 >= 0.7)")
     if args.json:
-        command = command_line("python benchmarks/speedup.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"
-        ))
-        args.json.write_text(json.dumps({"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                         "cpu": cpu_model(), "allocator_env": allocator_env(), "rows": rows}, indent=1))
+        write_result(args.json, "speedup.py", args, rows=rows)
 
 
 if __name__ == "__main__":

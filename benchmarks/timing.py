@@ -10,8 +10,10 @@ pause and untimed calls.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import json
 import os
 import statistics
 import time
@@ -40,7 +42,8 @@ def runners(
         session, feed = ort_session(path), {"input": x.numpy()}
         calls[f"torch_{label}"] = lambda x=x: eager(x)
         calls[f"torchscript_{label}"] = lambda x=x, frozen=frozen: frozen(x)
-        if optimized:  # optimize_for_inference rewrites its argument in place: it gets its own copy
+        if optimized:  # optimize_for_inference rewrites its argument in place: it gets its own copy (in
+            # memory; load_optimize.py applies it to the loaded file)
             packed = torch.jit.optimize_for_inference(frozen_torchscript(model, x, deploy_mode))
             calls[f"tsopt_{label}"] = lambda x=x, packed=packed: packed(x)
         calls[f"ort_{label}"] = lambda session=session, feed=feed: session.run(None, feed)
@@ -109,3 +112,18 @@ def cpu_model() -> str:
 def command_line(script_and_args: str) -> str:
     """``script_and_args`` as a shell command, prefixed with the allocator environment it ran in."""
     return " ".join([*(f"{key}={value}" for key, value in sorted(allocator_env().items())), script_and_args])
+
+
+def median_quartiles(values: list[float]) -> dict[str, object]:
+    """Median and first and third quartiles (inclusive) of per-round values, with the values."""
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "quartiles": [low, high], "rounds": values}
+
+
+def write_result(path: Path, script: str, args: argparse.Namespace, **fields: object) -> None:
+    """Write a benchmark's JSON: the command that reproduces it (every option but ``--json``), the
+    torch version, threads, CPU and allocator environment it ran with, then ``fields``."""
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json")
+    path.write_text(json.dumps({"command": command_line(f"python benchmarks/{script} {options}"), "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "cpu": cpu_model(), "allocator_env": allocator_env(),
+                                **fields}, indent=1))
