@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
-from timing import allocator_env, command_line, interleaved_ms
+from timing import interleaved_ms, write_result
 
 from nam_prune.export import frozen_torchscript
 from nam_prune.models import ModelSpec, build_model
@@ -46,9 +45,7 @@ def main() -> None:
     for name, ms in rows.items():
         print(f"{name:>17}: " + "  ".join(f"{column[3:]} {value:8.1f} ms" for column, value in ms.items()))
     if args.json:
-        args.json.write_text(json.dumps({"command": command_line(f"python benchmarks/memory_format.py --rounds {args.rounds}"),
-                                         "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator_env": allocator_env(),
-                                         "ms": rows}, indent=1))
+        write_result(args.json, "memory_format.py", args, ms=rows)
 
 
 if __name__ == "__main__":
