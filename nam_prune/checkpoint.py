@@ -7,6 +7,7 @@ unless the user vouches for it; writes go to a temporary file renamed into place
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import platform
@@ -64,8 +65,21 @@ def _temp_beside(path: Path) -> str:
 
 
 def check_writable(path: Path) -> None:
-    """Fail now, not after minutes of work, if ``atomic_write(path, ...)`` could not write there."""
-    Path(_temp_beside(Path(path))).unlink()
+    """Fail now, not after minutes of work, if ``atomic_write(path, ...)`` could not write there.
+    Leaves nothing behind: a missing folder is not made yet (a failure later would leave it
+    empty); its nearest existing parent is probed instead, with a folder made and removed there."""
+    folder = Path(path).parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if existing == folder:
+            os.unlink(_temp_beside(Path(path)))
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".nam-prune-probe.", dir=existing))
+    except OSError as error:
+        where = "" if existing == folder else f" ({existing})"
+        raise NamPruneError(f"cannot write to {folder}: {error.strerror}{where}; choose another output folder") from None
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:

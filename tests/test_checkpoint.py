@@ -9,7 +9,7 @@ import torch
 
 import nam_prune
 from nam_prune.artifact import ModelRecord, save
-from nam_prune.checkpoint import atomic_write
+from nam_prune.checkpoint import atomic_write, check_writable
 from nam_prune.errors import NamPruneError
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, prune_model
@@ -112,6 +112,18 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
     assert not zipfile.is_zipfile(target)
+
+
+def test_check_writable_leaves_nothing_behind(tmp_path):
+    check_writable(tmp_path / "new" / "deeper" / "out.json")
+    check_writable(tmp_path / "out.json")
+    assert list(tmp_path.iterdir()) == []  # neither the missing folders nor a probe file stay
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for inside in (blocker / "out.json", blocker / "sub" / "out.json"):
+        with pytest.raises(NamPruneError, match="Not a directory"):
+            check_writable(inside)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
 def test_stripped_model_reloads(tmp_path, monkeypatch):
