@@ -39,6 +39,9 @@ def cli(debug: bool, verbose: bool) -> None:
     ``--debug`` is read by ``main`` from argv, since errors are handled outside click.
     """
     _setup_logging(verbose)
+    from nam_prune.measure import fit_threads_to_quota
+
+    fit_threads_to_quota()
 
 
 def _global_flags(ctx: click.Context) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,33 @@ def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, war
     return median_ms(lambda: model(x), runs, warmup)
 
 
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time per period a container may use (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None when unlimited or unknown."""
+    try:
+        if (cgroup / "cpu.max").exists():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota, period = (int((cgroup / "cpu" / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        return quota / period if quota > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def fit_threads_to_quota() -> None:
+    """Under a CPU quota (``docker --cpus``, a Kubernetes CPU limit) torch still starts a thread per
+    visible core, and the quota then stalls them all mid-operation: training slows and latency
+    figures swing. Run as many threads as the quota pays for, unless ``OMP_NUM_THREADS`` chose."""
+    quota = cpu_quota()
+    if quota is None or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, math.ceil(quota))
+    if threads < torch.get_num_threads():
+        log.info("CPU quota of %.2f CPUs: %d torch threads instead of %d (set OMP_NUM_THREADS to choose)",
+                 quota, threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+
+
 BUSY_ELSEWHERE_LIMIT = 0.25
 """Above this share of CPU time taken by others while timing, latency figures are unreliable: two
 processes that both run 2 OpenMP threads on 2 cores slow each other by far more than 2x (the
@@ -71,7 +99,8 @@ quickstart's sparsity-trained model timed 142 ms in TorchScript beside a trainin
 class CpuTicks:
     """Clock ticks so far on the CPUs this process may run on (its affinity set, not the whole host:
     a busy unrelated core elsewhere does not slow our threads): busy (every process, and time the
-    hypervisor stole), in total, and used by this process. A container's CPU quota is not seen."""
+    hypervisor stole), in total, and used by this process. A container's CPU quota is not seen here
+    (``fit_threads_to_quota`` sizes the thread pool to it)."""
 
     busy: int
     total: int

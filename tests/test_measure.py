@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nam_prune.measure import BUSY_ELSEWHERE_LIMIT, CpuTicks, ReportConfig, busy_elsewhere, measure
+from nam_prune.measure import BUSY_ELSEWHERE_LIMIT, CpuTicks, ReportConfig, busy_elsewhere, cpu_quota, fit_threads_to_quota, measure
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.report import summary_table
 
@@ -36,3 +36,36 @@ def test_latency_timed_beside_busy_processes_is_flagged_under_the_table():
     caption = summary_table({"dense": busy.to_dict()}).caption
     assert "ms unreliable" in caption and "dense" in caption
     assert summary_table({"dense": {**busy.to_dict(), "cpu_busy_elsewhere": 0.05}}).caption is None
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, docker --cpus 1.5
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbled"}, None),
+        ({}, None),
+    ],
+)
+def test_cpu_quota_reads_both_cgroup_versions(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+
+
+def test_threads_follow_the_quota_unless_the_user_chose(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(sys.modules["nam_prune.measure"], "cpu_quota", lambda: 0.5)  # the package exports a function of that name
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        fit_threads_to_quota()
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        fit_threads_to_quota()
+        assert torch.get_num_threads() == 1  # half a CPU's quota still runs one thread
+    finally:
+        torch.set_num_threads(before)
