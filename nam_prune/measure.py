@@ -62,17 +62,29 @@ def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, war
     return median_ms(lambda: model(x), runs, warmup)
 
 
-def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs' worth of time per period a container may use (cgroup v2 ``cpu.max``, v1
-    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None when unlimited or unknown."""
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time per period this process may use (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None when unlimited or unknown. Read from
+    the process's own cgroup (``membership``), else from the mount's root, which is the container's
+    own where the runtime does not show the host's cgroup tree."""
     try:
-        if (cgroup / "cpu.max").exists():
-            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
-        quota, period = (int((cgroup / "cpu" / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
-        return quota / period if quota > 0 else None
-    except (OSError, ValueError):
-        return None
+        own = [line.split(":", 2) for line in membership.read_text().splitlines()]
+    except OSError:
+        own = []
+    v2 = [path for _, controllers, path in own if not controllers]
+    v1 = [path for _, controllers, path in own if "cpu" in controllers.split(",")]
+    folders = [*(cgroup / p.lstrip("/") for p in v2), *(cgroup / "cpu" / p.lstrip("/") for p in v1), cgroup, cgroup / "cpu"]
+    for folder in folders:
+        try:
+            if (folder / "cpu.max").is_file():
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+                return None if quota == "max" else int(quota) / int(period)
+            if (folder / "cpu.cfs_quota_us").is_file():
+                quota, period = (int((folder / n).read_text()) for n in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+                return quota / period if quota > 0 else None
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 def fit_threads_to_quota() -> None:

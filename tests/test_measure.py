@@ -53,7 +53,19 @@ def test_cpu_quota_reads_both_cgroup_versions(tmp_path, files, expected):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert cpu_quota(tmp_path) == expected
+    assert cpu_quota(tmp_path, tmp_path / "no_membership_file") == expected
+
+
+def test_cpu_quota_prefers_the_process_own_cgroup(tmp_path):
+    (tmp_path / "cpu" / "limited").mkdir(parents=True)
+    for folder, quota in ((tmp_path / "cpu", "-1"), (tmp_path / "cpu" / "limited", "50000")):
+        (folder / "cpu.cfs_quota_us").write_text(quota)
+        (folder / "cpu.cfs_period_us").write_text("100000")
+    membership = tmp_path / "membership"
+    membership.write_text("4:memory:/other\n2:cpu,cpuacct:/limited\n")
+    assert cpu_quota(tmp_path, membership) == 0.5
+    membership.write_text("2:cpu,cpuacct:/docker/abc\n")  # a container shown its own cgroup as the root
+    assert cpu_quota(tmp_path, membership) is None
 
 
 def test_threads_follow_the_quota_unless_the_user_chose(monkeypatch):
