@@ -64,35 +64,54 @@ def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, runs: int, war
 
 def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
     """CPUs' worth of time per period this process may use (cgroup v2 ``cpu.max``, v1
-    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None when unlimited or unknown. Read from
-    the process's own cgroup (``membership``), else from the mount's root, which is the container's
-    own where the runtime does not show the host's cgroup tree."""
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None when unlimited or unknown.
+
+    The tightest limit on the way from the process's own cgroup (``membership``) up to the mount's
+    root counts (a systemd slice or a Kubernetes pod sets it on a parent), and the root's own: where
+    the runtime shows a container its cgroup as the root, the host path in ``membership`` is missing.
+    """
     try:
-        own = [line.split(":", 2) for line in membership.read_text().splitlines()]
+        lines = membership.read_text().splitlines()
     except OSError:
-        own = []
-    v2 = [path for _, controllers, path in own if not controllers]
-    v1 = [path for _, controllers, path in own if "cpu" in controllers.split(",")]
-    folders = [*(cgroup / p.lstrip("/") for p in v2), *(cgroup / "cpu" / p.lstrip("/") for p in v1), cgroup, cgroup / "cpu"]
-    for folder in folders:
-        try:
-            if (folder / "cpu.max").is_file():
-                quota, period = (folder / "cpu.max").read_text().split()[:2]
-                return None if quota == "max" else int(quota) / int(period)
-            if (folder / "cpu.cfs_quota_us").is_file():
-                quota, period = (int((folder / n).read_text()) for n in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
-                return quota / period if quota > 0 else None
-        except (OSError, ValueError):
-            return None
+        lines = []
+    own = [fields for fields in (line.split(":", 2) for line in lines) if len(fields) == 3]
+    paths = [(cgroup, path) for _, controllers, path in own if not controllers]  # v2
+    paths += [(cgroup / "cpu", path) for _, controllers, path in own if "cpu" in controllers.split(",")]  # v1
+    for root in (cgroup, cgroup / "cpu"):
+        paths.append((root, "/"))
+    limits = []
+    for root, path in paths:
+        leaf = root / path.strip("/")
+        with contextlib.suppress(OSError):
+            if leaf.is_dir():
+                limits += [q for folder in (leaf, *leaf.parents) if folder.is_relative_to(root) and (q := _limit_in(folder))]
+    return min(limits, default=None)
+
+
+def _limit_in(folder: Path) -> float | None:
+    """The CPU limit set in one cgroup folder; None if it sets none or cannot be read."""
+    try:
+        if (folder / "cpu.max").is_file():
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        if (folder / "cpu.cfs_quota_us").is_file():
+            quota, period = (int((folder / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+            return quota / period if quota > 0 else None
+    except (OSError, ValueError, ArithmeticError):
+        pass
     return None
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def fit_threads_to_quota() -> None:
     """Under a CPU quota (``docker --cpus``, a Kubernetes CPU limit) torch still starts a thread per
-    visible core, and the quota then stalls them all mid-operation: training slows and latency
-    figures swing. Run as many threads as the quota pays for, unless ``OMP_NUM_THREADS`` chose."""
+    physical core it sees, and the quota then stalls them all mid-operation: training slows and
+    latency figures swing. Run as many threads as the quota pays for, unless the user chose
+    (``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``; torchrun sets the first for its workers)."""
     quota = cpu_quota()
-    if quota is None or "OMP_NUM_THREADS" in os.environ:
+    if quota is None or any(name in os.environ for name in THREAD_VARIABLES):
         return
     threads = max(1, math.ceil(quota))
     if threads < torch.get_num_threads():

@@ -17,7 +17,12 @@ FASHION_ROOT = Path(DEFAULT_ROOTS["fashion_mnist"])
 
 @pytest.fixture(autouse=True)
 def _deterministic():
+    """Seeded, and with torch's thread count restored: a CLI call in-process under a CPU quota
+    (``fit_threads_to_quota``) would otherwise change it for every later test."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

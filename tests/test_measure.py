@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from nam_prune.measure import BUSY_ELSEWHERE_LIMIT, CpuTicks, ReportConfig, busy_elsewhere, cpu_quota, fit_threads_to_quota, measure
+from nam_prune.measure import (
+    BUSY_ELSEWHERE_LIMIT,
+    THREAD_VARIABLES,
+    CpuTicks,
+    ReportConfig,
+    busy_elsewhere,
+    cpu_quota,
+    fit_threads_to_quota,
+    measure,
+)
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.report import summary_table
 
@@ -56,27 +65,48 @@ def test_cpu_quota_reads_both_cgroup_versions(tmp_path, files, expected):
     assert cpu_quota(tmp_path, tmp_path / "no_membership_file") == expected
 
 
-def test_cpu_quota_prefers_the_process_own_cgroup(tmp_path):
-    (tmp_path / "cpu" / "limited").mkdir(parents=True)
-    for folder, quota in ((tmp_path / "cpu", "-1"), (tmp_path / "cpu" / "limited", "50000")):
-        (folder / "cpu.cfs_quota_us").write_text(quota)
-        (folder / "cpu.cfs_period_us").write_text("100000")
+def _cgroup_v1(folder: Path, quota: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cpu.cfs_quota_us").write_text(quota)
+    (folder / "cpu.cfs_period_us").write_text("100000")
+
+
+def test_cpu_quota_takes_the_tightest_limit_up_the_process_cgroup(tmp_path):
+    _cgroup_v1(tmp_path / "cpu", "-1")
+    _cgroup_v1(tmp_path / "cpu" / "slice", "150000")
+    _cgroup_v1(tmp_path / "cpu" / "slice" / "job", "-1")
     membership = tmp_path / "membership"
-    membership.write_text("4:memory:/other\n2:cpu,cpuacct:/limited\n")
-    assert cpu_quota(tmp_path, membership) == 0.5
+    membership.write_text("4:memory:/other\n2:cpu,cpuacct:/slice/job\nnot a cgroup line\n")
+    assert cpu_quota(tmp_path, membership) == 1.5  # set on the parent slice, none on the job itself
+    _cgroup_v1(tmp_path / "cpu", "100000")
     membership.write_text("2:cpu,cpuacct:/docker/abc\n")  # a container shown its own cgroup as the root
-    assert cpu_quota(tmp_path, membership) is None
+    assert cpu_quota(tmp_path, membership) == 1.0
+    membership.write_text("2:cpu,cpuacct:/\n0::/\n")  # a hybrid host: no cpu.max at the v2 root
+    assert cpu_quota(tmp_path, membership) == 1.0
+
+
+def test_cpu_quota_reads_a_cgroup_v2_path(tmp_path):
+    (tmp_path / "pod" / "box").mkdir(parents=True)
+    (tmp_path / "pod" / "cpu.max").write_text("50000 100000\n")
+    (tmp_path / "pod" / "box" / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "membership").write_text("0::/pod/box\n")
+    assert cpu_quota(tmp_path, tmp_path / "membership") == 0.5
+    (tmp_path / "pod" / "cpu.max").write_text("50000 0\n")  # malformed: ignored, not a crash
+    assert cpu_quota(tmp_path, tmp_path / "membership") is None
 
 
 def test_threads_follow_the_quota_unless_the_user_chose(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(sys.modules["nam_prune.measure"], "cpu_quota", lambda: 0.5)  # the package exports a function of that name
+    for chosen in THREAD_VARIABLES:
+        monkeypatch.delenv(chosen, raising=False)
     try:
         torch.set_num_threads(2)
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        fit_threads_to_quota()
-        assert torch.get_num_threads() == 2
-        monkeypatch.delenv("OMP_NUM_THREADS")
+        for chosen in THREAD_VARIABLES:
+            monkeypatch.setenv(chosen, "2")
+            fit_threads_to_quota()
+            assert torch.get_num_threads() == 2
+            monkeypatch.delenv(chosen)
         fit_threads_to_quota()
         assert torch.get_num_threads() == 1  # half a CPU's quota still runs one thread
     finally:
