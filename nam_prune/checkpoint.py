@@ -68,9 +68,9 @@ def check_writable(path: Path) -> None:
     """Fail now, not after minutes of work, if ``atomic_write(path, ...)`` could not write there.
     Leaves nothing behind: a missing folder is not made yet (a failure later would leave it
     empty); its nearest existing parent is probed instead, with a folder made and removed there."""
-    folder = Path(path).parent
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    folder = existing = Path(path).parent
     try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink() or p == p.parent)
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         if existing == folder:
@@ -79,7 +79,7 @@ def check_writable(path: Path) -> None:
             os.rmdir(tempfile.mkdtemp(prefix=".nam-prune-probe.", dir=existing))
     except OSError as error:
         where = "" if existing == folder else f" ({existing})"
-        raise NamPruneError(f"cannot write to {folder}: {error.strerror}{where}; choose another output folder") from None
+        raise NamPruneError(f"cannot write to {folder}: {error.strerror or error}{where}; choose another output folder") from None
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
