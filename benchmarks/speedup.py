@@ -10,16 +10,18 @@ Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), e
 against the dense model in the same runtime. The NAM gammas are random here (no training
 offline). Latency follows the widths, and a global cut's widths follow the ranking: a residual
 stream's channel scores as the mean of the gates on it, so with random gammas the streams are cut
-least (ResNet-50 keeps 75-83% of them). ``--scopes global,local`` adds variants cut in local scope
-(every layer by the same share, the streams too) to separate what the runtime realises from where
-the cut falls.
+least (ResNet-50 keeps 75-83% of them, the layers inside the blocks 56-75%). ``--scopes
+global,local`` adds variants cut in local scope (every layer by the same share, the streams too) to
+separate what the runtime realises from where the cut falls; the JSON rows keep each variant's
+convolution widths (``--widths-only``: just those, no timing).
 
 Models are timed in alternation (``timing.py``). Each round's dense and pruned calls are back to
 back, so a round gives one paired ratio: the script prints the median of those with their quartiles
 (the spread says how far a single run's ratio can be trusted); the JSON also keeps every round's
 ratio and, as ``realised``, the ratio of the all-round medians that earlier runs reported.
 
-    python benchmarks/speedup.py [--models resnet50,mobilenet_v2] [--round-to 1,8,16] [--scopes global,local] [--json out.json]
+    python benchmarks/speedup.py [--models resnet50,mobilenet_v2] [--round-to 1,8,16] [--scopes global,local]
+                                  [--widths-only] [--json out.json]
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of MACs kept")
     parser.add_argument("--scopes", default="global", help="prune.scope of the stripped variants, e.g. global,local "
                         "(local cuts every layer by the same share, the residual streams too)")
+    parser.add_argument("--widths-only", action="store_true", help="only build the variants: their conv widths, no timing")
     parser.add_argument("--runs1", type=int, default=10, help="batch-1 calls per model and round")
     parser.add_argument("--runs32", type=int, default=1, help="batch-32 calls per model and round")
     parser.add_argument("--rounds", type=int, default=9, help="alternating rounds (9: a quartile range per ratio)")
@@ -71,38 +74,54 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: each ratio comes with quartiles over rounds")
+    scopes = args.scopes.split(",")
+    if not set(scopes) <= {"global", "local"}:
+        parser.error(f"--scopes takes global and/or local, not {args.scopes}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, 224x224")
-    header = f"{'model':>13} {'variant':>18} {'MACs x':>7} " + " ".join(f"{k:>17}" for k in COLUMNS)
+    header = f"{'model':>13} {'variant':>24} {'MACs x':>7} " + ("" if args.widths_only else " ".join(f"{k:>17}" for k in COLUMNS))
     rows = []
     for name in args.models.split(","):
         print(header)
         dense = build_model(ModelSpec(name, num_classes=1000)).eval()
         x1, x32 = torch.randn(1, 3, 224, 224), torch.randn(32, 3, 224, 224)
         dense_macs = count_macs_params(dense, x1)[0]
-        scopes = args.scopes.split(",")
         variants = [(int(r), True, s) for s in scopes for r in args.round_to.split(",")] + [(8, False, "global")]
         models = [pruned_variant(name, round_to, strip, args.keep, scope) for round_to, strip, scope in variants]
-        labels = [f"round_to={r}" + ("" if strip else " +gates") + (f" {scope}" if len(scopes) > 1 else "")
+        labels = [f"round_to={r}" + ("" if strip else " +gates") + ("" if scopes == ["global"] else f" {scope}")
                   for r, strip, scope in variants]
+        if args.widths_only:
+            for model, label in zip([dense, *models], ["dense", *labels]):
+                macs_x = dense_macs / count_macs_params(model, x1)[0]
+                print(f"{name:>13} {label:>24} {macs_x:7.2f}")
+                rows.append({"model": name, "variant": label, "macs_speedup": macs_x, "channels": conv_widths(model)})
+            continue
         with tempfile.TemporaryDirectory() as folder:
             calls = [runners(model, {"bs1": x1, "bs32": x32}, Path(folder), optimized=True) for model in [dense, *models]]
             timed = interleaved_rounds(calls, {"bs1": args.runs1, "bs32": args.runs32}, args.rounds, args.warmup)
         base, *pruned = ([pooled_median_ms(samples)[column] for column in COLUMNS] for samples in timed)
-        print(f"{name:>13} {'dense':>18} {1.0:7.2f} " + " ".join(f"{t:14.1f} ms" for t in base))
-        rows.append({"model": name, "variant": "dense", "macs_speedup": 1.0, "ms": dict(zip(COLUMNS, base))})
+        print(f"{name:>13} {'dense':>24} {1.0:7.2f} " + " ".join(f"{t:14.1f} ms" for t in base))
+        rows.append({"model": name, "variant": "dense", "macs_speedup": 1.0, "ms": dict(zip(COLUMNS, base)),
+                     "channels": conv_widths(dense)})
         for model, label, lat, samples in zip(models, labels, pruned, timed[1:]):
             macs_x = dense_macs / count_macs_params(model, x1)[0]
             realised = [(b / t) / macs_x for b, t in zip(base, lat)]
             paired = [paired_shares(round_speedups(timed[0][c], samples[c]), macs_x) for c in COLUMNS]
-            print(f"{name:>13} {label:>18} {macs_x:7.2f} " + " ".join(
+            print(f"{name:>13} {label:>24} {macs_x:7.2f} " + " ".join(
                 f"{p['median']:5.2f} ({p['quartiles'][0]:.2f}-{p['quartiles'][1]:.2f})" for p in paired))
             rows.append({"model": name, "variant": label, "macs_speedup": macs_x, "ms": dict(zip(COLUMNS, lat)),
-                         "realised": dict(zip(COLUMNS, realised)), "realised_paired": dict(zip(COLUMNS, paired))})
-    print("(pruned rows: latency speed-up / MACs speed-up, each runtime against the dense model in it: the median "
-          "and quartiles of the per-round paired ratios; JSON 'realised' is the ratio of all-round medians; targets: "
-          "ResNet-50 bs1 >= 0.8, bs32 >= 0.95, MobileNetV2 bs1 >= 0.7)")
+                         "realised": dict(zip(COLUMNS, realised)), "realised_paired": dict(zip(COLUMNS, paired)),
+                         "channels": conv_widths(model)})
+    if not args.widths_only:
+        print("(pruned rows: latency speed-up / MACs speed-up, each runtime against the dense model in it: the median "
+              "and quartiles of the per-round paired ratios; JSON 'realised' is the ratio of all-round medians; targets: "
+              "ResNet-50 bs1 >= 0.8, bs32 >= 0.95, MobileNetV2 bs1 >= 0.7)")
     if args.json:
         write_result(args.json, "speedup.py", args, rows=rows)
+
+
+def conv_widths(model: torch.nn.Module) -> dict[str, int]:
+    """Each convolution's output channels: where the cut fell."""
+    return {name: module.out_channels for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)}
 
 
 if __name__ == "__main__":
