@@ -58,8 +58,9 @@ def _temp_beside(path: Path) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise NamPruneError(f"cannot write to {path.parent}: {error.strerror}; choose another output folder") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        raise NamPruneError(f"cannot write to {path.parent}: {getattr(error, 'strerror', None) or error}; "
+                            "choose another output folder") from None
     os.close(handle)
     return tmp
 
@@ -69,6 +70,8 @@ def check_writable(path: Path) -> None:
     Leaves nothing behind: a missing folder is not made yet (a failure later would leave it
     empty); its nearest existing parent is probed instead, with a folder made and removed there."""
     folder = existing = Path(path).parent
+    if "\0" in str(path):  # exists() calls such a path missing, and the probe would pass
+        raise NamPruneError(f"cannot write to {str(path)!r}: the path holds a NUL character; choose another output path")
     try:
         existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink() or p == p.parent)
         if not existing.is_dir():
@@ -77,9 +80,10 @@ def check_writable(path: Path) -> None:
             os.unlink(_temp_beside(Path(path)))
         else:
             os.rmdir(tempfile.mkdtemp(prefix=".nam-prune-probe.", dir=existing))
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
         where = "" if existing == folder else f" ({existing})"
-        raise NamPruneError(f"cannot write to {folder}: {error.strerror or error}{where}; choose another output folder") from None
+        raise NamPruneError(f"cannot write to {folder}: {getattr(error, 'strerror', None) or error}{where}; "
+                            "choose another output folder") from None
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -71,7 +71,7 @@ def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/p
     the runtime shows a container its cgroup as the root, the host path in ``membership`` is missing.
     """
     try:
-        lines = membership.read_text().splitlines()
+        lines = os.fsdecode(membership.read_bytes()).splitlines()
     except OSError:
         lines = []
     own = [fields for fields in (line.split(":", 2) for line in lines) if len(fields) == 3]
@@ -93,13 +93,18 @@ def _limit_in(folder: Path) -> float | None:
     try:
         if (folder / "cpu.max").is_file():
             quota, period = (folder / "cpu.max").read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
+            return None if quota == "max" else _positive_share(int(quota), int(period))
         if (folder / "cpu.cfs_quota_us").is_file():
             quota, period = (int((folder / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
-            return quota / period if quota > 0 else None
-    except (OSError, ValueError, ArithmeticError):
+            return _positive_share(quota, period)
+    except (OSError, ValueError):
         pass
     return None
+
+
+def _positive_share(quota: int, period: int) -> float | None:
+    """quota / period, or None for the unlimited -1 and for values no kernel writes."""
+    return quota / period if quota > 0 and period > 0 else None
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -111,7 +116,7 @@ def fit_threads_to_quota() -> None:
     latency figures swing. Run as many threads as the quota pays for, unless the user chose
     (``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``; torchrun sets the first for its workers)."""
     quota = cpu_quota()
-    if quota is None or any(name in os.environ for name in THREAD_VARIABLES):
+    if quota is None or any(os.environ.get(name) for name in THREAD_VARIABLES):
         return
     threads = max(1, math.ceil(quota))
     if threads < torch.get_num_threads():

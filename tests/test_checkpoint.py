@@ -123,6 +123,8 @@ def test_check_writable_leaves_nothing_behind(tmp_path):
     for inside in (blocker / "out.json", blocker / "sub" / "out.json"):
         with pytest.raises(NamPruneError, match="Not a directory"):
             check_writable(inside)
+    with pytest.raises(NamPruneError, match="NUL"):
+        check_writable(tmp_path / "a\0b" / "out.json")
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 

@@ -55,6 +55,7 @@ def test_latency_timed_beside_busy_processes_is_flagged_under_the_table():
         ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
         ({"cpu.max": "garbled"}, None),
+        ({"cpu.max": "-50000 100000"}, None),  # no kernel writes a negative quota: ignored, not 1 thread
         ({}, None),
     ],
 )
