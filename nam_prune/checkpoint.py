@@ -59,10 +59,15 @@ def _temp_beside(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except (OSError, ValueError) as error:  # ValueError: a NUL in the path
-        raise NamPruneError(f"cannot write to {path.parent}: {getattr(error, 'strerror', None) or error}; "
-                            "choose another output folder") from None
+        raise _cannot_write(path.parent, error) from None
     os.close(handle)
     return tmp
+
+
+def _cannot_write(folder: Path, error: Exception, where: str = "") -> NamPruneError:
+    """The one-line error for an output folder: the system's reason (``strerror``) where it gave one."""
+    reason = getattr(error, "strerror", None) or error
+    return NamPruneError(f"cannot write to {folder}: {reason}{where}; choose another output folder")
 
 
 def check_writable(path: Path) -> None:
@@ -80,10 +85,8 @@ def check_writable(path: Path) -> None:
             os.unlink(_temp_beside(Path(path)))
         else:
             os.rmdir(tempfile.mkdtemp(prefix=".nam-prune-probe.", dir=existing))
-    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
-        where = "" if existing == folder else f" ({existing})"
-        raise NamPruneError(f"cannot write to {folder}: {getattr(error, 'strerror', None) or error}{where}; "
-                            "choose another output folder") from None
+    except OSError as error:
+        raise _cannot_write(folder, error, "" if existing == folder else f" ({existing})") from None
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -97,18 +97,15 @@ def test_cpu_quota_reads_a_cgroup_v2_path(tmp_path):
 
 
 def test_threads_follow_the_quota_unless_the_user_chose(monkeypatch):
-    before = torch.get_num_threads()
+    """(conftest's autouse fixture restores the thread count afterwards.)"""
     monkeypatch.setattr(sys.modules["nam_prune.measure"], "cpu_quota", lambda: 0.5)  # the package exports a function of that name
     for chosen in THREAD_VARIABLES:
         monkeypatch.delenv(chosen, raising=False)
-    try:
-        torch.set_num_threads(2)
-        for chosen in THREAD_VARIABLES:
-            monkeypatch.setenv(chosen, "2")
-            fit_threads_to_quota()
-            assert torch.get_num_threads() == 2
-            monkeypatch.delenv(chosen)
+    torch.set_num_threads(2)
+    for chosen in THREAD_VARIABLES:
+        monkeypatch.setenv(chosen, "2")
         fit_threads_to_quota()
-        assert torch.get_num_threads() == 1  # half a CPU's quota still runs one thread
-    finally:
-        torch.set_num_threads(before)
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv(chosen)
+    fit_threads_to_quota()
+    assert torch.get_num_threads() == 1  # half a CPU's quota still runs one thread
