@@ -21,7 +21,7 @@ back, so a round gives one paired ratio: the script prints the median of those w
 ratio and, as ``realised``, the ratio of the all-round medians that earlier runs reported.
 
     python benchmarks/speedup.py [--models resnet50,mobilenet_v2] [--round-to 1,8,16] [--scopes global,local]
-                                  [--widths-only] [--json out.json]
+                                  [--widths-only] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -70,8 +70,13 @@ def main() -> None:
     parser.add_argument("--runs32", type=int, default=1, help="batch-32 calls per model and round")
     parser.add_argument("--rounds", type=int, default=9, help="alternating rounds (9: a quartile range per ratio)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each model's turn")
+    parser.add_argument("--threads", type=int, help="threads for torch and onnxruntime alike (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: each ratio comes with quartiles over rounds")
     scopes = args.scopes.split(",")

@@ -99,8 +99,12 @@ def write_onnx(
 
 
 def ort_session(path: Path):
+    """A CPU session with as many threads as torch uses, so a CPU quota (``measure.fit_threads_to_quota``)
+    or ``OMP_NUM_THREADS`` sizes both runtimes alike and their latencies compare."""
     _, onnxruntime = _onnx_modules()
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def parity(

@@ -48,6 +48,14 @@ def test_export_parity_and_dynamic_batch(pruned, tmp_path):
         np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4)
 
 
+def test_onnxruntime_uses_as_many_threads_as_torch(pruned, tmp_path):
+    """A CPU quota or OMP_NUM_THREADS sizes torch's pool; onnxruntime follows it, so the two compare."""
+    model, _ = pruned
+    result = export_onnx(model, torch.zeros(1, 1, 28, 28), tmp_path / "m.onnx")
+    torch.set_num_threads(1)  # conftest restores the count
+    assert ort_session(result.path).get_session_options().intra_op_num_threads == 1
+
+
 @pytest.mark.parametrize("write", [export_onnx, export_torchscript])
 def test_an_export_that_fails_its_check_leaves_no_file(pruned, tmp_path, monkeypatch, write):
     """The written file is compared with eager torch before it takes its name: a miss leaves nothing behind."""
