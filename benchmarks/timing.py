@@ -123,9 +123,9 @@ def median_quartiles(values: list[float]) -> dict[str, object]:
 def write_result(path: Path, script: str, args: argparse.Namespace, **fields: object) -> None:
     """Write a benchmark's JSON: the command that reproduces it (every option but ``--json``), the
     torch version, threads, CPU and allocator environment it ran with, then ``fields``."""
-    options = " ".join(  # a flag (store_true) is written bare when set and left out when not
+    options = " ".join(  # a flag (store_true) is written bare when set; an unset flag or option is left out
         f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
-        for k, v in vars(args).items() if k != "json" and v is not False)
+        for k, v in vars(args).items() if k != "json" and v is not False and v is not None)
     path.write_text(json.dumps({"command": command_line(f"python benchmarks/{script} {options}"), "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "cpu": cpu_model(), "allocator_env": allocator_env(),
                                 **fields}, indent=1))
