@@ -31,7 +31,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import interleaved_rounds, median_quartiles, pooled_median_ms, round_speedups, runners, write_result
+from timing import (
+    add_threads_option,
+    apply_threads_option,
+    interleaved_rounds,
+    median_quartiles,
+    pooled_median_ms,
+    round_speedups,
+    runners,
+    write_result,
+)
 
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
@@ -70,13 +79,10 @@ def main() -> None:
     parser.add_argument("--runs32", type=int, default=1, help="batch-32 calls per model and round")
     parser.add_argument("--rounds", type=int, default=9, help="alternating rounds (9: a quartile range per ratio)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each model's turn")
-    parser.add_argument("--threads", type=int, help="threads for torch and onnxruntime alike (default: torch's)")
+    add_threads_option(parser)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+    apply_threads_option(parser, args)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: each ratio comes with quartiles over rounds")
     scopes = args.scopes.split(",")

@@ -120,6 +120,19 @@ def median_quartiles(values: list[float]) -> dict[str, object]:
     return {"median": median, "quartiles": [low, high], "rounds": values}
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the thread count torch runs (and onnxruntime follows, ``export.ort_session``)."""
+    parser.add_argument("--threads", type=int, help="threads for torch and onnxruntime alike (default: torch's)")
+
+
+def apply_threads_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set torch's threads from ``--threads`` when given; a count below 1 is a usage error."""
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+
+
 def write_result(path: Path, script: str, args: argparse.Namespace, **fields: object) -> None:
     """Write a benchmark's JSON: the command that reproduces it (every option but ``--json``), the
     torch version, threads, CPU and allocator environment it ran with, then ``fields``."""
