@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from timing import write_result
 from torch._dynamo.utils import counters
 
 from nam_prune import gate_kernel
@@ -117,9 +116,7 @@ def main() -> None:
         rows.append({"mode": "compiled model vs plain compiled", "placement": "every_bn", "plain_s": t_plain,
                      "nam_s": t_gated, "ratio": t_gated / t_plain})
     if args.json:
-        args.json.write_text(json.dumps({"command": "python benchmarks/train_overhead.py " + " ".join(sys.argv[1:]),
-                                         "torch": torch.__version__, "threads": torch.get_num_threads(), "model": args.model,
-                                         "compiled_graphs": graphs, "rows": rows}, indent=1))
+        write_result(args.json, "train_overhead.py", args, model=args.model, compiled_graphs=graphs, rows=rows)
 
 
 if __name__ == "__main__":
