@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import os
 import re
 import sys
@@ -58,7 +59,8 @@ def op_ms(models: list[torch.nn.Module], x: torch.Tensor, calls: int) -> list[di
 
 @contextlib.contextmanager
 def stdout_fd_to(path: Path) -> Iterator[None]:
-    """Append file descriptor 1 to ``path``: oneDNN prints its verbose log from C, past ``sys.stdout``."""
+    """Append file descriptor 1 to ``path``: oneDNN prints its verbose log from C, past ``sys.stdout``
+    (C's own stdout buffer is flushed before the descriptor goes back, so no line lands elsewhere)."""
     sys.stdout.flush()
     saved = os.dup(1)
     with path.open("a") as log:
@@ -66,6 +68,7 @@ def stdout_fd_to(path: Path) -> Iterator[None]:
         try:
             yield
         finally:
+            ctypes.CDLL(None).fflush(None)
             os.dup2(saved, 1)
             os.close(saved)
 
@@ -119,7 +122,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50", help="a torchvision model speedup.py knows")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--onednn", action="store_true", help="also sum oneDNN's own kernel times")
+    parser.add_argument("--onednn", action="store_true", help="also sum oneDNN's kernel times; time both models unprofiled")
     add_threads_option(parser)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
