@@ -6,8 +6,9 @@ MACs, round_to 16), and sums each op's own time by op and by the height of its i
 stages realise their cut and which do not. ``--onednn`` also sums the time oneDNN's own kernels
 report (its verbose log, per primitive and implementation, with each kind's MACs): what the
 kernels realise apart from the per-op cost around them, and the models' wall time without the
-profiler. The two models' calls alternate throughout, but each pass is separate and the profiler
-and the log add their own cost: the ratios here explain, ``speedup.py`` measures.
+profiler. The two models' calls alternate throughout (call by call in the profiled passes, round
+by round in the wall timing), but each pass is separate and the profiler and the log add their own
+cost: the ratios here explain, ``speedup.py`` measures.
 
     python benchmarks/profile_ops.py [--model resnet50] [--batch 32] [--onednn] [--threads N] [--json docs/profile_ops_resnet50_bs32.json]
 """
