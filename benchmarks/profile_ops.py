@@ -36,16 +36,21 @@ from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import count_macs_params
 
 
-def op_ms(models: list[torch.nn.Module], x: torch.Tensor, calls: int) -> list[dict[str, float]]:
+def warm_frozen(model: torch.nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
+    """``model`` in the export's form, called twice: the first calls of a frozen module optimize its graph."""
+    frozen = frozen_torchscript(model, x)
+    with torch.inference_mode():
+        for _ in range(2):
+            frozen(x)
+    return frozen
+
+
+def op_ms(frozen: list[torch.jit.ScriptModule], x: torch.Tensor, calls: int) -> list[dict[str, float]]:
     """Per model, milliseconds per call of each op's own time, keyed ``op@height`` (``op`` for inputs
     of another rank). Each call is profiled on its own and the models' calls alternate, so a slow
     spell of the machine hits them alike."""
-    frozen = [frozen_torchscript(model, x) for model in models]
-    totals: list[collections.Counter[str]] = [collections.Counter() for _ in models]
+    totals: list[collections.Counter[str]] = [collections.Counter() for _ in frozen]
     with torch.inference_mode():
-        for module in frozen:
-            for _ in range(2):  # the first calls of a frozen module optimize its graph
-                module(x)
         for _ in range(calls):
             for module, total in zip(frozen, totals):
                 with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -85,18 +90,14 @@ def convolution_macs(problem: str) -> int:
 
 
 def onednn_kernels(
-    models: list[torch.nn.Module], x: torch.Tensor, calls: int
+    frozen: list[torch.jit.ScriptModule], x: torch.Tensor, calls: int
 ) -> list[dict[str, dict[str, float]]]:
     """Per model, the milliseconds per call that oneDNN's kernels report and their MACs
     (convolutions), keyed ``primitive:implementation``; ops that ATen runs itself, such as its own
     1x1 convolution for small batch-1 maps, are not in it. The models' calls alternate, so a slow
     spell of the machine hits them alike."""
-    frozen = [frozen_torchscript(model, x) for model in models]
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
-        logs = [Path(folder) / f"{index}.log" for index in range(len(models))]
-        for module in frozen:
-            for _ in range(2):
-                module(x)
+        logs = [Path(folder) / f"{index}.log" for index in range(len(frozen))]
         with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
             for _ in range(calls):
                 for module, log in zip(frozen, logs):
@@ -132,7 +133,8 @@ def main() -> None:
     pruned = pruned_variant(args.model, 16, True, 0.5)
     x = torch.randn(args.batch, 3, 224, 224)
     macs_speedup = count_macs_params(dense, x[:1])[0] / count_macs_params(pruned, x[:1])[0]
-    dense_ms, pruned_ms = op_ms([dense, pruned], x, args.calls)
+    frozen = [warm_frozen(model, x) for model in (dense, pruned)]
+    dense_ms, pruned_ms = op_ms(frozen, x, args.calls)
     rows = sorted(
         ({"op": key, "dense_ms": dense_ms.get(key, 0.0), "pruned_ms": pruned_ms.get(key, 0.0)}
          for key in set(dense_ms) | set(pruned_ms)),
@@ -148,7 +150,7 @@ def main() -> None:
           f"  realised {total_dense / total_pruned / macs_speedup:.2f}")
     fields: dict[str, object] = {}
     if args.onednn:
-        kernels = onednn_kernels([dense, pruned], x, args.calls)
+        kernels = onednn_kernels(frozen, x, args.calls)
         absent = {"ms": 0.0, "macs": 0.0}
         for key in sorted(set(kernels[0]) | set(kernels[1]), key=lambda key: -kernels[0].get(key, absent)["ms"]):
             before, after = (k.get(key, absent) for k in kernels)
@@ -159,7 +161,6 @@ def main() -> None:
         kernel_dense, kernel_pruned = (sum(kernel["ms"] for kernel in k.values()) for k in kernels)
         print(f"{'oneDNN kernels':40s} {kernel_dense:8.2f} ms {kernel_pruned:8.2f} ms  x{kernel_dense / kernel_pruned:.2f}"
               f"  realised {kernel_dense / kernel_pruned / macs_speedup:.2f}")
-        frozen = [frozen_torchscript(model, x) for model in (dense, pruned)]
         wall = [ms["torchscript_x"] for ms in interleaved_ms(
             [{"torchscript_x": lambda f=f: f(x)} for f in frozen], {"x": max(args.calls // 5, 2)}, 5, 2)]
         print(f"{'wall time, unprofiled, alternating':40s} {wall[0]:8.2f} ms {wall[1]:8.2f} ms  x{wall[0] / wall[1]:.2f}"
