@@ -225,10 +225,13 @@ def check(names: tuple[str, ...], sweep: bool, image_size: int, macs_keep: float
 
     from nam_prune.check import LEAST_MACS_KEEP, SMALLEST_SIZE, check_model, markdown_table, sweep_names
     from nam_prune.checkpoint import atomic_write, check_writable
+    from nam_prune.models import family_for
 
     chosen = [*names, *(sweep_names() if sweep else [])]
     if not chosen:
         raise click.UsageError("name at least one model, or pass --sweep")
+    for name in names:  # a misspelt name is a one-line error before any model is built, not a table row
+        family_for(name)
     for output in (json_path, markdown):
         if output:
             check_writable(output)

@@ -274,6 +274,12 @@ def test_check_refuses_an_unwritable_output_before_checking(tmp_path):
     assert "MACs before" not in result.stdout  # refused before any model was built and cut
 
 
+def test_check_refuses_an_unknown_name_before_checking():
+    result = _run("check", "resnet18", "resnet5O")
+    _one_line_error(result, "unknown model.name 'resnet5O' (did you mean")
+    assert "MACs before" not in result.stdout  # refused before resnet18 was built and cut
+
+
 def test_an_opset_above_the_exporters_is_one_line_and_no_graph_dump(saved_model, tmp_path):
     result = _run("export", str(saved_model), "--opset", "99", "-o", str(tmp_path / "m.onnx"))
     _one_line_error(result, "opset 99 is above the highest")
