@@ -22,7 +22,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from nam_prune.artifact import ModelRecord, load, save
 from nam_prune.errors import NamPruneError
-from nam_prune.export import export_torchscript
+from nam_prune.export import export_torchscript, ort_session
 from nam_prune.gates import NAMGated, channel_gates
 from nam_prune.models import ModelSpec
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
@@ -180,9 +180,7 @@ def test_ultralytics_checkpoint_loads_predicts_and_exports_onnx(tmp_path: Path, 
         YOLO(str(path)).train(data=str(demo_yaml), epochs=1, imgsz=64, device="cpu", workers=0)
 
     onnx_path = Path(YOLO(str(path)).export(format="onnx", imgsz=SIZE, simplify=False))
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path)
     x = torch.rand(1, 3, SIZE, SIZE)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     expected = _outputs(YOLO(str(path)).model, x).numpy()
