@@ -41,8 +41,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     apply_threads_option(parser, args)
-    keeps = [float(k) for k in args.keeps.split(",")]
-    if not all(0 < k < 1 for k in keeps):
+    try:
+        keeps = [float(k) for k in args.keeps.split(",")]
+    except ValueError:
+        keeps = []
+    if not keeps or not all(0 < k < 1 for k in keeps):
         parser.error(f"--keeps takes fractions between 0 and 1, not {args.keeps}")
     x = torch.randn(args.batch, 3, 224, 224)
     models = [build_model(ModelSpec(args.model, num_classes=1000)).eval(),
