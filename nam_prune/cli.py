@@ -288,11 +288,13 @@ def _print_error(message: str) -> None:
     console.print(Text.assemble(prefix, ("error:", "bold red"), f" {message}"), soft_wrap=True)
 
 
-def main() -> None:
-    """Entry point: run click, turning every known failure into one line and an exit code."""
-    debug = "--debug" in sys.argv[1:]
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run click on ``argv`` (default: the command line), turning every known failure
+    into one line and an exit code. Tests call it in-process with their own ``argv``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
     try:
-        code = cli.main(standalone_mode=False)
+        code = cli.main(args=args, prog_name="nam-prune", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Abort:
         console.print("interrupted", style="yellow")
