@@ -3,8 +3,8 @@
 It inserts NAM gates, cuts the model to a MAC target in global and local scope, runs it,
 and saves and reloads it weights-only, requiring identical outputs. Weights are random and
 the BN scales drawn at random too (seeded), so the ranking is as uneven as a trained
-model's rather than all ties. The README's table of covered architectures is this check
-run over torchvision's models (``benchmarks/model_sweep.py``).
+model's rather than all ties. The table of covered architectures (docs/model_sweep.md,
+docs/architectures.md) is this check run over torchvision's models (``nam-prune check --sweep``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ TIMM_SWEEP = (
 
 def sweep_names() -> list[str]:
     """Every torchvision classification model but the two largest, then timm's common BN
-    families (when timm is installed): the README's table of covered architectures."""
+    families (when timm is installed): the table of covered architectures (docs/model_sweep.md)."""
     names = [n for n in torchvision.models.list_models(torchvision.models) if n not in TOO_BIG]
     if importlib.util.find_spec("timm") is not None:
         names += [f"timm:{n}" for n in TIMM_SWEEP]
@@ -136,7 +136,7 @@ def check_model(
 
 
 def markdown_table(results: list[CheckResult]) -> str:
-    """The README's coverage table: MACs and params before -> after (global scope), status."""
+    """The coverage table (docs/model_sweep.md): MACs and params before -> after (global scope), status."""
     rows = ["| model | input px | MACs before -> after (global / local) | params before -> after (global) | status |",
             "|---|---|---|---|---|"]
     for r in results:

@@ -210,7 +210,7 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, whole_batch: 
 
 @cli.command()
 @click.argument("names", nargs=-1)
-@click.option("--sweep", is_flag=True, help="Every torchvision model and timm's common BN families (the README table).")
+@click.option("--sweep", is_flag=True, help="Every torchvision model and timm's common BN families (docs/model_sweep.md).")
 @click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
 @click.option("--macs-keep", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")

@@ -153,7 +153,7 @@ CHUNK_BYTES = 16 * 2**20
 """Largest feature map a TorchScript file lets one slice of its batch make. glibc's malloc hands
 blocks above its mmap threshold (32 MiB at most) back to the OS after each call, so a forward pass
 at batch 32 page-faulted its maps in again every call (ResNet-50, 224 px: 279k faults, a third of
-its time); at 16 MiB a slice runs from memory the heap keeps (0 faults; README, *Performance*)."""
+its time); at 16 MiB a slice runs from memory the heap keeps (0 faults; docs/performance.md, Memory)."""
 
 
 class BatchChunks(nn.Module):

@@ -10,8 +10,8 @@ and the closing gate nam-prune uses by default, whose channel is off when its ga
 
 The reference gate sits near sigmoid(0) = 0.5 for every channel (w averages 1/C), its
 gammas get ~1/(4C) of an ordinary BN gamma's gradient and a gamma-0 channel still passes
-0.5 x, so removing it is not free; the closing gate has none of these (see the README's
-"Does NAM help?" for the measurements).
+0.5 x, so removing it is not free; the closing gate has none of these (see docs/ranking.md
+for the measurements).
 
 Spatial gate (the paper's pixel normalization): the same with a batch norm over pixel
 positions, one scale lambda per pixel, so it needs the H x W it was built for.

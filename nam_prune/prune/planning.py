@@ -51,8 +51,8 @@ class PruneConfig:
     round_to: keep channel counts at multiples of this: CPU kernels run 8- and 16-channel
         blocks, so other widths waste much of a cut. Each layer is cut in the blocks this allows,
         ranked globally (``plan_cut``). The default 16 realises more of a 50% MAC cut than 8 in
-        every runtime measured (``benchmarks/speedup.py``) and matched 8's fine-tuned top-1 on the
-        quickstart (-0.01 +- 0.11 points, 3 seeds, README); 8 suits nets whose layers are 16-32
+        every runtime measured (``python -m benchmarks speedup``) and matched 8's fine-tuned top-1 on the
+        quickstart (-0.01 +- 0.11 points, 3 seeds, docs/performance.md); 8 suits nets whose layers are 16-32
         channels wide; 1 cuts a channel at a time.
     steps: prune in this many steps, fine-tuning ``epochs_between_steps`` between them.
     ignore: module names never pruned (the classifier head never is).
