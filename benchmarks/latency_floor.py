@@ -2,54 +2,52 @@
 
 Times one torchvision model dense and cut to several MAC keeps (gates stripped, round_to 16,
 random gammas, as ``speedup.py`` makes its variants), in the export's TorchScript and in
-onnxruntime, in alternation (``timing.py``), and fits ``latency = fixed + slope * MACs`` per
+onnxruntime, in alternation (``benchmarks/timing.py``), and fits ``latency = fixed + slope * MACs`` per
 runtime over all of them. The fixed part is what a channel cut cannot shrink: the cost of
 calling each op, which stays while the op's work shrinks. If the rest shrank in full with the
 MACs, a cut to ``1/x`` of the MACs would realise ``((fixed + slope*M) / (fixed + slope*M/x)) / x``
 of its MAC speed-up: the ceiling printed beside each measured share (a share above its ceiling
 means that cut's kernels did better than the fit's average MAC).
 
-    python benchmarks/latency_floor.py [--model mobilenet_v2] [--batch 1] [--keeps 0.75,0.5,0.35,0.25]
-                                       [--threads N] [--json docs/latency_floor_mnv2_bs1.json]
+    python -m benchmarks latency_floor [--model mobilenet_v2] [--batch 1] [--keeps 0.75,0.5,0.35,0.25]
+                                       [--image-size 224] [--threads N] [--json latency_floor_mnv2_bs1.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from speedup import pruned_variant
-from timing import add_threads_option, apply_threads_option, cpu_model, interleaved_ms, runners, write_result
 
+from benchmarks.speedup import pruned_variant
+from benchmarks.timing import add_options, benchmark_parser, cpu_model, interleaved_ms, parse, runners, write_result
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import count_macs_params
 
 RUNTIMES = ("torchscript", "ort")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mobilenet_v2", help="a torchvision model speedup.py knows")
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = benchmark_parser("latency_floor", __doc__)
+    parser.add_argument("--model", default="mobilenet_v2", help="a model name nam-prune builds (speedup's --models)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--keeps", default="0.75,0.5,0.35,0.25", help="fractions of the MACs kept, one variant each")
     parser.add_argument("--runs", type=int, default=20, help="timed calls per model and round")
     parser.add_argument("--rounds", type=int, default=9)
-    add_threads_option(parser)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    apply_threads_option(parser, args)
+    add_options(parser, image_size=224)
+    args = parse(parser, argv)
     try:
         keeps = [float(k) for k in args.keeps.split(",")]
     except ValueError:
         keeps = []
     if not keeps or not all(0 < k < 1 for k in keeps):
         parser.error(f"--keeps takes fractions between 0 and 1, not {args.keeps}")
-    x = torch.randn(args.batch, 3, 224, 224)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     models = [build_model(ModelSpec(args.model, num_classes=1000)).eval(),
-              *(pruned_variant(args.model, 16, True, keep) for keep in keeps)]
+              *(pruned_variant(args.model, 16, True, keep, size=args.image_size) for keep in keeps)]
     macs = np.array([count_macs_params(model, x[:1])[0] for model in models], dtype=float)
     with tempfile.TemporaryDirectory() as folder:
         calls = [{f"{runtime}_x": call[f"{runtime}_x"] for runtime in RUNTIMES}
@@ -71,9 +69,6 @@ def main() -> None:
             rows.append({"runtime": runtime, "macs": model_macs, "macs_speedup": speedup, "ms": model_ms,
                          "realised": realised, "ceiling": ceiling})
     if args.json:
-        write_result(args.json, "latency_floor.py", args, macs=macs.tolist(),
+        write_result(args.json, parser, argv, macs=macs.tolist(),
                      dense_ms={r: ms[0][f"{r}_x"] for r in RUNTIMES}, fits=fits, rows=rows)
 
-
-if __name__ == "__main__":
-    main()

@@ -4,22 +4,22 @@ Prints, per shape, our time / reference time and our saved-activation bytes / re
 (the memory autograd keeps for backward, which is what a gate adds to training), and checks
 outputs and gradients agree within 1e-5. Targets: time <= 0.5x, memory <= 0.6x.
 
-    python benchmarks/nam_gate.py [--repeats 20] [--json out.json]
+    python -m benchmarks nam_gate [--repeats 20] [--paths "kernel,torch ops,compiled"]
+                                  [--shapes 32x64x32x32,32x256x16x16,8x512x7x7] [--threads N] [--json NAME.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
+from benchmarks.timing import add_options, benchmark_parser, parse, write_result
 from nam_prune import gate_kernel
 from nam_prune.gates import NAMChannelGate, use_compiled_gates
 
@@ -89,30 +89,49 @@ def check_equal(ours: nn.Module, ref: nn.Module, x: torch.Tensor, grad: torch.Te
     return float(max(diffs).detach())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", type=Path, help="also write the ratios here")
-    args = parser.parse_args()
+def shape_list(text: str) -> list[tuple[int, int, int, int]]:
+    """``--shapes``: comma-separated NxCxHxW."""
+    try:
+        shapes = [tuple(int(size) for size in shape.split("x")) for shape in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(shape) != 4 or min(shape) < 1 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"write shapes as NxCxHxW, comma-separated (e.g. 8x512x7x7), not {text!r}")
+    return shapes
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = benchmark_parser("nam_gate", __doc__)
+    parser.add_argument("--repeats", type=int, default=20, help="timed forward + backward passes per gate and shape")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"gate paths to time, comma-separated, of: {', '.join(PATHS)}")
+    parser.add_argument("--shapes", type=shape_list, default=SHAPES, help="input shapes NxCxHxW, comma-separated")
+    add_options(parser)
+    args = parse(parser, argv)
+    paths = args.paths.split(",")
+    if not set(paths) <= PATHS.keys():
+        parser.error(f"--paths takes {', '.join(PATHS)}, not {args.paths}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     rows = []
     print(f"the kernel: {gate_kernel.status()}")
-    for path, title in PATHS.items():
+    for path in paths:
         use_compiled_gates(path == "compiled")
-        print(f"-- {title}")
-        with gate_kernel.disabled() if path != "kernel" else contextlib.nullcontext():
-            rows += [{"path": path, **row} for row in compare(args.repeats)]
-    use_compiled_gates(False)
+        print(f"-- {PATHS[path]}")
+        try:
+            with gate_kernel.disabled() if path != "kernel" else contextlib.nullcontext():
+                rows += [{"path": path, **row} for row in compare(args.shapes, args.repeats)]
+        finally:
+            use_compiled_gates(False)
     if args.json:
-        args.json.write_text(json.dumps({"command": "python benchmarks/nam_gate.py " + " ".join(sys.argv[1:]),
-                                         "torch": torch.__version__, "rows": rows}, indent=1))
+        write_result(args.json, parser, argv, rows=rows)
 
 
-def compare(repeats: int) -> list[dict]:
+def compare(shapes: list[tuple[int, int, int, int]], repeats: int) -> list[dict]:
     rows = []
     print(f"{'shape':>20} {'ours ms':>9} {'ref ms':>9} {'time ratio':>10} {'mem ratio':>9} {'max |diff|':>10}")
-    for shape in SHAPES:
+    for shape in shapes:
         ours, ref = NAMChannelGate(shape[1]), ReferenceChannelAtt(shape[1])
         with torch.no_grad():
             ours.bn.weight.uniform_(0.1, 1.0)
@@ -131,6 +150,3 @@ def compare(repeats: int) -> list[dict]:
         rows.append({"shape": list(shape), "time_ratio": t_ours / t_ref, "memory_ratio": m_ours / m_ref, "max_abs_diff": diff})
     return rows
 
-
-if __name__ == "__main__":
-    main()

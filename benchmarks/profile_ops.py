@@ -1,21 +1,21 @@
 """Where does a pruned model's time go? Dense against pruned, op by op (ResNet-50 at batch 32 by default).
 
 Profiles (torch.profiler, CPU) a few calls of each model in the form ``export --format torchscript``
-writes (frozen, channels-last, in slices), the pruned one as ``speedup.py`` makes it (50% of the
+writes (frozen, channels-last, in slices), the pruned one as ``speedup`` makes it (50% of the
 MACs, round_to 16), and sums each op's own time by op and by the height of its input map: which
 stages realise their cut and which do not. ``--onednn`` also sums the time oneDNN's own kernels
 report (its verbose log, per primitive and implementation, with each kind's MACs): what the
 kernels realise apart from the per-op cost around them, and the models' wall time without the
 profiler. The two models' calls alternate throughout (call by call in the profiled passes, round
 by round in the wall timing), but each pass is separate and the profiler and the log add their own
-cost: the ratios here explain, ``speedup.py`` measures.
+cost: the ratios here explain, ``speedup`` measures.
 
-    python benchmarks/profile_ops.py [--model resnet50] [--batch 32] [--onednn] [--threads N] [--json docs/profile_ops_resnet50_bs32.json]
+    python -m benchmarks profile_ops [--model resnet50] [--batch 32] [--onednn] [--image-size 224] [--threads N]
+                                     [--json profile_ops_resnet50_bs32.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import ctypes
@@ -23,14 +23,14 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from speedup import pruned_variant
-from timing import add_threads_option, apply_threads_option, cpu_model, interleaved_ms, write_result
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.speedup import pruned_variant
+from benchmarks.timing import add_options, benchmark_parser, cpu_model, interleaved_ms, parse, write_result
 from nam_prune.export import frozen_torchscript
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import count_macs_params
@@ -119,19 +119,17 @@ def kernel_totals(log: str, calls: int) -> dict[str, dict[str, float]]:
     return {key: {"ms": totals[key], "macs": macs[key]} for key in totals}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", help="a torchvision model speedup.py knows")
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = benchmark_parser("profile_ops", __doc__)
+    parser.add_argument("--model", default="resnet50", help="a model name nam-prune builds (speedup's --models)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--onednn", action="store_true", help="also sum oneDNN's kernel times; time both models unprofiled")
-    add_threads_option(parser)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    apply_threads_option(parser, args)
+    add_options(parser, image_size=224)
+    args = parse(parser, argv)
     dense = build_model(ModelSpec(args.model, num_classes=1000)).eval()
-    pruned = pruned_variant(args.model, 16, True, 0.5)
-    x = torch.randn(args.batch, 3, 224, 224)
+    pruned = pruned_variant(args.model, 16, True, 0.5, size=args.image_size)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     macs_speedup = count_macs_params(dense, x[:1])[0] / count_macs_params(pruned, x[:1])[0]
     frozen = [warm_frozen(model, x) for model in (dense, pruned)]
     dense_ms, pruned_ms = op_ms(frozen, x, args.calls)
@@ -168,9 +166,6 @@ def main() -> None:
         fields["onednn"] = {"dense": kernels[0], "pruned": kernels[1]}
         fields["wall_ms"] = {"dense": wall[0], "pruned": wall[1]}
     if args.json:
-        write_result(args.json, "profile_ops.py", args, macs_speedup=macs_speedup,
+        write_result(args.json, parser, argv, macs_speedup=macs_speedup,
                      total_ms={"dense": total_dense, "pruned": total_pruned}, rows=rows, **fields)
 
-
-if __name__ == "__main__":
-    main()

@@ -5,20 +5,18 @@ had before compressing) against ``model.pt`` as the recipe produced it (gates ke
 widths as rounded), in torch (eager, inference mode), frozen channels-last TorchScript (what
 ``export --format torchscript`` writes) and onnxruntime on the CPU, batch 1 and 32.
 Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), measured in one run,
-the two models timed in alternation (``timing.py``).
+the two models timed in alternation (``benchmarks/timing.py``).
 
-    python benchmarks/run_speedup.py runs/fashion_quickstart [more run folders] [--json out.json]
+    python -m benchmarks run_speedup runs/fashion_quickstart [more run folders] [--runs 40] [--threads N] [--json NAME.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from timing import interleaved_ms, runners
-
+from benchmarks.timing import add_options, benchmark_parser, interleaved_ms, parse, runners, write_result
 from nam_prune.artifact import load_with_metadata, record_of
 from nam_prune.prune import count_macs_params
 from nam_prune.surgery import strip_gates
@@ -45,19 +43,15 @@ def measure_run(folder: Path, runs: int) -> dict[str, object]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = benchmark_parser("run_speedup", __doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with dense.pt and model.pt)")
     parser.add_argument("--runs", dest="repeats", type=int, default=40, help="timed passes at batch 1")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    add_options(parser)
+    args = parse(parser, argv)
     rows = [measure_run(folder, args.repeats) for folder in args.runs]
     for row in rows:
         realised = "  ".join(f"{key} {value:.2f}" for key, value in row["realised"].items())
         print(f"{row['run']}: MACs speed-up {row['macs_speedup']:.2f}x; realised {realised}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+        write_result(args.json, parser, argv, rows=rows)

@@ -2,7 +2,7 @@
 
 For each model: the dense torchvision model (no gates) against NAM-pruned variants
 (``round_to`` 1/8/16/32, gates stripped after pruning, and one variant that keeps its gates),
-at 224x224, batch 1 and 32, on the CPU in eager torch, in the frozen channels-last TorchScript
+at 224x224 (``--image-size``), batch 1 and 32, on the CPU in eager torch, in the frozen channels-last TorchScript
 that ``nam-prune export --format torchscript`` writes (and ``report`` times), in that TorchScript
 after ``torch.jit.optimize_for_inference`` (``tsopt``: one line after ``torch.jit.load``; it packs
 the convolutions' weights once, which cannot be saved in the file), and in onnxruntime.
@@ -15,33 +15,34 @@ global,local`` adds variants cut in local scope (every layer by the same share, 
 separate what the runtime realises from where the cut falls; the JSON rows keep each variant's
 convolution widths (``--widths-only``: just those, no timing).
 
-Models are timed in alternation (``timing.py``). Each round's dense and pruned calls are back to
+Models are timed in alternation (``benchmarks/timing.py``). Each round's dense and pruned calls are back to
 back, so a round gives one paired ratio: the script prints the median of those with their quartiles
 (the spread says how far a single run's ratio can be trusted); the JSON also keeps every round's
 ratio and, as ``realised``, the ratio of the all-round medians that earlier runs reported.
 
-    python benchmarks/speedup.py [--models resnet50,mobilenet_v2] [--round-to 1,8,16] [--scopes global,local]
-                                  [--widths-only] [--threads N] [--json out.json]
+    python -m benchmarks speedup [--models resnet50,mobilenet_v2] [--round-to 1,8,16] [--scopes global,local]
+                                 [--widths-only] [--image-size 224] [--threads N] [--json NAME.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from timing import (
-    add_threads_option,
-    apply_threads_option,
+
+from benchmarks.timing import (
+    add_options,
+    benchmark_parser,
     interleaved_rounds,
     median_quartiles,
+    parse,
     pooled_median_ms,
     round_speedups,
     runners,
     write_result,
 )
-
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
@@ -50,14 +51,22 @@ from nam_prune.surgery import NAMConfig, insert_nam, strip_gates
 COLUMNS = ("torch_bs1", "torchscript_bs1", "tsopt_bs1", "ort_bs1", "torch_bs32", "torchscript_bs32", "tsopt_bs32", "ort_bs32")
 
 
-def pruned_variant(name: str, round_to: int, strip: bool, keep: float, scope: str = "global"):
+def random_gated(name: str) -> torch.nn.Module:
+    """Model ``name`` (1000 classes, seeded) with a NAM gate on every BN, its gammas drawn from
+    [0.05, 1]: no training offline, so the ranking is random."""
     torch.manual_seed(0)
     model = insert_nam(build_model(ModelSpec(name, num_classes=1000)), NAMConfig()).eval()
     with torch.no_grad():
         for gate in model.modules():
             if isinstance(gate, NAMChannelGate):
                 gate.gamma.uniform_(0.05, 1.0)
-    x = torch.zeros(1, 3, 224, 224)
+    return model
+
+
+def pruned_variant(name: str, round_to: int, strip: bool, keep: float, scope: str = "global", size: int = 224):
+    """``random_gated(name)`` cut to ``keep`` of its MACs at ``size`` px, its gates stripped if ``strip``."""
+    model = random_gated(name)
+    x = torch.zeros(1, 3, size, size)
     prune_model(model, x, PruneConfig(round_to=round_to, max_pruning_ratio=0.8, macs_keep=keep, scope=scope))
     return strip_gates(model) if strip else model
 
@@ -67,8 +76,8 @@ def paired_shares(speedups: list[float], macs_speedup: float) -> dict[str, objec
     return median_quartiles([s / macs_speedup for s in speedups])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = benchmark_parser("speedup", __doc__)
     parser.add_argument("--models", default="resnet50,mobilenet_v2")
     parser.add_argument("--round-to", default="1,8,16,32")
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of MACs kept")
@@ -79,25 +88,24 @@ def main() -> None:
     parser.add_argument("--runs32", type=int, default=1, help="batch-32 calls per model and round")
     parser.add_argument("--rounds", type=int, default=9, help="alternating rounds (9: a quartile range per ratio)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each model's turn")
-    add_threads_option(parser)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args()
-    apply_threads_option(parser, args)
+    add_options(parser, image_size=224)
+    args = parse(parser, argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: each ratio comes with quartiles over rounds")
     scopes = args.scopes.split(",")
     if not set(scopes) <= {"global", "local"}:
         parser.error(f"--scopes takes global and/or local, not {args.scopes}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, 224x224")
+    size = args.image_size
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {size}x{size}")
     header = f"{'model':>13} {'variant':>24} {'MACs x':>7} " + ("" if args.widths_only else " ".join(f"{k:>17}" for k in COLUMNS))
     rows = []
     for name in args.models.split(","):
         print(header)
         dense = build_model(ModelSpec(name, num_classes=1000)).eval()
-        x1, x32 = torch.randn(1, 3, 224, 224), torch.randn(32, 3, 224, 224)
+        x1, x32 = torch.randn(1, 3, size, size), torch.randn(32, 3, size, size)
         dense_macs = count_macs_params(dense, x1)[0]
         variants = [(int(r), True, s) for s in scopes for r in args.round_to.split(",")] + [(8, False, "global")]
-        models = [pruned_variant(name, round_to, strip, args.keep, scope) for round_to, strip, scope in variants]
+        models = [pruned_variant(name, round_to, strip, args.keep, scope, size) for round_to, strip, scope in variants]
         labels = [f"round_to={r}" + ("" if strip else " +gates") + ("" if scopes == ["global"] else f" {scope}")
                   for r, strip, scope in variants]
         if args.widths_only:
@@ -127,13 +135,10 @@ def main() -> None:
               "and quartiles of the per-round paired ratios; JSON 'realised' is the ratio of all-round medians; targets: "
               "ResNet-50 bs1 >= 0.8, bs32 >= 0.95, MobileNetV2 bs1 >= 0.7)")
     if args.json:
-        write_result(args.json, "speedup.py", args, rows=rows)
+        write_result(args.json, parser, argv, rows=rows)
 
 
 def conv_widths(model: torch.nn.Module) -> dict[str, int]:
     """Each convolution's output channels: where the cut fell."""
     return {name: module.out_channels for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)}
 
-
-if __name__ == "__main__":
-    main()

@@ -2,10 +2,14 @@
 
 Each round times every model in turn and a model's figure is its median over all rounds, so a
 slow spell hits the dense and the pruned model alike instead of skewing one ratio (timed one
-after the other, single ratios of ``speedup.py`` moved by up to 0.15 between runs). A model's
+after the other, single ratios of ``speedup`` moved by up to 0.15 between runs). A model's
 first calls after another model ran are slow (onnxruntime MobileNetV2: 2.4 ms instead of 1.8 ms
 with 10 calls per turn; the other session's threads still spin), so each turn starts with a short
 pause and untimed calls.
+
+Also what every benchmark shares: its parser (``benchmark_parser``, ``add_options``, ``parse``:
+``--image-size``, ``--threads``, ``--json``) and the JSON writer (``write_result``). A helper, not a benchmark:
+``python -m benchmarks`` does not list it.
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ import contextlib
 import copy
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from nam_prune.checkpoint import atomic_write
 from nam_prune.export import DeployMode, frozen_torchscript, ort_session, write_onnx
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs"  # where ``--json NAME.json`` writes
 
 
 def runners(
@@ -32,7 +41,7 @@ def runners(
     """``{runtime_example: call}``: eager torch, frozen channels-last TorchScript (what ``export
     --format torchscript`` writes) and onnxruntime, on each named example batch; with ``optimized``
     also that TorchScript after ``torch.jit.optimize_for_inference`` (``tsopt``: the line a user can
-    add after ``torch.jit.load``, ``load_optimize.py``)."""
+    add after ``torch.jit.load``, measured on the loaded file in ``docs/load_optimize.json``)."""
     eager = copy.deepcopy(model).cpu().eval()
     calls = {}
     for label, x in examples.items():
@@ -42,8 +51,7 @@ def runners(
         session, feed = ort_session(path), {"input": x.numpy()}
         calls[f"torch_{label}"] = lambda x=x: eager(x)
         calls[f"torchscript_{label}"] = lambda x=x, frozen=frozen: frozen(x)
-        if optimized:  # optimize_for_inference rewrites its argument in place: it gets its own copy (in
-            # memory; load_optimize.py applies it to the loaded file)
+        if optimized:  # optimize_for_inference rewrites its argument in place: it gets its own copy
             packed = torch.jit.optimize_for_inference(frozen_torchscript(model, x, deploy_mode))
             calls[f"tsopt_{label}"] = lambda x=x, packed=packed: packed(x)
         calls[f"ort_{label}"] = lambda session=session, feed=feed: session.run(None, feed)
@@ -120,25 +128,48 @@ def median_quartiles(values: list[float]) -> dict[str, object]:
     return {"median": median, "quartiles": [low, high], "rounds": values}
 
 
-def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    """``--threads N``: the thread count torch runs (and onnxruntime follows, ``export.ort_session``)."""
-    parser.add_argument("--threads", type=int, help="threads for torch and onnxruntime alike (default: torch's)")
+def benchmark_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks NAME``: that line as its program name, the first line of
+    the benchmark's docstring as its description."""
+    return argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=doc.splitlines()[0])
 
 
-def apply_threads_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Set torch's threads from ``--threads`` when given; a count below 1 is a usage error."""
-    if args.threads is not None:
+def result_path(text: str) -> Path:
+    """``--json``'s value: a bare file name goes into docs/, a path with a folder is used as given."""
+    path = Path(text)
+    return RESULTS / path if path.parent == Path() else path
+
+
+def add_options(parser: argparse.ArgumentParser, image_size: int | None = None, threads: bool = True) -> None:
+    """The options benchmarks share, after their own: ``--image-size`` (with this default, where the
+    benchmark takes one), ``--threads N`` (the thread count torch runs and onnxruntime follows,
+    ``export.ort_session``) and ``--json PATH`` (where ``write_result`` writes)."""
+    if image_size is not None:
+        parser.add_argument("--image-size", type=int, default=image_size, help="input height and width in pixels")
+    if threads:
+        parser.add_argument("--threads", type=int, help="threads for torch and onnxruntime alike (default: torch's)")
+    parser.add_argument("--json", type=result_path, metavar="PATH",
+                        help="also write the results as JSON here (a bare file name: into docs/)")
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, then torch's threads set from ``--threads`` when given (a count
+    below 1 is a usage error)."""
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
+    return args
 
 
-def write_result(path: Path, script: str, args: argparse.Namespace, **fields: object) -> None:
-    """Write a benchmark's JSON: the command that reproduces it (every option but ``--json``), the
-    torch version, threads, CPU and allocator environment it ran with, then ``fields``."""
-    options = " ".join(  # a flag (store_true) is written bare when set; an unset flag or option is left out
-        f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
-        for k, v in vars(args).items() if k != "json" and v is not False and v is not None)
-    path.write_text(json.dumps({"command": command_line(f"python benchmarks/{script} {options}"), "torch": torch.__version__,
-                                "threads": torch.get_num_threads(), "cpu": cpu_model(), "allocator_env": allocator_env(),
-                                **fields}, indent=1))
+def write_result(path: Path, parser: argparse.ArgumentParser, argv: Sequence[str] | None, **fields: object) -> None:
+    """Write a benchmark's JSON atomically: the command that made it (``parser.prog`` and ``argv``,
+    the arguments as given; ``None``: ``sys.argv``'s, as argparse reads them), the torch version,
+    threads, CPU and allocator environment it ran with, then ``fields``."""
+    argv = sys.argv[1:] if argv is None else argv
+    text = json.dumps({"command": command_line(f"{parser.prog} {shlex.join(argv)}".rstrip()), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "cpu": cpu_model(), "allocator_env": allocator_env(),
+                       **fields}, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    print(f"wrote {path}")

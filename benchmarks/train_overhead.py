@@ -11,23 +11,22 @@ graph count is printed); compiled model (``torch.compile`` of the whole gated mo
 way). Targets (issue #15): every_bn <= 1.15x the plain eager step in eager mode and <= 1.10x
 compiled.
 
-    python benchmarks/train_overhead.py [--batch 8] [--size 224] [--steps 8] [--json out.json]
-    python benchmarks/train_overhead.py --model yolov8n.yaml --classes 80 --batch 32 --size 160 --eager-only
+    python -m benchmarks train_overhead [--batch 8] [--size 224] [--steps 8] [--threads N] [--json NAME.json]
+    python -m benchmarks train_overhead --model yolov8n.yaml --classes 80 --batch 32 --size 160 --eager-only
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timing import write_result
 from torch._dynamo.utils import counters
 
+from benchmarks.timing import add_options, benchmark_parser, parse, write_result
 from nam_prune import gate_kernel
 from nam_prune.gates import use_compiled_gates
 from nam_prune.models import ModelSpec, build_model
@@ -69,16 +68,16 @@ def alternating_ratio(plain_step, gated_step, steps: int) -> tuple[float, float]
     return statistics.median(plain), statistics.median(gated)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = benchmark_parser("train_overhead", __doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--json", type=Path, help="also write the ratios here")
     parser.add_argument("--model", default="resnet50", help="any model name nam-prune builds (e.g. yolov8n.yaml)")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--eager-only", action="store_true", help="time the two eager paths only")
-    args = parser.parse_args()
+    add_options(parser)
+    args = parse(parser, argv)
     rows, graphs = [], None
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, args.classes, (args.batch,))
@@ -116,8 +115,5 @@ def main() -> None:
         rows.append({"mode": "compiled model vs plain compiled", "placement": "every_bn", "plain_s": t_plain,
                      "nam_s": t_gated, "ratio": t_gated / t_plain})
     if args.json:
-        write_result(args.json, "train_overhead.py", args, model=args.model, compiled_graphs=graphs, rows=rows)
+        write_result(args.json, parser, argv, model=args.model, compiled_graphs=graphs, rows=rows)
 
-
-if __name__ == "__main__":
-    main()

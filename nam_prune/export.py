@@ -201,7 +201,7 @@ def frozen_torchscript(
     """A copy of ``model`` in its deploy form, channels-last, traced and frozen (weights as constants,
     conv-BN folded): the fast way to run a pruned model in plain torch on the CPU. With ``batch_chunks``
     a model that returns one tensor runs large batches in slices (``BatchChunks``, ``samples_per_chunk``).
-    ``channels_last=False, batch_chunks=False`` keeps plain NCHW (``benchmarks/memory_format.py``)."""
+    ``channels_last=False, batch_chunks=False`` keeps plain NCHW (measured against the others in ``docs/memory_format.json``)."""
     with _failure_named("TorchScript tracing"), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         copied = copy.deepcopy(model).cpu().eval()

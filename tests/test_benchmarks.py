@@ -1,0 +1,174 @@
+"""``python -m benchmarks``: the dispatcher (fast), and each benchmark at its smallest real settings
+(slow: ``-m slow``), in-process, one thread, writing its JSON into ``tmp_path``. The figures of so
+small a run are noise; what is checked is that each benchmark runs end to end and writes what its
+README rows are read from, with the command that made the file."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import names, summary
+from benchmarks.__main__ import main as dispatch
+from benchmarks.timing import RESULTS, result_path
+from nam_prune.pipeline import run
+from nam_prune.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+KEPT = ["latency_floor", "nam_gate", "profile_ops", "prune_overhead", "run_speedup", "speedup", "train_overhead",
+        "yolo_width_control"]
+RUNTIMES = [f"{runtime}_{batch}" for batch in ("bs1", "bs32") for runtime in ("torch", "torchscript", "ort")]
+
+
+def test_help_lists_the_benchmarks_and_an_unknown_name_is_a_usage_error(capsys):
+    assert names() == KEPT  # timing is a helper, not a benchmark
+    assert dispatch(["--help"]) == 0
+    listing = capsys.readouterr().out
+    rows = listing.split("benchmarks:\n", 1)[1].splitlines()
+    assert [row.split()[0] for row in rows] == KEPT
+    assert all(row.split(None, 1)[1] == summary(name) and summary(name) for row, name in zip(rows, KEPT))
+    assert dispatch([]) == 2 and capsys.readouterr().out == listing
+    assert dispatch(["deploy_defaults", "--json", "x.json"]) == 2  # retired
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "'deploy_defaults'" in captured.err and ", ".join(KEPT) in captured.err
+
+
+def test_the_dispatcher_hands_the_rest_to_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit:
+        dispatch(["nam_gate", "--help"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m benchmarks nam_gate ")
+
+
+def test_a_bare_json_name_goes_into_docs():
+    assert result_path("speedup_new.json") == RESULTS / "speedup_new.json" == ROOT / "docs" / "speedup_new.json"
+    assert result_path("runs/x.json") == Path("runs/x.json")
+
+
+def run_benchmark(name: str, args: list[str], tmp_path: Path) -> dict:
+    """``benchmarks.<name>.main(args + --json)`` in-process; its JSON, checked for what every one records."""
+    out = tmp_path / f"{name}.json"
+    argv = [*args, "--json", str(out)]
+    importlib.import_module(f"benchmarks.{name}").main(argv)
+    result = json.loads(out.read_text())
+    assert result["command"].endswith(f"python -m benchmarks {name} {shlex.join(argv)}")
+    assert result["torch"] == torch.__version__ and result["threads"] >= 1 and result["cpu"]
+    assert isinstance(result["allocator_env"], dict)
+    assert not list(tmp_path.glob(f".{out.name}.*.tmp"))  # written atomically, nothing left beside it
+    return result
+
+
+def positive(*values: float) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.mark.slow
+def test_speedup(tmp_path):
+    result = run_benchmark("speedup", ["--models", "resnet8", "--image-size", "32", "--round-to", "8", "--rounds", "2",
+                                       "--runs1", "1", "--runs32", "1", "--warmup", "0", "--threads", "1"], tmp_path)
+    dense, stripped, gated = result["rows"]
+    assert [row["variant"] for row in result["rows"]] == ["dense", "round_to=8", "round_to=8 +gates"]
+    assert dense["macs_speedup"] == 1.0 and positive(*dense["ms"].values()) and len(dense["ms"]) == 8
+    for row in (stripped, gated):
+        assert row["macs_speedup"] > 1.5  # --keep 0.5
+        assert positive(*row["ms"].values(), *row["realised"].values())
+        assert row["realised"].keys() == dense["ms"].keys() == row["realised_paired"].keys()
+        paired = row["realised_paired"]["torchscript_bs1"]
+        assert len(paired["rounds"]) == 2 and positive(paired["median"], *paired["quartiles"])
+    assert sum(stripped["channels"].values()) < sum(dense["channels"].values())
+
+
+@pytest.fixture
+def tiny_run(tmp_path, fashion_root) -> Path:
+    """A quickstart run folder (dense.pt, model.pt) from 128 images and one epoch a stage, on one thread
+    (the conftest restores the count)."""
+    torch.set_num_threads(1)
+    recipe = load_recipe(ROOT / "recipes" / "fashion_quickstart.yaml", [
+        "data.train_subset=128", "data.test_subset=64", "data.batch_size=32", "sparsity.epochs=1", "finetune.epochs=1",
+        "recalibrate.batches=1", "report.latency_runs=1", "report.warmup=0", "report.baseline=false",
+        f"data.root={fashion_root}", f"output={tmp_path / 'run'}"])
+    return run(recipe).folder
+
+
+@pytest.mark.slow
+def test_run_speedup(tiny_run, tmp_path):
+    result = run_benchmark("run_speedup", [str(tiny_run), "--runs", "1", "--threads", "1"], tmp_path)
+    (row,) = result["rows"]
+    assert row["run"] == str(tiny_run) and row["recipe_prune"]["macs_keep"] == 0.5
+    assert row["macs_speedup"] > 1.5
+    assert list(row["realised"]) == list(row["dense_ms"]) == list(row["pruned_ms"])
+    assert sorted(row["realised"]) == sorted(RUNTIMES)
+    assert positive(*row["realised"].values(), *row["dense_ms"].values(), *row["pruned_ms"].values())
+
+
+@pytest.mark.slow
+def test_latency_floor(tmp_path):
+    result = run_benchmark("latency_floor", ["--model", "resnet18", "--image-size", "32", "--keeps", "0.75,0.5",
+                                             "--runs", "1", "--rounds", "2", "--threads", "1"], tmp_path)
+    macs = result["macs"]
+    assert len(macs) == 3 and macs[0] > macs[1] > macs[2] > 0
+    assert positive(*result["dense_ms"].values()) and set(result["dense_ms"]) == {"torchscript", "ort"}
+    for fit in result["fits"].values():  # the fit of two timed points' noise may have any sign
+        assert all(math.isfinite(value) for value in fit.values())
+    assert len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert positive(row["ms"], row["realised"]) and row["macs_speedup"] > 1 and math.isfinite(row["ceiling"])
+
+
+@pytest.mark.slow
+def test_profile_ops(tmp_path):
+    result = run_benchmark("profile_ops", ["--model", "resnet18", "--image-size", "32", "--batch", "2", "--calls", "1",
+                                           "--onednn", "--threads", "1"], tmp_path)
+    assert result["macs_speedup"] > 1.5  # cut to half of the MACs
+    assert positive(*result["total_ms"].values(), *result["wall_ms"].values())
+    assert any(row["op"].startswith("aten::") and row["op"].endswith("px") for row in result["rows"])
+    assert all(row["dense_ms"] >= 0 and row["pruned_ms"] >= 0 for row in result["rows"])
+    for kernels in result["onednn"].values():
+        assert any(key.startswith("convolution:") and positive(k["ms"], k["macs"]) for key, k in kernels.items())
+
+
+@pytest.mark.slow
+def test_train_overhead(tmp_path):
+    """Eager paths only: the compiled ones compile ResNet-8 and its gates, minutes on two cores."""
+    result = run_benchmark("train_overhead", ["--model", "resnet8", "--classes", "10", "--batch", "2", "--size", "32",
+                                              "--steps", "1", "--eager-only", "--threads", "1"], tmp_path)
+    assert result["model"] == "resnet8" and result["compiled_graphs"] is None
+    assert [row["mode"] for row in result["rows"]] == ["eager gates", "eager gates, torch ops"]
+    assert all(positive(row["plain_s"], row["nam_s"], row["ratio"]) for row in result["rows"])
+
+
+@pytest.mark.slow
+def test_nam_gate(tmp_path):
+    result = run_benchmark("nam_gate", ["--repeats", "1", "--shapes", "2x8x4x4", "--threads", "1"], tmp_path)
+    assert [row["path"] for row in result["rows"]] == ["kernel", "torch ops", "compiled"]
+    for row in result["rows"]:
+        assert row["shape"] == [2, 8, 4, 4] and row["max_abs_diff"] < 1e-5
+        assert positive(row["time_ratio"], row["memory_ratio"])
+
+
+@pytest.mark.slow
+def test_prune_overhead(tmp_path):
+    result = run_benchmark("prune_overhead", ["--model", "resnet8", "--image-size", "32", "--repeats", "1",
+                                              "--threads", "1"], tmp_path)
+    assert result["model"] == "resnet8" and positive(result["ratio"], result["torch_pruning_s"], result["nam_prune_s"])
+    assert {label: len(times) for label, times in result["seconds"].items()} == {"torch-pruning": 1, "nam-prune": 1}
+
+
+@pytest.mark.slow
+def test_yolo_width_control(tmp_path, fashion_root):
+    if not os.environ.get("CI"):
+        pytest.importorskip("ultralytics")
+    result = run_benchmark("yolo_width_control", ["--width", "0.1", "--epochs", "1", "--images", "10", "--image-size", "64",
+                                                  "--batch", "8", "--out", str(tmp_path / "out")], tmp_path)
+    assert result["width_multiple"] == 0.1 and result["epochs"] == 1 and result["images"] == 10
+    assert positive(result["params"], result["gflops_at_160"])
+    assert 0 <= result["map50_95"] <= result["map50"] <= 1
+    assert (tmp_path / "out" / "train" / "weights" / "last.pt").is_file()
