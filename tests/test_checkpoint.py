@@ -18,8 +18,9 @@ from nam_prune.surgery import NAMConfig, insert_nam
 X = torch.randn(3, 1, 28, 28)
 
 
-@pytest.fixture
-def pruned_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def pruned_checkpoint(tmp_path_factory):
+    """A pruned, gated ResNet-8 saved once for the module (tests read the file, never write it)."""
     spec = ModelSpec("resnet8", num_classes=10, in_channels=1, width=8)
     nam = NAMConfig(spatial=True)
     model = insert_nam(build_model(spec), nam, torch.zeros(1, 1, 28, 28))
@@ -29,7 +30,7 @@ def pruned_checkpoint(tmp_path):
     model.train()(X)  # non-trivial running statistics
     model.eval()
     result = prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels", channel_ratio=0.4))
-    path = tmp_path / "model.pt"
+    path = tmp_path_factory.mktemp("pruned") / "model.pt"
     save(path, model, ModelRecord(spec, (1, 28, 28), nam, result.history), metrics={"note": "test"})
     return path, model
 

@@ -1,41 +1,22 @@
 """The whole pipeline on a few hundred real Fashion-MNIST images, through the API and the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICKSTART, ROOT, TINY, cli, cli_process
 
 import nam_prune
 from nam_prune.data import load_data
 from nam_prune.recipe import load_recipe, recipe_from_dict
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = [
-    "model.name=resnet8",
-    "data.train_subset=512", "data.test_subset=256", "data.batch_size=32",
-    "sparsity.epochs=4", "sparsity.optimizer=adamw", "sparsity.lr=0.005",
-    "finetune.epochs=4", "finetune.optimizer=adamw", "finetune.lr=0.005",
-    "report.latency_runs=3", "report.warmup=1",
-]
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run(
-        [sys.executable, "-m", "nam_prune", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
-    )
-
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, fashion_root):
-    """One tiny real run through the CLI, shared by the contract tests below."""
+    """One tiny real run through the console script in its own process, shared by the contract tests below."""
     folder = tmp_path_factory.mktemp("e2e")
-    recipe = ROOT / "recipes" / "fashion_quickstart.yaml"
-    result = _cli("run", str(recipe), *TINY, f"output={folder / 'run'}", cwd=folder)
+    result = cli_process("run", QUICKSTART, *TINY, f"output={folder / 'run'}", cwd=folder)
     assert result.returncode == 0, result.stderr[-2000:]
     return folder / "run", result
 
@@ -62,7 +43,7 @@ def test_run_writes_model_and_results(quick_run):
 def test_report_json_agrees_with_results(quick_run):
     run_dir, _ = quick_run
     results = json.loads((run_dir / "results.json").read_text())
-    report = _cli("report", str(run_dir / "model.pt"), "--json", cwd=run_dir)
+    report = cli("report", str(run_dir / "model.pt"), "--json", cwd=run_dir)
     assert report.returncode == 0, report.stderr
     summary = json.loads(report.stdout)
     assert (summary["params"], summary["macs"]) == (results["after"]["params"], results["after"]["macs"])
@@ -72,7 +53,7 @@ def test_report_json_agrees_with_results(quick_run):
 def test_report_with_data_reproduces_accuracy(quick_run):
     run_dir, _ = quick_run
     results = json.loads((run_dir / "results.json").read_text())
-    recipe = load_recipe(ROOT / "recipes" / "fashion_quickstart.yaml", TINY)
+    recipe = load_recipe(QUICKSTART, TINY)
     model = nam_prune.load(run_dir / "model.pt")
     data = load_data(recipe.data, recipe.seed)
     assert nam_prune.evaluate(model, data.test, torch.device("cpu")) == pytest.approx(results["after"]["accuracy"])
@@ -102,7 +83,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
     ],
 )
 def test_bad_inputs_print_one_line(args, message):
-    result = _cli(*args, cwd=ROOT)
+    result = cli(*args, cwd=ROOT)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -119,7 +100,7 @@ def test_digits_short_finetune_beats_chance(tmp_path):
 
 def test_report_evaluates_on_a_named_data_set(quick_run):
     run_dir, _ = quick_run
-    report = _cli("report", str(run_dir / "model.pt"), "--data", "fashion_mnist", "--json", cwd=run_dir)
+    report = cli("report", str(run_dir / "model.pt"), "--data", "fashion_mnist", "--json", cwd=run_dir)
     assert report.returncode == 0, report.stderr
     accuracy = json.loads(report.stdout)["accuracy"]
     assert 0.3 < accuracy <= 1.0  # the full 10,000-image test split
@@ -188,7 +169,7 @@ def test_report_plots(quick_run, tmp_path):
     expected = {"model.pt": ["channels_kept.png"], "dense.pt": ["gamma_hist.png", "gamma_hist_per_layer.png"]}
     for checkpoint, names in expected.items():
         folder = tmp_path / checkpoint
-        report = _cli("report", str(run_dir / checkpoint), "--plots", str(folder), "--json", cwd=run_dir)
+        report = cli("report", str(run_dir / checkpoint), "--plots", str(folder), "--json", cwd=run_dir)
         assert report.returncode == 0, report.stderr
         written = sorted(Path(p).name for p in json.loads(report.stdout)["plots"])
         assert written == names

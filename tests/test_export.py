@@ -1,15 +1,18 @@
 """Export of a pruned NAM model: ONNX (checker passes, onnxruntime matches torch within 1e-4) and
 frozen TorchScript (matches eager torch, loads without nam-prune)."""
 
+import shutil
 import subprocess
 import sys
 import threading
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import cli
 
 from nam_prune import export as export_module
 from nam_prune.artifact import ModelRecord, save
@@ -22,8 +25,9 @@ from nam_prune.surgery import NAMConfig, insert_nam
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def pruned(tmp_path):
+@pytest.fixture(scope="module")
+def pruned_once(tmp_path_factory):
+    """A pruned, gated ResNet-8 and its checkpoint, built once for the module."""
     spec, nam = ModelSpec("resnet8", in_channels=1, width=8), NAMConfig(spatial=True)
     model = insert_nam(build_model(spec), nam, torch.zeros(1, 1, 28, 28))
     with torch.no_grad():
@@ -32,9 +36,18 @@ def pruned(tmp_path):
                 gate.gamma.uniform_(0.1, 1)
     model.train()(torch.randn(16, 1, 28, 28))
     result = prune_model(model.eval(), torch.zeros(1, 1, 28, 28), PruneConfig(macs_keep=0.5, round_to=1))
-    path = tmp_path / "model.pt"
+    path = tmp_path_factory.mktemp("pruned") / "model.pt"
     save(path, model, ModelRecord(spec, (1, 28, 28), nam, result.history))
     return model, path
+
+
+@pytest.fixture
+def pruned(pruned_once, tmp_path):
+    """The module's pruned model (a copy) and its checkpoint alone in a folder of this test's."""
+    model, path = pruned_once
+    copy = tmp_path / "model.pt"
+    shutil.copyfile(path, copy)
+    return deepcopy(model), copy
 
 
 def test_export_parity_and_dynamic_batch(pruned, tmp_path):
@@ -70,16 +83,10 @@ def test_an_export_that_fails_its_check_leaves_no_file(pruned, tmp_path, monkeyp
 
 def test_export_cli(pruned):
     _, path = pruned
-    result = subprocess.run(
-        [sys.executable, "-m", "nam_prune", "export", str(path), "--format", "onnx", "--opset", "17"],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = cli("export", str(path), "--format", "onnx", "--opset", "17")
     assert result.returncode == 0, result.stderr
     assert path.with_suffix(".onnx").is_file() and "max |torch - onnxruntime|" in result.stderr
-    report = subprocess.run(
-        [sys.executable, "-m", "nam_prune", "report", str(path), "--json", "--onnx"],
-        capture_output=True, text=True, timeout=300,
-    )
+    report = cli("report", str(path), "--json", "--onnx")
     assert report.returncode == 0, report.stderr
     assert '"onnx_latency_ms"' in report.stdout
 
@@ -92,8 +99,7 @@ def test_export_cli(pruned):
 )
 def test_export_refuses_options_of_the_other_format(pruned, options, refused):
     _, path = pruned
-    done = subprocess.run([sys.executable, "-m", "nam_prune", "export", str(path), *options],
-                          capture_output=True, text=True, timeout=300)
+    done = cli("export", str(path), *options)
     assert done.returncode == 2 and refused in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and list(path.parent.iterdir()) == [path]
 
@@ -115,10 +121,7 @@ def test_a_model_that_cannot_be_copied_is_a_one_line_error(tmp_path):
 def test_torchscript_export_matches_eager_and_loads_without_nam_prune(pruned, tmp_path):
     """Plain-PyTorch deployment: the frozen file runs where nam-prune is not even imported."""
     model, path = pruned
-    done = subprocess.run(
-        [sys.executable, "-m", "nam_prune", "export", str(path), "--format", "torchscript"],
-        capture_output=True, text=True, timeout=300,
-    )
+    done = cli("export", str(path), "--format", "torchscript")
     assert done.returncode == 0, done.stderr
     exported = path.with_suffix(".torchscript")
     x = torch.randn(3, 1, 28, 28)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
+from conftest import cli
 from PIL import Image
 
 from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
@@ -59,9 +58,6 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path, fashion_root):
 
 
 def test_cli_writes_the_set(tmp_path, fashion_root):
-    done = subprocess.run(
-        [sys.executable, "-m", "nam_prune", "data", "fashion-detect", "--out", str(tmp_path / "d"), "--images", "10"],
-        capture_output=True, text=True, timeout=300,
-    )
+    done = cli("data", "fashion-detect", "--out", str(tmp_path / "d"), "--images", "10")
     assert done.returncode == 0, done.stderr[-1000:]
     assert (tmp_path / "d/data.yaml").is_file()

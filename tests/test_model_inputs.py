@@ -2,14 +2,13 @@
 image folders, pretrained weights from torch's cache (offline), and checkpoints saved elsewhere."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import cli
 from PIL import Image
 
 from nam_prune.artifact import ModelRecord, load, save
@@ -18,12 +17,6 @@ from nam_prune.errors import NamPruneError
 from nam_prune.models import ModelSpec, build_model, build_pretrained, check_input, torchvision_weights_file
 from nam_prune.prune import PruneConfig, prune_model
 from nam_prune.surgery import NAMConfig, insert_nam
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nam_prune", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_too_small_input_names_the_smallest_size_the_model_takes():
@@ -123,7 +116,7 @@ def test_run_with_pretrained_weights_and_resized_fashion_mnist(torch_cache, tmp_
     path, _ = torchvision_weights_file("resnet18", "DEFAULT")
     torch_cache.mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    result = _cli(
+    result = cli(
         "run", "recipes/fashion_quickstart.yaml", "model.name=resnet18", "model.pretrained=DEFAULT",
         "data.image_size=32", "data.channels=3", "data.train_subset=128", "data.test_subset=64",
         "sparsity.epochs=1", "finetune.epochs=1", "report.latency_runs=1", "report.baseline=false",
@@ -136,7 +129,7 @@ def test_run_with_pretrained_weights_and_resized_fashion_mnist(torch_cache, tmp_
 
 
 def test_run_with_an_input_too_small_says_which_size_to_set(tmp_path, fashion_root):
-    result = _cli("run", "recipes/fashion_quickstart.yaml", "model.name=densenet121", f"output={tmp_path / 'r'}")
+    result = cli("run", "recipes/fashion_quickstart.yaml", "model.name=densenet121", f"output={tmp_path / 'r'}")
     assert result.returncode == 2
     assert "set data.image_size: 32" in result.stdout + result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r" / "model.pt").exists()
@@ -147,16 +140,16 @@ def test_report_reads_a_state_dict_or_a_trusted_pickle_saved_elsewhere(tmp_path)
     torch.save(model.state_dict(), tmp_path / "state.pt")
     torch.save(model, tmp_path / "whole.pt")
 
-    refused = _cli("report", str(tmp_path / "state.pt"))
+    refused = cli("report", str(tmp_path / "state.pt"))
     assert refused.returncode == 2 and "pass --model NAME" in refused.stdout + refused.stderr
-    plain = _cli("report", str(tmp_path / "state.pt"), "--model", "mobilenet_v3_small", "--image-size", "64", "--json")
+    plain = cli("report", str(tmp_path / "state.pt"), "--model", "mobilenet_v3_small", "--image-size", "64", "--json")
     assert plain.returncode == 0, plain.stdout + plain.stderr
     summary = json.loads(plain.stdout)
     assert summary["model"]["num_classes"] == 7 and summary["params"] == sum(p.numel() for p in model.parameters())
 
-    pickle_refused = _cli("report", str(tmp_path / "whole.pt"))
+    pickle_refused = cli("report", str(tmp_path / "whole.pt"))
     assert pickle_refused.returncode == 2 and "pass --trust-pickle" in pickle_refused.stdout + pickle_refused.stderr
     assert "model.trust_pickle" not in pickle_refused.stdout + pickle_refused.stderr
-    trusted = _cli("report", str(tmp_path / "whole.pt"), "--trust-pickle", "--image-size", "64", "--json")
+    trusted = cli("report", str(tmp_path / "whole.pt"), "--trust-pickle", "--image-size", "64", "--json")
     assert trusted.returncode == 0, trusted.stdout + trusted.stderr
     assert json.loads(trusted.stdout)["macs"] == summary["macs"]

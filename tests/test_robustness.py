@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torchvision
 import yaml
+from conftest import QUICKSTART, ROOT, TINY, CliResult, cli, cli_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,22 +29,11 @@ from nam_prune.prune import PruneConfig, prune_model
 from nam_prune.recipe import load_recipe, recipe_from_dict
 from nam_prune.surgery import NAMConfig, insert_nam
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = str(ROOT / "recipes" / "fashion_quickstart.yaml")
-TINY = [
-    "model.name=resnet8", "data.train_subset=512", "data.test_subset=256", "data.batch_size=32",
-    "sparsity.epochs=3", "sparsity.optimizer=adamw", "sparsity.lr=0.005",
-    "finetune.epochs=3", "finetune.optimizer=adamw", "finetune.lr=0.005",
-    "report.latency_runs=2", "report.warmup=0",
-]
+RECIPE = QUICKSTART
 
 
 def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "nam_prune", *args]
-
-
-def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(*args), cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def _ctrl_c_as_from_a_terminal() -> None:
@@ -79,7 +69,7 @@ def _metrics(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, fashion_root):
     folder = tmp_path_factory.mktemp("whole") / "run"
-    result = _run("run", RECIPE, *TINY, f"output={folder}")
+    result = cli_process("run", RECIPE, *TINY, f"output={folder}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (folder / "last.pt").exists()
     return _metrics(folder)
@@ -93,7 +83,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, uninterrupted, s
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (folder / "results.json").exists()
-    resumed = _run("run", RECIPE, *TINY, f"output={folder}", "--resume")
+    resumed = cli_process("run", RECIPE, *TINY, f"output={folder}", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stderr
     assert _metrics(folder) == uninterrupted
@@ -121,31 +111,31 @@ def test_ctrl_c_keeps_checkpoint_and_says_how_to_resume(tmp_path, fashion_root):
 
 
 def test_resume_needs_a_checkpoint_and_the_same_recipe(tmp_path, fashion_root):
-    result = _run("run", RECIPE, *TINY, f"output={tmp_path / 'none'}", "--resume")
+    result = cli("run", RECIPE, *TINY, f"output={tmp_path / 'none'}", "--resume")
     assert result.returncode == 2 and "nothing to resume" in result.stderr
     folder = tmp_path / "run"
     process = _start_and_wait_for_checkpoint(folder, "sparsity")
     process.kill()
     process.wait()
-    other = _run("run", RECIPE, *TINY, "finetune.lr=0.001", f"output={folder}", "--resume")
+    other = cli("run", RECIPE, *TINY, "finetune.lr=0.001", f"output={folder}", "--resume")
     assert other.returncode == 2 and "different recipe" in other.stderr
 
 
 def test_nan_loss_names_epoch_and_step(tmp_path, fashion_root):
-    result = _run("run", RECIPE, *TINY, "sparsity.optimizer=sgd", "sparsity.lr=1e30", f"output={tmp_path / 'nan'}")
+    result = cli("run", RECIPE, *TINY, "sparsity.optimizer=sgd", "sparsity.lr=1e30", f"output={tmp_path / 'nan'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "loss became" in result.stderr and "at epoch 1, step" in result.stderr
 
 
 def test_debug_shows_traceback():
-    result = _run("--debug", "run", "recipes/missing.yaml")
+    result = cli_process("--debug", "run", "recipes/missing.yaml")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
 def test_unwritable_output_folder(tmp_path, fashion_root):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = _run("run", RECIPE, *TINY, f"output={blocker / 'run'}")
+    result = cli("run", RECIPE, *TINY, f"output={blocker / 'run'}")
     last_line = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last_line.startswith("error: cannot create run folder")
 
@@ -153,9 +143,9 @@ def test_unwritable_output_folder(tmp_path, fashion_root):
 def test_pickled_weights_need_the_trust_flag(tmp_path, fashion_root):
     path = tmp_path / "whole_model.pt"
     torch.save(nn.Sequential(nn.Conv2d(1, 2, 3)), path)
-    result = _run("run", RECIPE, *TINY, f"model.weights={path}", f"output={tmp_path / 'r'}")
+    result = cli("run", RECIPE, *TINY, f"model.weights={path}", f"output={tmp_path / 'r'}")
     assert result.returncode == 2 and "model.trust_pickle: true" in result.stderr
-    trusted = _run("run", RECIPE, *TINY, f"model.weights={path}", "model.trust_pickle=true", f"output={tmp_path / 'r'}")
+    trusted = cli("run", RECIPE, *TINY, f"model.weights={path}", "model.trust_pickle=true", f"output={tmp_path / 'r'}")
     assert trusted.returncode == 2 and "does not match the model architecture" in trusted.stderr
     assert "missing: conv1.weight" in trusted.stderr
 
@@ -243,7 +233,7 @@ def saved_model(tmp_path_factory) -> Path:
     return path
 
 
-def _one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+def _one_line_error(result: CliResult, expected: str) -> None:
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO")]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
@@ -251,55 +241,55 @@ def _one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
 
 def test_export_will_not_overwrite_the_checkpoint_it_reads(saved_model):
     before = saved_model.read_bytes()
-    _one_line_error(_run("export", str(saved_model), "-o", str(saved_model)), "would overwrite")
+    _one_line_error(cli("export", str(saved_model), "-o", str(saved_model)), "would overwrite")
     assert saved_model.read_bytes() == before
 
 
 def test_usage_errors_are_one_line(saved_model):
-    _one_line_error(_run("export", str(saved_model), "--format", "tflite"), "Invalid value for '--format'")
+    _one_line_error(cli("export", str(saved_model), "--format", "tflite"), "Invalid value for '--format'")
 
 
 def test_paths_the_os_refuses_are_one_line(saved_model, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    _one_line_error(_run("report", str(saved_model), "--plots", str(blocker / "plots")), "Not a directory")
-    _one_line_error(_run("run", RECIPE, *TINY, f"output={blocker}"), "cannot create run folder")
+    _one_line_error(cli("report", str(saved_model), "--plots", str(blocker / "plots")), "Not a directory")
+    _one_line_error(cli("run", RECIPE, *TINY, f"output={blocker}"), "cannot create run folder")
 
 
 def test_check_refuses_an_unwritable_output_before_checking(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = _run("check", "resnet18", "--json", str(blocker / "out.json"))
+    result = cli("check", "resnet18", "--json", str(blocker / "out.json"))
     _one_line_error(result, "cannot write to")
     assert "MACs before" not in result.stdout  # refused before any model was built and cut
 
 
 def test_check_refuses_an_unknown_name_before_checking():
-    result = _run("check", "resnet18", "resnet5O")
+    result = cli("check", "resnet18", "resnet5O")
     _one_line_error(result, "unknown model.name 'resnet5O' (did you mean")
     assert "MACs before" not in result.stdout  # refused before resnet18 was built and cut
 
 
 def test_an_opset_above_the_exporters_is_one_line_and_no_graph_dump(saved_model, tmp_path):
-    result = _run("export", str(saved_model), "--opset", "99", "-o", str(tmp_path / "m.onnx"))
+    result = cli("export", str(saved_model), "--opset", "99", "-o", str(tmp_path / "m.onnx"))
     _one_line_error(result, "opset 99 is above the highest")
     assert result.stdout == "" and not (tmp_path / "m.onnx").exists()
 
 
 def test_report_refuses_model_for_a_nam_checkpoint(saved_model):
-    _one_line_error(_run("report", str(saved_model), "--model", "resnet50"), "drop --model")
+    _one_line_error(cli("report", str(saved_model), "--model", "resnet50"), "drop --model")
 
 
 def test_a_plain_pickle_is_refused_without_torch_warnings(tmp_path):
     path = tmp_path / "plain.pt"
     path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
-    _one_line_error(_run("report", str(path)), "cannot read checkpoint")
+    _one_line_error(cli("report", str(path)), "cannot read checkpoint")
 
 
 def test_an_unreachable_budget_fails_before_training_and_leaves_no_folder(tmp_path, fashion_root):
     folder = tmp_path / "run"
     for override in ("prune.round_to=1000", "prune.ignore=[no.such.layer]"):
-        result = _run("run", RECIPE, *TINY, override, f"output={folder}")
+        result = cli("run", RECIPE, *TINY, override, f"output={folder}")
         _one_line_error(result, "cannot reach" if "round_to" in override else "unknown modules: no.such.layer")
         assert "sparsity epoch" not in result.stderr and not folder.exists()
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,12 +15,14 @@ import torch
 if not os.environ.get("CI"):  # in CI, where the test extra installs it, a missing ultralytics must fail
     pytest.importorskip("ultralytics")
 
+from conftest import ROOT, cli, cli_process
 from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel
 
 from nam_prune.artifact import ModelRecord, load, save
 from nam_prune.errors import NamPruneError
 from nam_prune.export import export_torchscript, ort_session
+from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
 from nam_prune.gates import NAMGated, channel_gates
 from nam_prune.models import ModelSpec
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
@@ -34,7 +34,6 @@ from nam_prune.yolo.task import DetectionTask, detect_export_mode, protection, s
 from nam_prune.yolo.train import NAMDetectionTrainer
 
 SIZE = 128
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +50,7 @@ def _gated(name: str, scope: str = "backbone") -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", ["yolov8n.yaml", "yolo11n.yaml"])
+@pytest.mark.parametrize("name", ["yolov8n.yaml", pytest.param("yolo11n.yaml", marks=pytest.mark.slow)])
 def test_split_free_conversion_keeps_outputs(name: str) -> None:
     torch.manual_seed(0)
     original = DetectionModel(name, nc=3, verbose=False)
@@ -83,10 +82,15 @@ def test_gates_sit_after_the_activation_and_survive_fusing() -> None:
     assert (_outputs(fused, x) - expected).abs().max().item() <= 1e-3
 
 
-@pytest.mark.parametrize("name,keep", [("yolov8n.yaml", 0.6), ("yolo11n.yaml", 0.7)])
-def test_prune_meets_the_gflops_target_and_leaves_head_and_attention_intact(name: str, keep: float) -> None:
+@pytest.mark.parametrize(
+    "name,keep,size",
+    [("yolov8n.yaml", 0.6, 64),  # the smallest size whose P5 map is still 2x2
+     pytest.param("yolov8n.yaml", 0.6, SIZE, marks=pytest.mark.slow),
+     pytest.param("yolo11n.yaml", 0.7, SIZE, marks=pytest.mark.slow)],
+)
+def test_prune_meets_the_gflops_target_and_leaves_head_and_attention_intact(name: str, keep: float, size: int) -> None:
     model = _gated(name, "backbone")
-    example = torch.zeros(1, 3, SIZE, SIZE)
+    example = torch.zeros(1, 3, size, size)
     macs_before, params_before = count_macs_params(model, example)
     protected = protection(model, "backbone")
     shapes = {b.name: [tuple(p.shape) for p in b.module.parameters()] for b in protected.blocks}
@@ -105,19 +109,22 @@ def test_prune_meets_the_gflops_target_and_leaves_head_and_attention_intact(name
     for n, p in model.named_parameters():
         if n in neck:
             assert p.shape[0] == neck[n][0], n
-    assert _outputs(model, torch.rand(1, 3, SIZE, SIZE)).shape == (1, 4 + 3, (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2)
+    anchors = (size // 8) ** 2 + (size // 16) ** 2 + (size // 32) ** 2
+    assert _outputs(model, torch.rand(1, 3, size, size)).shape == (1, 4 + 3, anchors)
 
 
-def test_pruned_detector_reloads_from_weights_only_checkpoint(tmp_path: Path) -> None:
-    model = _gated("yolo11n.yaml", "backbone+neck")
-    example = torch.zeros(1, 3, SIZE, SIZE)
-    macs, _ = count_macs_params(model, example)
+@pytest.mark.parametrize(
+    "name,size", [("yolov8n.yaml", 64), pytest.param("yolo11n.yaml", SIZE, marks=pytest.mark.slow)]
+)
+def test_pruned_detector_reloads_from_weights_only_checkpoint(tmp_path: Path, name: str, size: int) -> None:
+    model = _gated(name, "backbone+neck")
+    example = torch.zeros(1, 3, size, size)
     result = prune_model(model, example, PruneConfig(macs_keep=0.5), protected=protection(model, "backbone+neck"))
     nam = NAMConfig(include=scope_prefixes(model, "backbone+neck"))
-    record = ModelRecord(ModelSpec("yolo11n.yaml", 3, 3), (3, SIZE, SIZE), nam, result.history)
+    record = ModelRecord(ModelSpec(name, 3, 3), (3, size, size), nam, result.history)
     save(tmp_path / "model.pt", model, record)
     reloaded = load(tmp_path / "model.pt")
-    x = torch.rand(1, 3, SIZE, SIZE)
+    x = torch.rand(1, 3, size, size)
     assert torch.equal(_outputs(model, x), _outputs(reloaded, x))
     assert count_macs_params(reloaded, example)[0] == count_macs_params(model, example)[0]
 
@@ -161,6 +168,7 @@ def test_demo_set_labels_are_valid_yolo_boxes(demo_yaml: Path) -> None:
     assert (rows[:, 1:] > 0).all() and (rows[:, 1:] <= 1).all()
 
 
+@pytest.mark.slow
 def test_ultralytics_checkpoint_loads_predicts_and_exports_onnx(tmp_path: Path, demo_yaml: Path) -> None:
     model = _gated("yolov8n.yaml", "backbone+neck")
     example = torch.zeros(1, 3, SIZE, SIZE)
@@ -207,14 +215,11 @@ def test_user_checkpoint_needs_the_trust_flag(tmp_path: Path, demo_yaml: Path) -
         DetectionTask(recipe, cpu).prepare()
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nam_prune", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-
-
+@pytest.mark.slow
 def test_yolov8n_recipe_end_to_end_then_ultralytics_trains_further(tmp_path: Path) -> None:
     tiny = ["yolo.imgsz=64", "yolo.report_imgsz=128", "report.latency_runs=2", "report.warmup=1",
             "sparsity.epochs=1", "finetune.epochs=1", f"output={tmp_path / 'run'}"]
-    done = _cli("run", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *tiny, cwd=tmp_path)
+    done = cli_process("run", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *tiny, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert results["gflops_reduction"] >= 0.40
@@ -223,7 +228,7 @@ def test_yolov8n_recipe_end_to_end_then_ultralytics_trains_further(tmp_path: Pat
     console = done.stdout + done.stderr  # ultralytics' argument dump and epoch lines go to the log file
     assert "engine/trainer" not in console and "sparsity: done" in console
     assert "engine/trainer" in (tmp_path / "run/ultralytics.log").read_text()
-    report = _cli("report", str(tmp_path / "run/model.pt"), "--json", cwd=tmp_path)
+    report = cli_process("report", str(tmp_path / "run/model.pt"), "--json", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-2000:]
     assert json.loads(report.stdout)["macs"] == results["after"]["macs"]
 
@@ -244,21 +249,25 @@ def test_yolo_recipe_errors_are_one_line(tmp_path: Path) -> None:
         ("finetune.schedule=multistep",): "finetune.schedule: multistep is not available",  # a recipe key, not 'step1'
     }
     for overrides, message in cases.items():
-        done = _cli("run", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *overrides, f"output={tmp_path / 'r'}", cwd=tmp_path)
+        done = cli("run", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *overrides, f"output={tmp_path / 'r'}", cwd=tmp_path)
         assert done.returncode == 2, (overrides, done.stderr[-1000:])
         assert message in done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr
 
 
-def test_recipe_on_the_derived_set_trains_prunes_and_recalibrates(tmp_path: Path) -> None:
-    """yolo.data: fashion-detect writes the set into the run folder and every stage is scored by mAP."""
+@pytest.mark.parametrize("images", [20, pytest.param("all", marks=pytest.mark.slow)])
+def test_recipe_on_the_derived_set_trains_prunes_and_recalibrates(tmp_path: Path, images: int | str) -> None:
+    """yolo.data: fashion-detect writes the set (2,000 canvases) into the run folder and every stage is
+    scored by mAP; the fast variant gives it a 20-canvas set made beforehand, as a user's own data."""
     tiny = ["yolo.imgsz=64", "yolo.report_imgsz=64", "yolo.batch=8", "report.latency_runs=1", "report.warmup=0",
             "sparsity.epochs=1", "finetune.epochs=1", "report.baseline=false", "recalibrate.batches=2",
             f"output={tmp_path / 'run'}"]
-    done = _cli("run", str(ROOT / "recipes/yolov8n_fashion_detect.yaml"), *tiny, cwd=tmp_path)
+    if images != "all":
+        tiny.append(f"yolo.data={make_fashion_detect(tmp_path / 'set', FashionDetectConfig(images=images, imgsz=64))}")
+    done = cli("run", str(ROOT / "recipes/yolov8n_fashion_detect.yaml"), *tiny, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((tmp_path / "run/results.json").read_text())
-    assert (tmp_path / "run/fashion_detect_data/data.yaml").is_file()
+    assert (tmp_path / "run/fashion_detect_data/data.yaml").is_file() == (images == "all")
     assert results["after"]["gflops"] <= 0.56 * results["before"]["gflops"]
     assert {"map50_95", "map50"} <= set(results["recalibrated"])
 
@@ -267,7 +276,7 @@ def test_compare_works_for_detectors_at_matched_gflops(tmp_path: Path) -> None:
     """NAM against BN-slimming on a detector: every arm at the same GFLOPs, scored by mAP50-95."""
     tiny = ["yolo.imgsz=64", "yolo.report_imgsz=64", "report.latency_runs=1", "report.warmup=0",
             "sparsity.epochs=1", "finetune.epochs=1", "recalibrate.batches=1"]
-    done = _cli("compare", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *tiny, "--criteria", "nam,bn_slimming",
+    done = cli("compare", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *tiny, "--criteria", "nam,bn_slimming",
                 "--budgets", "0.4", "--seeds", "0", "-o", str(tmp_path / "cmp"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     state = json.loads((tmp_path / "cmp/compare.json").read_text())
