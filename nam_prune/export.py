@@ -41,8 +41,8 @@ def _onnx_modules():
     try:
         import onnx
         import onnxruntime
-    except ImportError:
-        raise NamPruneError("ONNX export needs onnx and onnxruntime: pip install 'nam-prune[onnx]'") from None
+    except ImportError as error:
+        raise NamPruneError("ONNX export needs onnx and onnxruntime: pip install 'nam-prune[onnx]'") from error
     return onnx, onnxruntime
 
 
@@ -54,7 +54,7 @@ def _failure_named(step: str):
     except NamPruneError:
         raise
     except Exception as error:
-        raise NamPruneError(f"{step} failed ({type(error).__name__}: {first_line(error, 200)})") from None
+        raise NamPruneError(f"{step} failed ({type(error).__name__}: {first_line(error, 200)})") from error
 
 
 def _highest_opset() -> int | None:

@@ -52,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except RuntimeError:  # torch's message lists every device type it knows: noise next to this one
         raise NamPruneError(f"device = {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NamPruneError(f"device = {name!r} but CUDA is not available here; use device: auto or cpu")
@@ -80,7 +80,7 @@ def run_folder(recipe: Recipe, overwrite: bool) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise NamPruneError(f"cannot create run folder {folder}: {error.strerror}; set output: to a writable path") from None
+        raise NamPruneError(f"cannot create run folder {folder}: {error.strerror}; set output: to a writable path") from error
     if folder != base:
         log.info("%s already holds a run: writing to %s (use --overwrite to replace it)", base, folder)
     return folder
