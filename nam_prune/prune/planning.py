@@ -50,16 +50,15 @@ class PruneConfig:
     max_pruning_ratio: the largest share of any layer's original channels that may go.
     round_to: keep channel counts at multiples of this: CPU kernels run 8- and 16-channel
         blocks, so other widths waste much of a cut. Each layer is cut in the blocks this allows,
-        ranked globally (``plan_cut``). The default 16 realises more of a 50% MAC cut than 8 in
-        every runtime measured (``benchmarks/speedup.py``) and matched 8's fine-tuned top-1 on the
-        quickstart (-0.01 +- 0.11 points, 3 seeds, README); 8 suits nets whose layers are 16-32
-        channels wide; 1 cuts a channel at a time.
+        ranked globally (``plan_cut``). The default 16 realises more of a MAC cut as speed than 8
+        at no measurable cost in accuracy (``benchmarks/speedup.py``, README); 8 suits nets whose
+        layers are 16-32 channels wide; 1 cuts a channel at a time.
     steps: prune in this many steps, fine-tuning ``epochs_between_steps`` between them.
     ignore: module names never pruned (the classifier head never is).
     strip_gates: remove the NAM gates after pruning, each folded into its host BN as its
         best affine fit (gate-then-strip): the plain, faster model fine-tuning then trains.
-        On by default: on the ResNet-20 quickstart it cost -0.20 +- 0.41 points of fine-tuned top-1
-        (3 seeds, within their spread) and kept gates realise a third less of the MAC cut.
+        On by default: kept gates make the deployed model slower for no accuracy the README's
+        seed runs could tell apart.
     """
 
     target: Literal["macs", "channels"] = "macs"
