@@ -278,38 +278,38 @@ def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult
     if not distributed.is_main():
         log.setLevel(logging.WARNING)
     enable_compile(recipe.nam.compile, task.device)
-    run = _start(recipe, task, overwrite, resume)
-    fresh = run.progress["stage"] == "sparsity"  # else resumed after the cut, during fine-tuning
+    job = _start(recipe, task, overwrite, resume)
+    fresh = job.progress["stage"] == "sparsity"  # else resumed after the cut, during fine-tuning
     try:
         if fresh:
-            run.sparsity()
-        run.run(recipe.prune, recipe.finetune, cut=fresh, resume=run.resumed("finetune"))
+            job.sparsity()
+        job.run(recipe.prune, recipe.finetune, cut=fresh, resume=job.resumed("finetune"))
     except KeyboardInterrupt:
-        if run.main and (run.folder / LAST).is_file():
-            log.warning("interrupted: the last complete epoch is in %s; rerun the same command with --resume", run.folder / LAST)
+        if job.main and (job.folder / LAST).is_file():
+            log.warning("interrupted: the last complete epoch is in %s; rerun the same command with --resume", job.folder / LAST)
         raise
-    run.timings["finetune_s"] = run.timings.get("finetune_s", 0.0) + run.seconds["finetune"]
-    layers = layer_changes(run.results["dense_channels"], channel_counts(run.model))
-    distributed.check_replicas_identical(run.model, "fine-tuning")
-    stages = run.stages()
+    job.timings["finetune_s"] = job.timings.get("finetune_s", 0.0) + job.seconds["finetune"]
+    layers = layer_changes(job.results["dense_channels"], channel_counts(job.model))
+    distributed.check_replicas_identical(job.model, "fine-tuning")
+    stages = job.stages()
     if recipe.report.baseline and recipe.finetune.epochs:
-        stages["baseline"] = run.baseline()
+        stages["baseline"] = job.baseline()
     final = {
         **stages,
         "macs_kept": stages["after"]["macs"] / stages["before"]["macs"],
-        "prune_threshold": run.results["prune_threshold"],
+        "prune_threshold": job.results["prune_threshold"],
         "layers": layers,
-        "training": {"sparsity": run.results["sparsity_log"], "finetune": run.finetune_log},
-        "timings": run.timings,
+        "training": {"sparsity": job.results["sparsity_log"], "finetune": job.finetune_log},
+        "timings": job.timings,
         "device": str(task.device),
         "processes": distributed.world_size(),
-        "recipe": run.recipe_dict,
+        "recipe": job.recipe_dict,
         "versions": library_versions(),
     }
-    if run.main:
-        run.save_outputs(final, stages, started)
+    if job.main:
+        job.save_outputs(final, stages, started)
     distributed.barrier()
-    return RunResult(run.folder, final, run.model)
+    return RunResult(job.folder, final, job.model)
 
 
 __all__ = ["RunResult", "run", "resolve_device", "seed_everything"]
