@@ -70,7 +70,7 @@ def record_of(payload: dict[str, Any]) -> ModelRecord:
             stripped=bool(payload.get("gates_stripped", False)),
         )
     except (KeyError, TypeError) as error:
-        raise NamPruneError(f"checkpoint is missing or has a malformed field ({error}); re-save it") from None
+        raise NamPruneError(f"checkpoint is missing or has a malformed field ({error}); re-save it") from error
 
 
 def rebuild(record: ModelRecord) -> nn.Module:

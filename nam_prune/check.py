@@ -3,8 +3,9 @@
 It inserts NAM gates, cuts the model to a MAC target in global and local scope, runs it,
 and saves and reloads it weights-only, requiring identical outputs. Weights are random and
 the BN scales drawn at random too (seeded), so the ranking is as uneven as a trained
-model's rather than all ties. The table of covered architectures (docs/model_sweep.md,
-docs/architectures.md) is this check run over torchvision's models (``nam-prune check --sweep``).
+model's rather than all ties. The table of covered architectures (docs/architectures.md) is this
+check run over torchvision's models and timm's BN families:
+``nam-prune check --sweep --json docs/model_sweep.json --markdown docs/model_sweep.md``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ Scope = Literal["global", "local"]
 SMALLEST_SIZE = {"inception_v3": 75, "maxvit_t": 224}
 """Sweep input sizes where 64 px is too small (what ``check_input`` names)."""
 LEAST_MACS_KEEP = {"maxvit_t": 0.7}
-"""Where half the MACs is out of reach: MaxViT's attention stream stays whole (prune/blocks.py),
-the least it keeps is 67%."""
+"""Where half the MACs is out of reach: MaxViT's attention stream stays whole (prune/blocks.py), so
+its deepest cut keeps more than half (its row in docs/model_sweep.md)."""
 TOO_BIG = frozenset({"regnet_y_128gf", "vit_h_14"})  # 0.6B parameters: left out of the sweep
 TIMM_SWEEP = (
     "resnet18d",  # ResNet-D (average-pool shortcut)

@@ -59,7 +59,7 @@ def _temp_beside(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except (OSError, ValueError) as error:  # ValueError: a NUL in the path
-        raise _cannot_write(path.parent, error) from None
+        raise _cannot_write(path.parent, error) from error
     os.close(handle)
     return tmp
 
@@ -86,7 +86,7 @@ def check_writable(path: Path) -> None:
         else:
             os.rmdir(tempfile.mkdtemp(prefix=".nam-prune-probe.", dir=existing))
     except OSError as error:
-        raise _cannot_write(folder, error, "" if existing == folder else f" ({existing})") from None
+        raise _cannot_write(folder, error, "" if existing == folder else f" ({existing})") from error
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -117,16 +117,16 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, how_to_trust: 
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported global" in line]
         if not lines:  # an invalid opcode or a broken stream, not a class reference: damaged bytes
-            raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or not a torch.save file; use the original file") from None
+            raise NamPruneError(f"cannot read checkpoint {path}: it is corrupt or not a torch.save file; use the original file") from error
         detail = f" ({lines[0][:160]})"
         raise NamPruneError(
             f"refused to load {path}: it holds pickled objects that weights-only loading does not allow"
             f"{detail}; re-save it as a plain state dict, or {how_to_trust} only if you trust its source"
-        ) from None
+        ) from error
     except Exception as error:  # truncated zips, random bytes: torch raises many types for these
         raise NamPruneError(
             f"cannot read checkpoint {path}: it is corrupt or truncated ({first_line(error, 80)}); use the original file"
-        ) from None
+        ) from error
     if is_nam_checkpoint(payload) and payload.get("format_version", 1) > FORMAT_VERSION:
         raise NamPruneError(
             f"{path} was written by a newer nam-prune (checkpoint format {payload['format_version']}, this version "

@@ -131,28 +131,56 @@ def report(
     console.print(layer_table(summary["layers"], only_changed=False))
 
 
+DEFAULT_MACS_KEEP = "0.7,0.5,0.3"
+
+
+def _compare_budgets(macs_keep: str | None, budgets: str | None) -> list[float]:
+    """``--macs-keep`` (shares kept, as ``prune.macs_keep`` in ``run``), or the deprecated ``--budgets``
+    (shares removed) converted to it with a one-line warning; both together are refused."""
+    if macs_keep is not None and budgets is not None:
+        raise click.UsageError("--budgets is the old form of --macs-keep (shares removed, not kept): give only --macs-keep")
+    try:
+        values = [float(v) for v in (budgets if budgets is not None else macs_keep or DEFAULT_MACS_KEEP).split(",")]
+    except ValueError:  # float()'s message only repeats the text
+        raise click.BadParameter(f"{'--budgets' if budgets is not None else '--macs-keep'} takes numbers, comma-separated") from None
+    if budgets is None:
+        return values
+    if any(not 0 < v < 1 for v in values):
+        raise click.BadParameter("--budgets are shares of the MACs to remove, each strictly between 0 and 1")
+    keeps = [round(1 - v, 10) for v in values]
+    _print_line("warning:", f"--budgets (shares of the MACs removed) is deprecated: use --macs-keep {','.join(f'{k:g}' for k in keeps)}")
+    return keeps
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option("--criteria", default="nam,bn_slimming,l1,random", show_default=True)
-@click.option("--budgets", default="0.3,0.5,0.7", show_default=True, help="Shares of the MACs to remove.")
+@click.option(
+    "--macs-keep", "macs_keep",
+    help=f"Shares of the dense MACs to keep, comma-separated, as prune.macs_keep in run.  [default: {DEFAULT_MACS_KEEP}]",
+)
+@click.option("--budgets", help="Deprecated: shares of the MACs to remove; use --macs-keep (1 - each).")
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Default: runs/compare-<name>")
-def compare(recipe: Path, overrides: tuple[str, ...], criteria: str, budgets: str, seeds: str, output: Path | None) -> None:
+def compare(
+    recipe: Path, overrides: tuple[str, ...], criteria: str, macs_keep: str | None, budgets: str | None, seeds: str,
+    output: Path | None,
+) -> None:
     """Compare ranking criteria at matched MAC budgets on a RECIPE (resumes an interrupted comparison)."""
     from nam_prune.compare import compare as run_compare
     from nam_prune.compare import print_summary
     from nam_prune.plots import plot_accuracy_vs_macs
     from nam_prune.recipe import load_recipe
 
+    keeps = _compare_budgets(macs_keep, budgets)
     loaded = load_recipe(recipe, overrides)
     try:
-        budget_list = [float(b) for b in budgets.split(",")]
         seed_list = [int(s) for s in seeds.split(",")]
-    except ValueError:
-        raise click.BadParameter("--budgets are numbers and --seeds integers, comma-separated") from None
+    except ValueError:  # int()'s message only repeats the text
+        raise click.BadParameter("--seeds takes integers, comma-separated") from None
     folder = output or Path("runs") / f"compare-{loaded.name}"
-    state = run_compare(loaded, criteria.split(","), budget_list, seed_list, folder)
+    state = run_compare(loaded, criteria.split(","), keeps, seed_list, folder)
     print_summary(state)
     plot_accuracy_vs_macs(state["summary"], folder / "accuracy_vs_macs.png", state["score_key"])
     console.print(f"wrote {folder / 'compare.json'} and {folder / 'accuracy_vs_macs.png'}", soft_wrap=True)
@@ -282,10 +310,16 @@ def fashion_detect(out: Path, images: int, imgsz: int, seed: int) -> None:
     console.print(f"wrote {data_yaml} ({images} images of {imgsz} px); train a YOLO recipe with yolo.data={data_yaml}")
 
 
-def _print_error(message: str) -> None:
+def _print_line(label: str, message: str) -> None:
+    """One line on stderr, ``error:`` or ``warning:`` first (and the rank under torchrun)."""
     rank = os.environ.get("RANK", "0")
     prefix = f"[rank {rank}] " if rank != "0" else ""
-    console.print(Text.assemble(prefix, ("error:", "bold red"), f" {message}"), soft_wrap=True)
+    style = "bold red" if label == "error:" else "bold yellow"
+    console.print(Text.assemble(prefix, (label, style), f" {message}"), soft_wrap=True)
+
+
+def _print_error(message: str) -> None:
+    _print_line("error:", message)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,11 +16,16 @@ first training penalises and how channels are ranked differ:
 * ``dense``: no gates, no penalty, no pruning: the same two training stages, the ceiling every
   row is read against.
 
-Every pruned model's BN statistics are recalibrated (``recalibrate.batches``) before it is
-evaluated and again after fine-tuning, the same way for every arm. Budgets are shares of the
-dense MACs removed; every arm is pruned by bisection to its budget, so achieved MACs sit just
-under the target. Each finished arm is written to ``compare.json`` at once, and each trained
-model is cached, so an interrupted comparison resumes where it stopped.
+Every arm runs the stages ``run`` runs after sparsity training (``stages.PruneAndFinetune``):
+cut, strip the gates, recalibrate BN (``recalibrate.batches``), fine-tune, recalibrate, the same
+way for every arm. Budgets are shares of the dense MACs kept (``--macs-keep``, as
+``prune.macs_keep`` in ``run``). Before any training every criterion's model is checked to
+reach every budget, and the coarsest step in which ``prune.round_to`` lets this model's MACs
+move sets how closely arms can match: each arm is cut by bisection to the first cut at or under
+its budget, which lands within that step (plus the bisection's own ``MACS_TOLERANCE``), and
+records the share it actually kept (``macs_kept``). Each finished arm is written to
+``compare.json`` at once, and each trained model is cached, so an interrupted comparison
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ from nam_prune.console import console
 from nam_prune.errors import NamPruneError
 from nam_prune.measure import cpu_latency_ms
 from nam_prune.pipeline import resolve_device, seed_everything
-from nam_prune.prune import NAMImportance, count_macs_params, prune_model
+from nam_prune.prune import NAMImportance, PruneConfig, PruneResult, check_macs_keeps, count_macs_params
 from nam_prune.recipe import Recipe
 from nam_prune.sparsity import Scales, batchnorm_scales, gate_scales
-from nam_prune.surgery import NAMConfig, strip_gates
+from nam_prune.stages import PruneAndFinetune
+from nam_prune.surgery import NAMConfig
 from nam_prune.tasks import Task, task_class
-from nam_prune.train import TrainConfig, enable_compile
+from nam_prune.train import TrainConfig, TrainState, enable_compile
 
 log = logging.getLogger("nam_prune")
 
@@ -122,77 +128,134 @@ def _trained(training: Training, seed: int, folder: Path, task: Task) -> tuple[n
     return model, record, score
 
 
+def _prune_config(recipe: Recipe, keep: float) -> PruneConfig:
+    return replace(recipe.prune, target="macs", macs_keep=keep, steps=1)
+
+
+def matched_tolerance(recipe: Recipe, task: Task, criteria: list[str], keeps: list[float]) -> float:
+    """Before any training: every pruned criterion's model can reach every share in ``keeps`` (a
+    one-line error naming the first that cannot), and how far from its budget an arm's MACs may
+    land: ``MACS_TOLERANCE`` plus the largest share of the MACs one step of the cut removes on
+    this model (``prune.round_to`` channels of one layer at the widest: coarse on a small net)."""
+    step = 0.0
+    built: dict[str, tuple[nn.Module, ModelRecord]] = {}
+    for criterion in (c for c in criteria if c != "dense"):
+        training = _training(criterion, recipe)
+        if training.name not in built:  # untrained: reachability depends on the architecture only
+            model, record = task.build(training.gates)
+            built[training.name] = model.eval(), record
+        model, record = built[training.name]
+        try:
+            share = check_macs_keeps(
+                model, record.example_input(task.device), _prune_config(recipe, min(keeps)), keeps,
+                task.protected(model), _importance(criterion, model, recipe, 0), keep_option="--macs-keep",
+            )
+        except NamPruneError as error:
+            raise NamPruneError(f"{criterion} at --macs-keep {min(keeps):g}: {error}") from error
+        step = max(step, share)
+    if step > MACS_TOLERANCE:
+        log.warning(
+            "prune.round_to=%d moves this model's MACs in steps of up to %.1f%%: each arm keeps its share of "
+            "the MACs to within %.1f%% (lower prune.round_to for a closer match)",
+            recipe.prune.round_to, 100 * step, 100 * (MACS_TOLERANCE + step),
+        )
+    return MACS_TOLERANCE + step
+
+
+class _Arm(PruneAndFinetune):
+    """One arm's stages: its cut checked against its budget, its fine-tuning seeded like every arm's."""
+
+    def __init__(self, task: Task, model: nn.Module, record: ModelRecord, seed: int, budget: tuple[float, float, int]) -> None:
+        example = record.example_input(task.device)
+        super().__init__(task, model, record, example, lambda trained, label: {task.score_key: task.score(trained)})
+        self.seed = seed
+        self.keep, self.tolerance, self.dense_macs = budget
+        self.kept = 1.0  # share of the dense MACs kept, measured before the gates are stripped
+
+    def after_prune(self, pruning: PruneResult) -> None:
+        self.kept = count_macs_params(self.model, self.example)[0] / self.dense_macs
+        if abs(self.kept - self.keep) > self.tolerance:
+            raise NamPruneError(
+                f"--macs-keep {self.keep:g}: the cut kept {self.kept:.3f} of the MACs, outside ±{self.tolerance:.3f}"
+            )
+
+    def finetune(self, config: TrainConfig, label: str, resume: TrainState | None = None) -> None:
+        self.task.reseed(self.seed)  # the same images in the same order for every arm
+        super().finetune(config, label, resume)
+
+
 def _arm(
-    criterion: str, budget: float, seed: int, trained: nn.Module, dense_cost: tuple[int, int], record: ModelRecord,
-    recipe: Recipe, task: Task,
+    criterion: str, keep: float, seed: int, trained: nn.Module, dense_cost: tuple[int, int], record: ModelRecord,
+    recipe: Recipe, task: Task, tolerance: float,
 ) -> dict[str, Any]:
-    """Prune a copy of ``trained`` (``dense_cost`` = its MACs, params) to remove ``budget`` of its
-    MACs (none for ``dense``), recalibrate, fine-tune, recalibrate, measure."""
+    """Prune a copy of ``trained`` (``dense_cost`` = its MACs, params) to ``keep`` of its MACs
+    (not at all for ``dense``), within ``tolerance``, and run the stages after it."""
     key = task.score_key
-    model = copy.deepcopy(trained)
-    example = record.example_input(task.device)
-    macs, params = dense_cost
-    removed = 0.0
-    scores: dict[str, float] = {}
-    if criterion != "dense":
-        config = replace(recipe.prune, target="macs", macs_keep=1 - budget, steps=1)
-        importance = _importance(criterion, model, recipe, seed)
-        prune_model(model, example, config, importance=importance, protected=task.protected(model))
-        macs, params = count_macs_params(model, example)
-        removed = 1 - macs / dense_cost[0]
-        if abs(removed - budget) > MACS_TOLERANCE:
-            raise NamPruneError(f"{criterion} at budget {budget}: removed {removed:.3f} of the MACs, outside ±{MACS_TOLERANCE}")
-        if record.nam is not None and recipe.prune.strip_gates:  # gate-then-strip: fine-tune the plain model
-            strip_gates(model)
-            macs, params = count_macs_params(model, example)
-        scores[f"{key}_pruned"] = task.score(model)
-        task.recalibrate(model)
-        scores[f"{key}_recalibrated"] = task.score(model)
-    task.reseed(seed)
-    task.train(model, recipe.finetune, f"finetune {criterion} {budget} seed {seed}")
-    task.recalibrate(model)
+    arm = _Arm(task, copy.deepcopy(trained), record, seed, (keep, tolerance, dense_cost[0]))
+    pruned = criterion != "dense"
+    importance = _importance(criterion, arm.model, recipe, seed) if pruned else None
+    try:
+        arm.run(_prune_config(recipe, keep), recipe.finetune, f"finetune {criterion} {keep:g} seed {seed}",
+                importance=importance, cut=pruned)
+    except NamPruneError as error:
+        raise NamPruneError(f"{criterion}: {error}") from error
+    macs, params = count_macs_params(arm.model, arm.example) if pruned else dense_cost
     return {
-        "criterion": criterion, "budget": budget, "seed": seed,
-        "macs": macs, "params": params, "macs_removed": removed,
-        **scores,
-        key: task.score(model),
-        "latency_ms": cpu_latency_ms(model, example, recipe.report.latency_runs, recipe.report.warmup),
+        "criterion": criterion, "macs_keep": keep, "seed": seed,
+        "macs": macs, "params": params, "macs_kept": arm.kept,
+        **{f"{key}_{stage}": arm.metrics[stage][key] for stage in ("pruned", "recalibrated") if stage in arm.metrics},
+        key: arm.metrics["after"][key],
+        "latency_ms": cpu_latency_ms(arm.model, arm.example, recipe.report.latency_runs, recipe.report.warmup),
     }
 
 
+def _upgraded(arm: dict[str, Any]) -> dict[str, Any]:
+    """An arm of a ``compare.json`` written before budgets were shares kept (``budget`` removed)."""
+    if "budget" not in arm:
+        return arm
+    arm = {**arm, "macs_keep": round(1 - arm["budget"], 10), "macs_kept": 1 - arm.get("macs_removed", 0.0)}
+    del arm["budget"]
+    arm.pop("macs_removed", None)
+    return arm
+
+
 def compare(
-    recipe: Recipe, criteria: list[str], budgets: list[float], seeds: list[int], folder: Path
+    recipe: Recipe, criteria: list[str], macs_keep: list[float], seeds: list[int], folder: Path
 ) -> dict[str, Any]:
-    """Run every (criterion, budget, seed) arm not yet in ``folder/compare.json``; return the summary."""
+    """Run every (criterion, share of the MACs kept, seed) arm not yet in ``folder/compare.json``;
+    return the summary. Every budget is checked reachable before anything trains."""
     unknown = [c for c in criteria if c not in CRITERIA]
     if unknown:
         raise NamPruneError(f"unknown criteria {', '.join(unknown)}; choose from {', '.join(CRITERIA)}")
-    if not budgets or any(not 0 < b < 1 for b in budgets):
-        raise NamPruneError("--budgets are shares of MACs to remove, each strictly between 0 and 1")
+    if not macs_keep or any(not 0 < k < 1 for k in macs_keep):
+        raise NamPruneError("--macs-keep values are shares of the MACs to keep, each strictly between 0 and 1")
+    keeps = [round(k, 10) for k in macs_keep]  # 1 - 0.7 from --budgets is 0.30000000000000004
     task = task_class(recipe.model.name)(recipe, resolve_device(recipe.device))
     enable_compile(recipe.nam.compile, task.device)
+    tolerance = matched_tolerance(recipe, task, criteria, keeps)
     folder.mkdir(parents=True, exist_ok=True)
     task.open(folder)
     path = folder / "compare.json"
     state = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe.to_dict(), "arms": []}
     if state["recipe"] != recipe.to_dict():
         raise NamPruneError(f"{path} holds a comparison of another recipe; use another --output or delete it")
-    state["score_key"] = task.score_key
-    done = {(a["criterion"], a["budget"], a["seed"]) for a in state["arms"]}
+    state["arms"] = [_upgraded(arm) for arm in state["arms"]]
+    state["score_key"], state["macs_tolerance"] = task.score_key, tolerance
+    done = {(a["criterion"], a["macs_keep"], a["seed"]) for a in state["arms"]}
     for criterion in criteria:
         for seed in seeds:
-            todo = [b for b in ([0.0] if criterion == "dense" else budgets) if (criterion, b, seed) not in done]
+            todo = [k for k in ([1.0] if criterion == "dense" else keeps) if (criterion, k, seed) not in done]
             if not todo:
                 continue
             trained, record, trained_score = _trained(_training(criterion, recipe), seed, folder, task)
             dense_cost = count_macs_params(trained, record.example_input(task.device))  # once per trained model
-            for budget in todo:
-                arm = _arm(criterion, budget, seed, trained, dense_cost, record, recipe, task)
+            for keep in todo:
+                arm = _arm(criterion, keep, seed, trained, dense_cost, record, recipe, task, tolerance)
                 arm[f"{task.score_key}_trained"] = trained_score
                 state["arms"].append(arm)
                 atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))
-                log.info("finished %s at budget %.2f, seed %d", criterion, budget, seed)
-    state["summary"] = summarize(state["arms"], criteria, budgets, seeds)
+                log.info("finished %s at --macs-keep %g, seed %d", criterion, keep, seed)
+    state["summary"] = summarize(state["arms"], criteria, keeps, seeds)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))
     return state
 
@@ -204,19 +267,19 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 SCORES = ("accuracy", "map50_95")
 SUMMARY_KEYS = (
     *(f"{score}{stage}" for score in SCORES for stage in ("_trained", "_pruned", "_recalibrated", "")),
-    "params", "macs", "latency_ms", "macs_removed",
+    "params", "macs", "latency_ms", "macs_kept",
 )
 
 
-def summarize(arms: list[dict], criteria: list[str], budgets: list[float], seeds: list[int]) -> list[dict]:
-    """Mean and standard deviation over seeds of every (criterion, budget)."""
+def summarize(arms: list[dict], criteria: list[str], macs_keep: list[float], seeds: list[int]) -> list[dict]:
+    """Mean and standard deviation over seeds of every (criterion, share of the MACs kept)."""
     rows = []
     for criterion in criteria:
-        for budget in [0.0] if criterion == "dense" else budgets:
-            runs = [a for a in arms if a["criterion"] == criterion and a["budget"] == budget and a["seed"] in seeds]
+        for keep in [1.0] if criterion == "dense" else macs_keep:
+            runs = [a for a in arms if a["criterion"] == criterion and a["macs_keep"] == keep and a["seed"] in seeds]
             if not runs:
                 continue
-            row = {"criterion": criterion, "budget": budget, "seeds": len(runs)}
+            row = {"criterion": criterion, "macs_keep": keep, "seeds": len(runs)}
             for key in SUMMARY_KEYS:
                 if key in runs[0]:
                     row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
@@ -228,16 +291,18 @@ def _pct(row: dict, key: str) -> str:
     return f"{100 * row[key]:.2f} ± {100 * row[f'{key}_std']:.2f}" if key in row else "-"
 
 
-def summary_table(rows: list[dict], key: str = "accuracy") -> Table:
+def summary_table(rows: list[dict], key: str = "accuracy", tolerance: float | None = None) -> Table:
     title = "top-1 %" if key == "accuracy" else "mAP50-95 %"
-    table = Table(title=f"criteria at matched MACs ({title}, mean ± std over seeds)")
-    columns = ("criterion", "MACs removed", "trained", "pruned", "pruned + recal", "fine-tuned", "params", "MACs", "latency ms")
+    matched = f"; MACs kept within ±{100 * tolerance:.1f}% of the target" if tolerance is not None else ""
+    table = Table(title=f"criteria at matched MACs ({title}, mean ± std over seeds{matched})")
+    columns = ("criterion", "MACs kept", "trained", "pruned", "pruned + recal", "fine-tuned", "params", "MACs", "latency ms")
     for column in columns:
         table.add_column(column, justify="left" if column == "criterion" else "right")
     for r in rows:
+        kept = "100% (unpruned)" if r["criterion"] == "dense" else f"{100 * r['macs_kept']:.1f}% (target {100 * r['macs_keep']:g}%)"
         table.add_row(
             r["criterion"],
-            f"{100 * r['macs_removed']:.1f}% (target {100 * r['budget']:.0f}%)",
+            kept,
             _pct(r, f"{key}_trained"),
             _pct(r, f"{key}_pruned"),
             _pct(r, f"{key}_recalibrated"),
@@ -250,4 +315,4 @@ def summary_table(rows: list[dict], key: str = "accuracy") -> Table:
 
 
 def print_summary(state: dict[str, Any]) -> None:
-    console.print(summary_table(state["summary"], state.get("score_key", "accuracy")))
+    console.print(summary_table(state["summary"], state.get("score_key", "accuracy"), state.get("macs_tolerance")))

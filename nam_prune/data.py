@@ -126,8 +126,8 @@ def _digits() -> tuple[Dataset, Dataset, int]:
     """scikit-learn's 8x8 digits, 1797 images, a fixed 80/20 split."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError:
-        raise NamPruneError("data.name: digits needs scikit-learn: pip install 'nam-prune[digits]'") from None
+    except ImportError as error:
+        raise NamPruneError("data.name: digits needs scikit-learn: pip install 'nam-prune[digits]'") from error
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).sub_(0.5).div_(0.5).unsqueeze(1)
@@ -158,13 +158,13 @@ def _cifar10(root: Path, download: bool, augment: bool) -> tuple[Dataset, Datase
     except (OSError, RuntimeError) as error:
         reason = f"{type(error).__name__}: {first_line(error, 120)}"
         if not download:
-            raise NamPruneError(f"cannot read CIFAR-10 in {root.resolve()} ({reason}): replace it with a fresh copy") from None
+            raise NamPruneError(f"cannot read CIFAR-10 in {root.resolve()} ({reason}): replace it with a fresh copy") from error
         if not root_existed:  # no empty or half-downloaded folder left behind
             shutil.rmtree(root, ignore_errors=True)
         raise NamPruneError(
             f"CIFAR-10 download failed ({reason}): on a machine without internet, put torchvision's "
             f"'cifar-10-batches-py' folder in {root.resolve()} and set data.download: false"
-        ) from None
+        ) from error
     return train, test, 10
 
 
@@ -205,7 +205,7 @@ def _image_folder(root: Path, config: DataConfig) -> tuple[Dataset, Dataset, int
             width, height = train.loader(train.samples[0][0]).size
             size = (height, width)
     except (FileNotFoundError, OSError) as error:
-        raise NamPruneError(f"cannot read image folder {root}: {error}") from None
+        raise NamPruneError(f"cannot read image folder {root}: {error}") from error
     if train.classes != test.classes:
         raise NamPruneError(f"{root}: train/ and {val_dir.name}/ must hold the same class folders")
     base = [transforms.Resize(size), *([transforms.Grayscale(1)] if config.channels == 1 else [])]

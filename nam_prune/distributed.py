@@ -142,7 +142,7 @@ def launch(nproc: int, argv: list[str]) -> None:
     )
     try:
         torchrun(args)
-    except ChildFailedError as error:
+    except ChildFailedError as error:  # its text repeats the worker's message, printed above: not chained
         failed_rank, failure = error.get_first_failure()
         raise NamPruneError(
             f"worker rank {failed_rank} failed with exit code {failure.exitcode}; its message is above"

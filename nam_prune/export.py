@@ -41,8 +41,8 @@ def _onnx_modules():
     try:
         import onnx
         import onnxruntime
-    except ImportError:
-        raise NamPruneError("ONNX export needs onnx and onnxruntime: pip install 'nam-prune[onnx]'") from None
+    except ImportError as error:
+        raise NamPruneError("ONNX export needs onnx and onnxruntime: pip install 'nam-prune[onnx]'") from error
     return onnx, onnxruntime
 
 
@@ -54,7 +54,7 @@ def _failure_named(step: str):
     except NamPruneError:
         raise
     except Exception as error:
-        raise NamPruneError(f"{step} failed ({type(error).__name__}: {first_line(error, 200)})") from None
+        raise NamPruneError(f"{step} failed ({type(error).__name__}: {first_line(error, 200)})") from error
 
 
 def _highest_opset() -> int | None:
@@ -138,8 +138,8 @@ def _difference(expected: np.ndarray, got: np.ndarray) -> float:
 
 class ChannelsLastInput(nn.Module):
     """Runs the wrapped model on a channels-last (NHWC) copy of its input, the layout oneDNN's CPU
-    convolutions are fastest in (``benchmarks/speedup.py``: ResNet-50 at 50% of the MACs realises
-    0.83 of its cut at batch 1 this way against 0.64 contiguous); traced, the file converts its input itself."""
+    convolutions are fastest in, so a pruned model realises more of its MAC cut than in NCHW
+    (``benchmarks/speedup.py``, docs/speedup*.json); traced, the file converts its input itself."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -151,9 +151,9 @@ class ChannelsLastInput(nn.Module):
 
 CHUNK_BYTES = 16 * 2**20
 """Largest feature map a TorchScript file lets one slice of its batch make. glibc's malloc hands
-blocks above its mmap threshold (32 MiB at most) back to the OS after each call, so a forward pass
-at batch 32 page-faulted its maps in again every call (ResNet-50, 224 px: 279k faults, a third of
-its time); at 16 MiB a slice runs from memory the heap keeps (0 faults; docs/performance.md, Memory)."""
+blocks above its mmap threshold (32 MiB at most) back to the OS after each call, so a large batch
+page-faults its feature maps in again every call; slices of at most 16 MiB run from memory the heap
+keeps (docs/performance.md, Memory)."""
 
 
 class BatchChunks(nn.Module):

@@ -29,9 +29,8 @@ SOURCE = Path(__file__).with_name("gate_kernel.c")
 FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 TARGETS = (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], [])
 """Tried in order until one builds. -march=native lets the loops use the CPU's vectors (the library
-is built where it runs); gcc keeps to 256-bit ones unless told to prefer 512, which cut the four
-passes by 14-30% on ResNet-50's batch-8 maps on a 2-core AVX-512 Xeon (one run, no JSON committed);
-other compilers or CPUs may know neither option."""
+is built where it runs); gcc keeps to 256-bit ones unless told to prefer 512, which speeds up the
+four passes on AVX-512 CPUs (docs/performance.md); other compilers or CPUs may know neither option."""
 
 _pointer, _size, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {

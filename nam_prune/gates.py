@@ -62,7 +62,8 @@ def _channel_sums(grad: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``scale * x + shift`` per channel through inference batch norm (measured 1.6x faster than addcmul on CPU)."""
+    """``scale * x + shift`` per channel through inference batch norm: one fused pass over ``x`` on the
+    CPU, where ``addcmul`` with broadcast per-channel tensors is slower."""
     return torch.batch_norm(x, scale, shift, torch.zeros_like(scale), torch.ones_like(scale), False, 0.0, 0.0, False)
 
 
@@ -193,8 +194,8 @@ def use_compiled_gates(enabled: bool = True) -> None:
 
 
 def _fused_gate(x: torch.Tensor, coefficients: Coefficients, eps: float, options: tuple, *params: torch.Tensor):
-    """``(out, batch mean, batch invstd)``: on the CPU kernel where it applies (faster than the
-    compiled gate: 1.01x against 1.15x a plain ResNet-50 step), else compiled after ``use_compiled_gates()``."""
+    """``(out, batch mean, batch invstd)``: on the CPU kernel where it applies (it beats the compiled
+    gate: ``benchmarks/train_overhead.py``, docs/train_overhead*.json), else compiled after ``use_compiled_gates()``."""
     if torch._dynamo.is_compiling():  # traced with the whole model (``fit(..., compiled=True)``); torch >= 2.1
         return affine_sigmoid_gate(x, coefficients, eps, options, *params)
     if _compiled_gate is not None and not gate_kernel.applies(x):

@@ -127,8 +127,8 @@ def fit_threads_to_quota() -> None:
 
 BUSY_ELSEWHERE_LIMIT = 0.25
 """Above this share of CPU time taken by others while timing, latency figures are unreliable: two
-processes that both run 2 OpenMP threads on 2 cores slow each other by far more than 2x (the
-quickstart's sparsity-trained model timed 142 ms in TorchScript beside a training run, 1.6 ms alone)."""
+processes that both run 2 OpenMP threads on 2 cores slow each other by far more than twice: OpenMP
+threads spin-wait on each other, so a pre-empted thread stalls the whole parallel region."""
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,8 @@ def _torchvision(spec: ModelSpec) -> nn.Module:
 def _timm(spec: ModelSpec) -> nn.Module:
     try:
         timm = importlib.import_module("timm")
-    except ImportError:
-        raise NamPruneError("model.name uses timm but timm is not installed: pip install 'nam-prune[timm]'") from None
+    except ImportError as error:
+        raise NamPruneError("model.name uses timm but timm is not installed: pip install 'nam-prune[timm]'") from error
     name = spec.name[5:]
     if not timm.is_model(name):
         raise NamPruneError(
@@ -163,7 +163,7 @@ def _from_factory(spec: ModelSpec) -> nn.Module:
     except (ImportError, AttributeError) as error:
         raise NamPruneError(
             f"cannot import model factory '{spec.name}' ({error}); check the module is on PYTHONPATH"
-        ) from None
+        ) from error
     model = factory(num_classes=spec.num_classes, in_channels=spec.in_channels)
     if not isinstance(model, nn.Module):
         raise NamPruneError(f"model factory '{spec.name}' returned {type(model).__name__}, not an nn.Module")
@@ -318,11 +318,11 @@ def torchvision_weights_file(name: str, tag: str) -> tuple[Path, str]:
     """Where torch's hub cache keeps torchvision's ``tag`` weights of ``name``, and their URL."""
     try:
         weights_enum = torchvision.models.get_model_weights(name)
-    except (KeyError, ValueError):
+    except (KeyError, ValueError):  # the lookup's own error only repeats the name: not chained
         raise NamPruneError(f"torchvision has no pretrained weights for {name}; unset model.pretrained") from None
     try:
         weights = weights_enum[tag]
-    except KeyError:
+    except KeyError:  # a bare KeyError of the tag: not chained, the message lists the choices
         choices = ", ".join(dict.fromkeys(["DEFAULT", *weights_enum.__members__]))  # some enums list DEFAULT too
         raise NamPruneError(f"model.pretrained '{printable(tag)}' is not a weight of {name}: choose one of {choices}") from None
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name, weights.url
@@ -339,7 +339,7 @@ def _torchvision_pretrained(spec: ModelSpec, tag: str) -> dict[str, torch.Tensor
             raise NamPruneError(
                 f"pretrained weights {spec.name}/{tag} are not cached and cannot be downloaded ({reason}): "
                 f"put {path.name} (from {url}) in {path.parent}"
-            ) from None
+            ) from error
     return read_checkpoint(path)
 
 
@@ -359,7 +359,7 @@ def _timm_pretrained(spec: ModelSpec, tag: str) -> nn.Module:
         raise NamPruneError(
             f"timm could not load pretrained weights for {name} ({reason}): put the weights file "
             f"(model.safetensors from https://huggingface.co/timm/{name}) at {local[0]}"
-        ) from None
+        ) from error
 
 
 def build_pretrained(spec: ModelSpec, tag: str) -> nn.Module:

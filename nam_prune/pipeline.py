@@ -14,7 +14,7 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,16 @@ import torch
 import torch.nn as nn
 
 from nam_prune import distributed, gate_kernel
-from nam_prune.artifact import load_state, rebuild, record_of, save
+from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of, save
 from nam_prune.checkpoint import atomic_write, library_versions, read_checkpoint
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
-from nam_prune.prune import channel_counts, check_prunable, prune_model
+from nam_prune.prune import PruneResult, channel_counts, check_prunable
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, layer_table, summary_table
-from nam_prune.surgery import strip_gates
+from nam_prune.stages import PruneAndFinetune, train_stage
 from nam_prune.tasks import Task, task_class
-from nam_prune.train import TrainConfig, TrainState, enable_compile
+from nam_prune.train import TrainState, enable_compile
 
 log = logging.getLogger("nam_prune")
 
@@ -52,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except RuntimeError:  # torch's message lists every device type it knows: noise next to this one
         raise NamPruneError(f"device = {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NamPruneError(f"device = {name!r} but CUDA is not available here; use device: auto or cpu")
@@ -80,7 +80,7 @@ def run_folder(recipe: Recipe, overwrite: bool) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise NamPruneError(f"cannot create run folder {folder}: {error.strerror}; set output: to a writable path") from None
+        raise NamPruneError(f"cannot create run folder {folder}: {error.strerror}; set output: to a writable path") from error
     if folder != base:
         log.info("%s already holds a run: writing to %s (use --overwrite to replace it)", base, folder)
     return folder
@@ -143,15 +143,115 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
         distributed.shutdown()
 
 
-def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult:
-    started = time.perf_counter()
-    main = distributed.is_main()
-    if not main:
-        log.setLevel(logging.WARNING)
-    enable_compile(recipe.nam.compile, task.device)
-    recipe_dict = recipe.to_dict()
+class _Run(PruneAndFinetune):
+    """One run between its stages: the model, its record, the results so far and the folder.
+
+    The shared stage sequence (``stages.PruneAndFinetune``) does the pruning and fine-tuning;
+    this adds sparsity training before it, the dense baseline and the outputs after it, and
+    through its hooks ``dense.pt`` and a ``last.pt`` checkpoint after every epoch.
+    """
+
+    def __init__(
+        self, recipe: Recipe, task: Task, folder: Path, model: nn.Module, record: ModelRecord, progress: dict[str, Any]
+    ) -> None:
+        example = record.example_input(task.device)
+        super().__init__(task, model, record, example, lambda trained, label: task.measure(trained, example, label))
+        self.recipe, self.folder, self.progress = recipe, folder, progress
+        self.recipe_dict = recipe.to_dict()
+        self.results, self.timings = progress["results"], progress["timings"]
+        self.main = distributed.is_main()
+        self.dense_state: dict[str, torch.Tensor] = {}
+
+    def checkpoint(self, stage: str, state: TrainState | None) -> None:
+        if not self.task.resumable:
+            return
+        self.progress.update(
+            stage=stage,
+            epoch=state.epoch if state else 0,
+            train_state=state.to_dict() if state else None,
+            rng=self.task.rng_state(),
+        )
+        if self.main:
+            save(self.folder / LAST, self.model, self.record, recipe=self.recipe_dict, progress=self.progress)
+
+    def resumed(self, stage: str) -> TrainState | None:
+        state = self.progress["train_state"] if self.progress["stage"] == stage else None
+        return TrainState.from_dict(state) if state else None
+
+    def sparsity(self) -> None:
+        """Sparsity training, then the dense model's metrics and a snapshot of its weights (``dense.pt``)."""
+        tick = time.perf_counter()
+        self.results["sparsity_log"] = train_stage(
+            self.task, self.model, self.recipe.sparsity, "sparsity",
+            on_epoch_end=lambda state: self.checkpoint("sparsity", state), resume=self.resumed("sparsity"),
+        )
+        self.timings["sparsity_s"] = time.perf_counter() - tick
+        distributed.check_replicas_identical(self.model, "sparsity training")
+        self.results["before"] = self.task.measure(self.model, self.example, "dense")
+        self.results["dense_channels"] = channel_counts(self.model)
+        self.dense_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def after_prune(self, pruning: PruneResult) -> None:
+        self.results["prune_threshold"] = pruning.threshold
+        if self.main:  # written now, with the threshold, so `report dense.pt --plots` marks where the cut fell
+            metrics = {"before": self.results["before"], "prune_threshold": pruning.threshold}
+            save(
+                self.folder / "dense.pt", self.model, self.record,
+                state_dict=self.dense_state, recipe=self.recipe_dict, metrics=metrics,
+            )
+        distributed.check_replicas_identical(self.model, "pruning")  # every rank pruned the same channels
+
+    def before_finetune(self) -> None:
+        self.timings["prune_s"] = self.seconds["prune"]
+        self.results.update(self.metrics)  # pruned (and recalibrated): kept in last.pt for a resumed run
+        self.checkpoint("finetune", None)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        self.checkpoint("finetune", state)
+
+    def stages(self) -> dict[str, dict[str, Any]]:
+        """The metrics of every stage the run measured, in order."""
+        measured = {**self.results, "after": self.metrics["after"]}
+        return {stage: measured[stage] for stage in ("before", "pruned", "recalibrated", "after") if stage in measured}
+
+    def baseline(self) -> dict[str, Any]:
+        """The dense sparsity-trained model (``dense.pt``) fine-tuned as long as the pruned one, measured."""
+        tick = time.perf_counter()
+        distributed.barrier()  # rank 0 wrote dense.pt
+        dense_payload = read_checkpoint(self.folder / "dense.pt")
+        baseline = rebuild(record_of(dense_payload))
+        load_state(baseline, dense_payload["state_dict"], str(self.folder / "dense.pt"))
+        baseline.to(self.task.device)
+        train_stage(self.task, baseline, self.recipe.finetune, "baseline (dense, trained as long)")
+        metrics = self.task.measure(baseline, self.example, "baseline")
+        self.timings["baseline_s"] = time.perf_counter() - tick
+        return metrics
+
+    def save_outputs(self, final: dict[str, Any], stages: dict[str, dict[str, Any]], started: float) -> None:
+        """``model.pt``, ``results.json`` and the task's files (rank 0); the summary tables."""
+        task, folder = self.task, self.folder
+        final.update(task.outputs(folder, self.model, self.record, stages))
+        metrics = {**stages, "prune_threshold": self.results["prune_threshold"]}
+        save(
+            folder / "model.pt", self.model, self.record,
+            recipe=self.recipe_dict, metrics=metrics, layers=final["layers"], **task.checkpoint_fields(),
+        )
+        self.timings["total_s"] = self.timings.get("total_s", 0.0) + time.perf_counter() - started
+        atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
+        (folder / LAST).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
+        console.print(summary_table({STAGE_LABELS[k]: v for k, v in stages.items()}, columns=task.columns))
+        if "baseline" in stages:
+            drop = 100 * (stages["after"][task.score_key] - stages["baseline"][task.score_key])
+            console.print(f"fine-tuned vs dense trained as long: {drop:+.2f} pt {task.score_key}")
+        console.print(layer_table(final["layers"], only_changed=True))
+        console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]", soft_wrap=True)
+
+
+def _start(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> _Run:
+    """A new run (its prune settings checked on an untrained copy, then its folder made) or the
+    latest interrupted one of this recipe, from its ``last.pt``."""
     if resume:
-        folder, payload = _resume_point(recipe, recipe_dict)
+        folder, payload = _resume_point(recipe, recipe.to_dict())
         record = record_of(payload)
         model = rebuild(record)
         load_state(model, payload["state_dict"], str(folder / LAST))
@@ -163,141 +263,53 @@ def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult
         trial = copy.deepcopy(model).eval()  # a prune setting that cannot work fails now, not after training
         check_prunable(trial, record.example_input(), recipe.prune, task.protected(trial))
         # only once the inputs are known to be good; rank 0 picks it for everyone
-        folder = distributed.broadcast_object(run_folder(recipe, overwrite) if main else None)
+        folder = distributed.broadcast_object(run_folder(recipe, overwrite) if distributed.is_main() else None)
         progress = {"stage": "sparsity", "epoch": 0, "train_state": None, "results": {}, "timings": {}}
     task.open(folder)
-    device = task.device
-    log.info("run folder %s, device %s, %d process(es)", folder, device, distributed.world_size())
-    if device.type == "cpu" and not recipe.nam.compile:
+    log.info("run folder %s, device %s, %d process(es)", folder, task.device, distributed.world_size())
+    if task.device.type == "cpu" and not recipe.nam.compile:
         log.info("NAM gates train on %s", gate_kernel.status())
-    model.to(device)
-    example = record.example_input(device)
-    results, timings = progress["results"], progress["timings"]
+    model.to(task.device)
+    return _Run(recipe, task, folder, model, record, progress)
 
-    def checkpoint(stage: str, state: TrainState | None) -> None:
-        if not task.resumable:
-            return
-        progress.update(
-            stage=stage,
-            epoch=state.epoch if state else 0,
-            train_state=state.to_dict() if state else None,
-            rng=task.rng_state(),
-        )
-        if main:
-            save(folder / LAST, model, record, recipe=recipe_dict, progress=progress)
 
-    def resumed(stage: str) -> TrainState | None:
-        state = progress["train_state"] if progress["stage"] == stage else None
-        return TrainState.from_dict(state) if state else None
-
-    def train_stage(config: TrainConfig, stage: str, trained: nn.Module = model, **checkpointing: Any) -> list[dict[str, Any]]:
-        """A training stage, ending with recalibrated BN statistics (before anything evaluates or saves it)."""
-        history = task.train(trained, config, stage, **checkpointing)
-        if config.epochs:
-            task.recalibrate(trained)
-        return history
-
+def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult:
+    started = time.perf_counter()
+    if not distributed.is_main():
+        log.setLevel(logging.WARNING)
+    enable_compile(recipe.nam.compile, task.device)
+    job = _start(recipe, task, overwrite, resume)
+    fresh = job.progress["stage"] == "sparsity"  # else resumed after the cut, during fine-tuning
     try:
-        if progress["stage"] == "sparsity":
-            tick = time.perf_counter()
-            results["sparsity_log"] = train_stage(
-                recipe.sparsity, "sparsity",
-                on_epoch_end=lambda state: checkpoint("sparsity", state), resume=resumed("sparsity"),
-            )
-            timings["sparsity_s"] = time.perf_counter() - tick
-            distributed.check_replicas_identical(model, "sparsity training")
-            results["before"] = task.measure(model, example, "dense")
-            results["dense_channels"] = channel_counts(model)
-            dense_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-            tick = time.perf_counter()
-            between = replace(recipe.finetune, epochs=recipe.prune.epochs_between_steps)
-
-            def train_between(step: int) -> None:
-                task.recalibrate(model)
-                train_stage(between, f"step {step}")
-
-            pruning = prune_model(
-                model, example, recipe.prune, protected=task.protected(model), train_between=train_between
-            )
-            results["prune_threshold"] = pruning.threshold
-            if main:  # written now, with the threshold, so `report dense.pt --plots` marks where the cut fell
-                metrics = {"before": results["before"], "prune_threshold": pruning.threshold}
-                save(folder / "dense.pt", model, record, state_dict=dense_state, recipe=recipe_dict, metrics=metrics)
-            record = replace(record, history=record.history + pruning.history)
-            if recipe.prune.strip_gates:
-                strip_gates(model)
-                record = replace(record, stripped=True)
-            timings["prune_s"] = time.perf_counter() - tick
-            distributed.check_replicas_identical(model, "pruning")  # every rank pruned the same channels
-            results["pruned"] = task.measure(model, example, "pruned")
-            if task.recalibrate(model):
-                results["recalibrated"] = task.measure(model, example, "recalibrated")
-            checkpoint("finetune", None)
-
-        tick = time.perf_counter()
-        finetune_log = train_stage(
-            recipe.finetune, "finetune",
-            on_epoch_end=lambda state: checkpoint("finetune", state), resume=resumed("finetune"),
-        )
-        timings["finetune_s"] = timings.get("finetune_s", 0.0) + time.perf_counter() - tick
+        if fresh:
+            job.sparsity()
+        job.run(recipe.prune, recipe.finetune, cut=fresh, resume=job.resumed("finetune"))
     except KeyboardInterrupt:
-        if main and (folder / LAST).is_file():
-            log.warning("interrupted: the last complete epoch is in %s; rerun the same command with --resume", folder / LAST)
+        if job.main and (job.folder / LAST).is_file():
+            log.warning("interrupted: the last complete epoch is in %s; rerun the same command with --resume", job.folder / LAST)
         raise
-    after = task.measure(model, example, "fine-tuned")
-    layers = layer_changes(results["dense_channels"], channel_counts(model))
-    distributed.check_replicas_identical(model, "fine-tuning")
-    stages = {
-        stage: metrics
-        for stage, metrics in (
-            ("before", results["before"]),
-            ("pruned", results["pruned"]),
-            ("recalibrated", results.get("recalibrated")),
-            ("after", after),
-        )
-        if metrics is not None
-    }
+    job.timings["finetune_s"] = job.timings.get("finetune_s", 0.0) + job.seconds["finetune"]
+    layers = layer_changes(job.results["dense_channels"], channel_counts(job.model))
+    distributed.check_replicas_identical(job.model, "fine-tuning")
+    stages = job.stages()
     if recipe.report.baseline and recipe.finetune.epochs:
-        tick = time.perf_counter()
-        distributed.barrier()  # rank 0 wrote dense.pt
-        dense_payload = read_checkpoint(folder / "dense.pt")
-        baseline = rebuild(record_of(dense_payload))
-        load_state(baseline, dense_payload["state_dict"], str(folder / "dense.pt"))
-        baseline.to(device)
-        train_stage(recipe.finetune, "baseline (dense, trained as long)", trained=baseline)
-        stages["baseline"] = task.measure(baseline, example, "baseline")
-        timings["baseline_s"] = time.perf_counter() - tick
+        stages["baseline"] = job.baseline()
     final = {
         **stages,
-        "macs_kept": after["macs"] / stages["before"]["macs"],
-        "prune_threshold": results["prune_threshold"],
+        "macs_kept": stages["after"]["macs"] / stages["before"]["macs"],
+        "prune_threshold": job.results["prune_threshold"],
         "layers": layers,
-        "training": {"sparsity": results["sparsity_log"], "finetune": finetune_log},
-        "timings": timings,
-        "device": str(device),
+        "training": {"sparsity": job.results["sparsity_log"], "finetune": job.finetune_log},
+        "timings": job.timings,
+        "device": str(task.device),
         "processes": distributed.world_size(),
-        "recipe": recipe_dict,
+        "recipe": job.recipe_dict,
         "versions": library_versions(),
     }
-    if main:
-        final.update(task.outputs(folder, model, record, stages))
-        metrics = {**stages, "prune_threshold": results["prune_threshold"]}
-        save(
-            folder / "model.pt", model, record,
-            recipe=recipe_dict, metrics=metrics, layers=layers, **task.checkpoint_fields(),
-        )
-        timings["total_s"] = timings.get("total_s", 0.0) + time.perf_counter() - started
-        atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
-        (folder / LAST).unlink(missing_ok=True)  # the run is complete: model.pt supersedes it
-        console.print(summary_table({STAGE_LABELS[k]: v for k, v in stages.items()}, columns=task.columns))
-        if "baseline" in stages:
-            drop = 100 * (stages["after"][task.score_key] - stages["baseline"][task.score_key])
-            console.print(f"fine-tuned vs dense trained as long: {drop:+.2f} pt {task.score_key}")
-        console.print(layer_table(layers, only_changed=True))
-        console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]", soft_wrap=True)
+    if job.main:
+        job.save_outputs(final, stages, started)
     distributed.barrier()
-    return RunResult(folder, final, model)
+    return RunResult(job.folder, final, job.model)
 
 
 __all__ = ["RunResult", "run", "resolve_device", "seed_everything"]

@@ -38,10 +38,10 @@ def plot_accuracy_vs_macs(rows: list[dict], path: Path, score: str = "accuracy")
         if criterion == "dense":
             axes[0].axhline(100 * mine[0][score], color="black", linestyle="--", label="dense (unpruned)")
             continue
-        macs = [r["macs"] / 1e6 for r in mine]
         for axis, key in zip(axes, (score, f"{score}_recalibrated")):
+            shown = [r for r in mine if key in r]  # no recalibrated score when recalibrate.batches is 0
             axis.errorbar(
-                macs, [100 * r[key] for r in mine], yerr=[100 * r[f"{key}_std"] for r in mine],
+                [r["macs"] / 1e6 for r in shown], [100 * r[key] for r in shown], yerr=[100 * r[f"{key}_std"] for r in shown],
                 marker="o", capsize=3, label=criterion,
             )
     axes[0].set_title("after fine-tuning")

@@ -33,10 +33,12 @@ def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, device: torch.device) -> int:
+def recalibrate_bn(model: nn.Module, loader: Iterable, config: RecalibrateConfig, device: torch.device) -> int:
     """Reset every BN's (and spatial gate's) running statistics and re-estimate them as the plain
-    average over ``batches`` batches of ``loader`` (each an (images, ...) tuple); returns the batches used. Under torchrun the
-    ranks average their estimates, so every rank ends with the same statistics."""
+    average over ``config.batches`` batches of ``loader`` (each an (images, ...) tuple); returns the
+    batches used (0, and nothing changed, when ``config.batches`` is 0). Under torchrun the ranks
+    average their estimates, so every rank ends with the same statistics."""
+    batches = config.batches
     if batches == 0:
         return 0
     norms = _norms(model)

@@ -134,9 +134,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise NamPruneError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    except UnicodeDecodeError:
-        raise NamPruneError(f"recipe {path} is not a text file") from None
+        raise NamPruneError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from error
+    except UnicodeDecodeError as error:
+        raise NamPruneError(f"recipe {path} is not a text file") from error
     if tree is None:
         raise NamPruneError(f"recipe {path} is empty; start from a shipped one, e.g. recipes/fashion_quickstart.yaml")
     return recipe_from_dict(tree, overrides)

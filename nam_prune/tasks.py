@@ -198,7 +198,7 @@ class ClassificationTask(Task):
         calibration = self.data.calibration
         if calibration.generator is not None:
             calibration.generator.manual_seed(self.recipe.seed + 1)
-        return recalibrate_bn(model, calibration, self.recipe.recalibrate.batches, self.device)
+        return recalibrate_bn(model, calibration, self.recipe.recalibrate, self.device)
 
     def rng_state(self) -> dict[str, Any]:
         """Random-number states to resume with (under torchrun the sampler is seeded per epoch instead)."""

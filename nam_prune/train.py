@@ -22,7 +22,7 @@ from nam_prune.config import bounded
 from nam_prune.console import progress_bar
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import use_compiled_gates
-from nam_prune.sparsity import Regularizer, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
+from nam_prune.sparsity import GammaStats, Regularizer, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
 
 log = logging.getLogger("nam_prune")
 
@@ -78,6 +78,15 @@ class EpochLog:
     penalty: float
     near_zero_gammas: int
     lr: float
+
+
+def _penalty_and_gates(config: TrainConfig, penalty: float, stats: GammaStats) -> str:
+    """The epoch summary's tail: the penalty only when the stage applies one, the gate statistics
+    only when the model has gates (a stripped or plain model has none to count)."""
+    parts = [f"penalty {penalty:.4g}"] if config.penalty else []
+    if stats.channels:
+        parts.append(str(stats))
+    return "".join(f", {part}" for part in parts)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -191,8 +200,8 @@ def fit(
             )
             history.append(entry)
             log.info(
-                "%s epoch %d/%d: loss %.4f, train acc %.4f, penalty %.4g, %s",
-                stage, epoch, config.epochs, entry.loss, entry.accuracy, penalty, stats,
+                "%s epoch %d/%d: loss %.4f, train acc %.4f%s",
+                stage, epoch, config.epochs, entry.loss, entry.accuracy, _penalty_and_gates(config, penalty, stats),
             )
             if stats.dead_layers:
                 log.warning(

@@ -22,18 +22,18 @@ TINY = {
 
 def test_every_criterion_meets_its_budget_and_plot_is_written(tmp_path, fashion_root):
     criteria = ["nam", "bn_slimming", "l1", "random", "dense"]
-    state = compare(recipe_from_dict(TINY), criteria, [0.3, 0.6], [0], tmp_path)
+    state = compare(recipe_from_dict(TINY), criteria, [0.7, 0.4], [0], tmp_path)
     assert len(state["arms"]) == 9  # 4 criteria x 2 budgets + the unpruned dense arm
-    arms = {(a["criterion"], a["budget"]): a for a in state["arms"]}
-    dense = arms.pop(("dense", 0.0))
-    assert dense["macs_removed"] == 0 and "accuracy_pruned" not in dense
+    arms = {(a["criterion"], a["macs_keep"]): a for a in state["arms"]}
+    dense = arms.pop(("dense", 1.0))
+    assert dense["macs_kept"] == 1 and "accuracy_pruned" not in dense
     assert dense["accuracy"] > 0.3  # 10 classes: chance is 0.1
     for arm in arms.values():
-        assert abs(arm["macs_removed"] - arm["budget"]) <= 0.02, arm
+        assert abs(arm["macs_kept"] - arm["macs_keep"]) <= 0.02, arm
         assert arm["macs"] < dense["macs"]
         assert set(arm) >= {"accuracy_trained", "accuracy_pruned", "accuracy_recalibrated", "accuracy"}
     # l1, random and dense train the same plain model (same seed): one cached model, one accuracy
-    assert arms[("l1", 0.3)]["accuracy_trained"] == arms[("random", 0.6)]["accuracy_trained"] == dense["accuracy_trained"]
+    assert arms[("l1", 0.7)]["accuracy_trained"] == arms[("random", 0.4)]["accuracy_trained"] == dense["accuracy_trained"]
     plot_accuracy_vs_macs(state["summary"], tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "compare.json").read_text())["summary"][0]["seeds"] == 1
@@ -44,20 +44,119 @@ def test_interrupted_comparison_resumes_with_finished_arms_kept(tmp_path, monkey
     real_arm = compare_module._arm
     calls = []
 
-    def interrupted_arm(criterion, budget, *args):
+    def interrupted_arm(criterion, keep, *args):
         if len(calls) == 2:
             raise KeyboardInterrupt
-        calls.append((criterion, budget))
-        return real_arm(criterion, budget, *args)
+        calls.append((criterion, keep))
+        return real_arm(criterion, keep, *args)
 
     monkeypatch.setattr(compare_module, "_arm", interrupted_arm)
     with pytest.raises(KeyboardInterrupt):
-        compare(recipe, ["nam", "random"], [0.3, 0.5], [0], tmp_path)
+        compare(recipe, ["nam", "random"], [0.7, 0.5], [0], tmp_path)
     kept = json.loads((tmp_path / "compare.json").read_text())["arms"]
-    assert [(a["criterion"], a["budget"]) for a in kept] == calls == [("nam", 0.3), ("nam", 0.5)]
+    assert [(a["criterion"], a["macs_keep"]) for a in kept] == calls == [("nam", 0.7), ("nam", 0.5)]
     monkeypatch.setattr(compare_module, "_arm", real_arm)
     rerun = []
     monkeypatch.setattr(compare_module, "_arm", lambda c, b, *a: rerun.append((c, b)) or real_arm(c, b, *a))
-    state = compare(recipe, ["nam", "random"], [0.3, 0.5], [0], tmp_path)
-    assert rerun == [("random", 0.3), ("random", 0.5)]
+    state = compare(recipe, ["nam", "random"], [0.7, 0.5], [0], tmp_path)
+    assert rerun == [("random", 0.7), ("random", 0.5)]
     assert len(state["arms"]) == 4 and kept == state["arms"][:2]
+
+
+# The digits quickstart of issue 32: ResNet-8 at width 32 on 8x8 images, widths rounded to 16. One
+# block of 16 channels of a 32-wide layer is a quarter of its MACs, so no arm lands within 2%.
+DIGITS = {
+    "model": {"name": "resnet8", "width": 32},
+    "data": {"name": "digits", "root": "", "train_subset": 256, "test_subset": 128, "batch_size": 64},
+    "sparsity": {"epochs": 1, "penalty": 5e-3},
+    "finetune": {"epochs": 1, "lr": 0.05},
+    "prune": {"max_pruning_ratio": 0.8, "round_to": 16},
+    "recalibrate": {"batches": 2},
+    "report": {"latency_runs": 1, "warmup": 0},
+}
+
+
+def test_arms_match_to_the_step_round_to_allows_and_record_the_share_kept(tmp_path):
+    from rich.console import Console
+
+    from nam_prune.compare import summary_table
+
+    state = compare(recipe_from_dict(DIGITS), ["nam", "random"], [0.5], [0], tmp_path)
+    tolerance = state["macs_tolerance"]
+    assert 0.02 + 0.2 < tolerance < 0.02 + 0.3  # a 16-channel block of the 32-wide stage: ~25% of the MACs
+    assert json.loads((tmp_path / "compare.json").read_text())["macs_tolerance"] == tolerance
+    for arm in state["arms"]:
+        assert arm["macs_keep"] == 0.5 and 0.5 - tolerance <= arm["macs_kept"] <= 0.5, arm
+        assert arm["macs"] < 0.5 * 3.1e6  # of the dense ~3.0M (gates stripped after the cut)
+        assert {"accuracy_pruned", "accuracy_recalibrated", "accuracy"} <= set(arm)
+    rows = {row["criterion"]: row for row in state["summary"]}
+    assert rows["nam"]["macs_kept"] == state["arms"][0]["macs_kept"] and rows["random"]["macs_keep"] == 0.5
+    wide = Console(width=200, record=True)
+    wide.print(summary_table(state["summary"], "accuracy", tolerance))
+    table = wide.export_text()
+    assert f"MACs kept within ±{100 * tolerance:.1f}% of the target" in table
+    assert f"{100 * rows['nam']['macs_kept']:.1f}% (target 50%)" in table
+
+
+def test_an_unreachable_budget_is_one_line_before_any_training(tmp_path, monkeypatch):
+    from nam_prune.errors import NamPruneError
+
+    monkeypatch.setattr(compare_module, "_trained", lambda *args: pytest.fail("trained before checking the budgets"))
+    with pytest.raises(NamPruneError, match=r"^nam at --macs-keep 0.05: cannot reach .* or raise --macs-keep$") as raised:
+        compare(recipe_from_dict(DIGITS), ["nam", "random"], [0.5, 0.05], [0], tmp_path / "out")
+    assert "\n" not in str(raised.value) and isinstance(raised.value.__cause__, NamPruneError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_compare_json_written_with_budgets_is_read_as_shares_kept(tmp_path, monkeypatch):
+    """compare.json before --macs-keep held ``budget`` (share removed) and ``macs_removed`` per arm."""
+    recipe = recipe_from_dict(DIGITS)
+    old = {"criterion": "random", "budget": 0.7, "seed": 0, "macs": 900_000, "params": 50_000, "macs_removed": 0.69,
+           "accuracy_pruned": 0.2, "accuracy_recalibrated": 0.5, "accuracy": 0.8, "latency_ms": 0.3, "accuracy_trained": 0.9}
+    (tmp_path / "compare.json").write_text(json.dumps({"recipe": recipe.to_dict(), "arms": [old]}))
+    monkeypatch.setattr(compare_module, "_trained", lambda *args: pytest.fail("a cached arm was trained again"))
+    state = compare(recipe, ["random"], [0.3], [0], tmp_path)
+    (arm,) = state["arms"]
+    assert "budget" not in arm and "macs_removed" not in arm
+    assert arm["macs_keep"] == 0.3 and arm["macs_kept"] == pytest.approx(0.31)
+    assert state["summary"][0]["macs_keep"] == 0.3 and state["summary"][0]["accuracy"] == 0.8
+
+
+def _invoke_compare(monkeypatch, *args: str):
+    """``nam-prune compare`` through click in this process, the comparison itself replaced by a
+    recorder; returns click's result and the shares kept it was given."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from nam_prune import cli
+
+    given = []
+    state = {"summary": [], "score_key": "accuracy"}
+    monkeypatch.setattr(compare_module, "compare", lambda recipe, criteria, keeps, seeds, folder: given.append(keeps) or state)
+    monkeypatch.setattr(compare_module, "print_summary", lambda state: None)
+    monkeypatch.setattr("nam_prune.plots.plot_accuracy_vs_macs", lambda *args: None)
+    logger = logging.getLogger("nam_prune")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    try:
+        result = CliRunner().invoke(cli.cli, ["compare", "recipes/fashion_quickstart.yaml", *args])
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+    return result, given
+
+
+def test_compare_takes_shares_kept_and_converts_the_deprecated_budgets(monkeypatch):
+    result, given = _invoke_compare(monkeypatch, "--macs-keep", "0.5,0.3")
+    assert result.exit_code == 0, result.output
+    assert given == [[0.5, 0.3]] and "deprecated" not in result.output
+    result, given = _invoke_compare(monkeypatch)
+    assert given == [[0.7, 0.5, 0.3]]  # the default: the old default budgets 0.3, 0.5, 0.7 removed
+    result, given = _invoke_compare(monkeypatch, "--budgets", "0.5,0.7")
+    assert result.exit_code == 0, result.output
+    assert given == [[0.5, 0.3]]
+    warnings = [line for line in result.output.splitlines() if "deprecated" in line]
+    assert warnings == ["warning: --budgets (shares of the MACs removed) is deprecated: use --macs-keep 0.5,0.3"]
+    result, given = _invoke_compare(monkeypatch, "--macs-keep", "0.5", "--budgets", "0.5")
+    assert result.exit_code == 2 and given == []
+    assert "give only --macs-keep" in result.output

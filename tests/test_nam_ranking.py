@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
 from nam_prune.prune import PruneConfig, prune_model
-from nam_prune.recalibrate import recalibrate_bn
+from nam_prune.recalibrate import RecalibrateConfig, recalibrate_bn
 from nam_prune.sparsity import apply_sparsity_penalty, clamp_scales
 from nam_prune.surgery import NAMConfig, insert_nam
 from nam_prune.train import TrainConfig, evaluate, fit
@@ -96,7 +96,7 @@ def test_recalibration_is_the_plain_average_over_the_batches():
     batches = [torch.randn(8, 1, 6, 6) * (i + 1) + i for i in range(4)]
     loader = DataLoader(TensorDataset(torch.cat(batches), torch.zeros(32)), batch_size=8)
     model.eval()
-    assert recalibrate_bn(model, loader, 3, CPU) == 3
+    assert recalibrate_bn(model, loader, RecalibrateConfig(batches=3), CPU) == 3
     with torch.no_grad():
         outputs = [model[0](b) for b in batches[:3]]
     means = torch.stack([o.mean((0, 2, 3)) for o in outputs]).mean(0)
@@ -112,11 +112,28 @@ def test_recalibration_recovers_a_cut_model_on_real_data(fashion_small):
     torch.manual_seed(0)
     model = insert_nam(build_model(ModelSpec("resnet8", 10, 1, 8)), NAMConfig())
     fit(model, fashion_small.train, TrainConfig(epochs=6, lr=0.05), CPU, "train")
-    recalibrate_bn(model, fashion_small.calibration, 8, CPU)
+    recalibrate_bn(model, fashion_small.calibration, RecalibrateConfig(batches=8), CPU)
     trained = evaluate(model, fashion_small.test, CPU)
     prune_model(model, torch.zeros(1, 1, 28, 28), PruneConfig(target="channels", channel_ratio=0.5, max_pruning_ratio=0.6, round_to=1))
     stale = evaluate(model, fashion_small.test, CPU)
-    recalibrate_bn(model, fashion_small.calibration, 8, CPU)
+    recalibrate_bn(model, fashion_small.calibration, RecalibrateConfig(batches=8), CPU)
     recalibrated = evaluate(model, fashion_small.test, CPU)
     assert trained > 0.3, trained  # 10 classes: chance is 0.1
     assert recalibrated > stale + 0.1, (trained, stale, recalibrated)
+
+
+def test_recalibration_reads_its_batches_from_the_config():
+    """``recalibrate_bn`` takes the recipe's ``RecalibrateConfig``: ``batches`` 0 leaves the statistics
+    alone, 2 averages exactly the first two batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    batches = [torch.full((4, 1, 2, 2), float(i)) + torch.arange(4.0).view(4, 1, 1, 1) for i in range(3)]
+    loader = DataLoader(TensorDataset(torch.cat(batches), torch.zeros(12)), batch_size=4)
+    assert recalibrate_bn(model, loader, RecalibrateConfig(batches=0), CPU) == 0
+    assert model[1].running_mean.tolist() == [0.0, 0.0] and model[1].num_batches_tracked == 0
+    assert recalibrate_bn(model, loader, RecalibrateConfig(batches=2), CPU) == 2
+    # batch i: four 2x2 maps of i + (0, 1, 2, 3): means 1.5 and 2.5, each unbiased variance 20 / 15
+    torch.testing.assert_close(model[1].running_mean, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(model[1].running_var, torch.tensor([4 / 3, 4 / 3]))

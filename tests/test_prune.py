@@ -122,3 +122,44 @@ def test_rounded_global_cut_takes_all_zero_blocks_before_live_channels():
     assert plan == {"wide": list(range(24, 56))}  # two all-zero blocks of 16; the narrow layer keeps 32
     plan = plan_cut([narrow, wide], fraction=64 / 96, config=PruneConfig(round_to=16))
     assert len(plan["narrow"]) == 16 and len(plan["wide"]) == 48  # live channels only once the zeros are gone
+
+
+class _SeededScores(tp.importance.Importance):
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, group):
+        return torch.rand(len(group[0].idxs), generator=self.generator)
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_macs_step_bounds_how_far_below_its_target_a_cut_lands(scope):
+    """ResNet-8 at width 32 on 8x8 inputs: with widths rounded to 16 one block is a quarter of a
+    32-wide stage's MACs. check_macs_keeps says how coarse the steps are, and every cut to a MAC
+    target lands at most that far under it, whatever the ranking."""
+    import copy
+
+    from nam_prune.prune import check_macs_keeps
+
+    model = build_model(ModelSpec("resnet8", num_classes=10, in_channels=1, width=32)).eval()
+    example = torch.zeros(1, 1, 8, 8)
+    dense = count_macs_params(model, example)[0]
+
+    def step(round_to: int) -> float:
+        config = PruneConfig(round_to=round_to, max_pruning_ratio=0.8, scope=scope)
+        return check_macs_keeps(copy.deepcopy(model), example, config, [0.5], importance=_SeededScores(0))
+
+    fine, coarse = step(1), step(16)
+    if scope == "global":  # every layer is a multiple of 16 wide: a step is 16 channels of the costliest group
+        assert coarse == pytest.approx(16 * fine) and 0.24 < coarse < 0.26
+    else:  # same-width layers step together
+        assert coarse > 16 * fine * 0.99 and 0.4 < coarse < 0.5
+    for keep in (0.7, 0.5, 0.35):
+        for seed in (0, 1):
+            pruned = copy.deepcopy(model)
+            config = PruneConfig(macs_keep=keep, round_to=16, max_pruning_ratio=0.8, scope=scope)
+            prune_model(pruned, example, config, importance=_SeededScores(seed))
+            kept = count_macs_params(pruned, example)[0] / dense
+            assert keep - coarse <= kept <= keep, (keep, seed, kept)
+    with pytest.raises(NamPruneError, match=r"cannot reach .* raise --macs-keep$"):
+        check_macs_keeps(model, example, PruneConfig(round_to=16, max_pruning_ratio=0.5), [0.5, 0.1], keep_option="--macs-keep")

@@ -325,3 +325,40 @@ def test_a_failed_cifar_download_says_where_to_put_it_and_leaves_no_folder(tmp_p
     with pytest.raises(NamPruneError, match="CIFAR-10 download failed .*put torchvision's 'cifar-10-batches-py'"):
         _cifar10(root, download=True, augment=False)
     assert not root.exists()
+
+
+def _main_in_process(monkeypatch, *args: str) -> BaseException:
+    """What ``nam_prune.cli.main`` raises for ``nam-prune ARGS``, run in this process (the logger
+    the CLI configures is put back afterwards)."""
+    import logging
+
+    from nam_prune import cli as cli_module
+
+    logger = logging.getLogger("nam_prune")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    monkeypatch.setattr(sys, "argv", ["nam-prune", *args])
+    try:
+        cli_module.main()
+    except BaseException as error:  # SystemExit, or the re-raised error under --debug
+        return error
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+    pytest.fail("main() returned without raising SystemExit")
+
+
+def test_debug_shows_the_chained_cause_and_the_plain_error_stays_one_line(tmp_path, monkeypatch, capsys):
+    import traceback
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    error = _main_in_process(monkeypatch, "--debug", "report", str(corrupt))
+    assert isinstance(error, NamPruneError) and isinstance(error.__cause__, pickle.UnpicklingError)
+    shown = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    assert "The above exception was the direct cause of the following exception" in shown
+    assert "UnpicklingError" in shown and "cannot read checkpoint" in shown
+    capsys.readouterr()
+    exit_ = _main_in_process(monkeypatch, "report", str(corrupt))
+    assert isinstance(exit_, SystemExit) and exit_.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read checkpoint"), lines

@@ -74,3 +74,30 @@ def test_dead_gate_is_reported_during_training(tiny_nam_resnet, caplog):
     with caplog.at_level("WARNING", logger="nam_prune"):
         fit(tiny_nam_resnet, data, TrainConfig(epochs=1, lr=1e-6), torch.device("cpu"), "sparsity")
     assert "every NAM gamma of bn1.channel is below" in caplog.text
+
+
+def test_epoch_summary_names_gates_and_penalty_only_where_they_exist(tiny_nam_resnet, caplog):
+    """Fine-tuning a stripped (gate-free) model logs loss and accuracy, not "penalty 0, 0/0 NAM gamma";
+    a gated model under a penalty still logs both."""
+    import logging
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nam_prune.models import ModelSpec, build_model
+    from nam_prune.train import TrainConfig, fit
+
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))), batch_size=4)
+    plain = build_model(ModelSpec("resnet8", num_classes=10, in_channels=1, width=8))
+    logger = logging.getLogger("nam_prune")
+    logger.addHandler(caplog.handler)  # captured even where an in-process CLI call stopped propagation
+    try:
+        with caplog.at_level("INFO", logger="nam_prune"):
+            fit(plain, data, TrainConfig(epochs=1, lr=1e-6), torch.device("cpu"), "finetune")
+            fit(tiny_nam_resnet, data, TrainConfig(epochs=1, lr=1e-6, penalty=1e-4), torch.device("cpu"), "sparsity")
+    finally:
+        logger.removeHandler(caplog.handler)
+    summaries = {r.getMessage().split(" ")[0]: r.getMessage() for r in caplog.records if " epoch 1/1: " in r.getMessage()}
+    finetune, sparsity = summaries["finetune"], summaries["sparsity"]
+    assert finetune.startswith("finetune epoch 1/1: loss ") and "penalty" not in finetune and "gamma" not in finetune
+    channels = sum(g.gamma.numel() for g in tiny_nam_resnet.modules() if isinstance(g, NAMChannelGate))
+    assert ", penalty " in sparsity and sparsity.endswith(f"/{channels} NAM gamma < 0.01")

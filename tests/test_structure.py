@@ -182,3 +182,33 @@ def test_documented_commands_have_their_dependencies():
     assert "<" not in runtime  # no upper bound without a known break
     assert any(dep.startswith("scikit-learn") for dep in project["optional-dependencies"]["digits"])
     assert "nam-prune[digits]" in (ROOT / "README.md").read_text()
+
+
+def test_module_docs_name_only_files_and_commands_that_exist():
+    """A docstring that sends the reader to ``benchmarks/X.py`` names a file that is there, and the
+    model sweep it cites is the ``check --sweep`` command the CLI has."""
+    import re
+
+    from nam_prune import check
+
+    cited = set()
+    for path in (ROOT / "nam_prune").rglob("*.py"):
+        cited.update(re.findall(r"benchmarks/\w+\.py", path.read_text()))
+    assert cited and all((ROOT / name).is_file() for name in cited), sorted(n for n in cited if not (ROOT / n).is_file())
+    assert "nam-prune check --sweep --json docs/model_sweep.json --markdown docs/model_sweep.md" in " ".join(check.__doc__.split())
+    options = {p.name for p in cli_module.check.params}
+    assert {"sweep", "json_path", "markdown"} <= options
+
+
+def test_docstrings_carry_no_measured_figures():
+    """Measured timings and accuracy deltas go stale in docstrings: they live in docs/ and the README."""
+    import re
+
+    stale = re.compile(r"measured[^.]*\d|\d(\.\d+)?x (faster|slower|against)|(\+-|±) \d|\d+ ?ms (alone|beside)")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in (ROOT / "nam_prune").rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if stale.search(line) and not re.search(r"f\"|log\.|\.format\(|help=", line)
+    ]
+    assert not found, "\n".join(found)

@@ -277,12 +277,12 @@ def test_compare_works_for_detectors_at_matched_gflops(tmp_path: Path) -> None:
     tiny = ["yolo.imgsz=64", "yolo.report_imgsz=64", "report.latency_runs=1", "report.warmup=0",
             "sparsity.epochs=1", "finetune.epochs=1", "recalibrate.batches=1"]
     done = cli("compare", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *tiny, "--criteria", "nam,bn_slimming",
-                "--budgets", "0.4", "--seeds", "0", "-o", str(tmp_path / "cmp"), cwd=tmp_path)
+              "--macs-keep", "0.6", "--seeds", "0", "-o", str(tmp_path / "cmp"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     state = json.loads((tmp_path / "cmp/compare.json").read_text())
     assert state["score_key"] == "map50_95" and len(state["arms"]) == 2
     for arm in state["arms"]:
-        assert abs(arm["macs_removed"] - 0.4) <= 0.02
+        assert abs(arm["macs_kept"] - 0.6) <= 0.02
         assert {"map50_95_trained", "map50_95_pruned", "map50_95_recalibrated", "map50_95"} <= set(arm)
     nam, slimming = sorted(state["arms"], key=lambda a: a["criterion"] != "nam")
     assert nam["params"] != slimming["params"]  # the two rankings cut different channels

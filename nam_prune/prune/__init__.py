@@ -16,7 +16,7 @@ from nam_prune.prune.graph import (
 )
 from nam_prune.prune.importance import NAMImportance, normalize_scores
 from nam_prune.prune.planning import PruneConfig
-from nam_prune.prune.schedule import PruneResult, channel_step_fraction, check_prunable, prune_model
+from nam_prune.prune.schedule import PruneResult, channel_step_fraction, check_macs_keeps, check_prunable, prune_model
 
 __all__ = [
     "IntactBlock",
@@ -27,6 +27,7 @@ __all__ = [
     "PruningHistory",
     "build_graph",
     "channel_counts",
+    "check_macs_keeps",
     "check_prunable",
     "channel_step_fraction",
     "count_macs_params",

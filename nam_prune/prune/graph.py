@@ -130,7 +130,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, stand_ins: StandI
         raise NamPruneError(
             f"torch-pruning could not trace the model ({type(error).__name__}: {error}); "
             "the forward must run on one tensor input; list untraceable blocks in prune.ignore"
-        ) from None
+        ) from error
     finally:
         model.train(was_training)
 

@@ -50,16 +50,15 @@ class PruneConfig:
     max_pruning_ratio: the largest share of any layer's original channels that may go.
     round_to: keep channel counts at multiples of this: CPU kernels run 8- and 16-channel
         blocks, so other widths waste much of a cut. Each layer is cut in the blocks this allows,
-        ranked globally (``plan_cut``). The default 16 realises more of a 50% MAC cut than 8 in
-        every runtime measured (``python -m benchmarks speedup``) and matched 8's fine-tuned top-1 on the
-        quickstart (-0.01 +- 0.11 points, 3 seeds, docs/performance.md); 8 suits nets whose layers are 16-32
-        channels wide; 1 cuts a channel at a time.
+        ranked globally (``plan_cut``). The default 16 realises more of a MAC cut as speed than 8
+        at no measurable cost in accuracy (``python -m benchmarks speedup``, docs/performance.md); 8 suits
+        nets whose layers are 16-32 channels wide; 1 cuts a channel at a time.
     steps: prune in this many steps, fine-tuning ``epochs_between_steps`` between them.
     ignore: module names never pruned (the classifier head never is).
     strip_gates: remove the NAM gates after pruning, each folded into its host BN as its
         best affine fit (gate-then-strip): the plain, faster model fine-tuning then trains.
-        On by default: on the ResNet-20 quickstart it cost -0.20 +- 0.41 points of fine-tuned top-1
-        (3 seeds, within their spread) and kept gates realise a third less of the MAC cut.
+        On by default: kept gates make the deployed model slower for no accuracy the README's
+        seed runs could tell apart.
     """
 
     target: Literal["macs", "channels"] = "macs"
@@ -219,6 +218,11 @@ def score_groups(
     return scored
 
 
+def _rounding_steps(groups: list[ScoredGroup], config: PruneConfig) -> list[int]:
+    """Positions per block of ``round_to`` channels in each group (a grouped layer's position is several channels)."""
+    return [config.round_to // math.gcd(config.round_to, g.channel_groups) for g in groups]
+
+
 def _round_keep(keep: int, size: int, min_keep: int, round_to: int) -> int:
     if round_to > 1:
         keep = max(round_to, keep - keep % round_to)
@@ -249,7 +253,7 @@ def plan_cut(groups: list[ScoredGroup], fraction: float, config: PruneConfig) ->
     """
     sizes = np.array([g.positions for g in groups])
     weights = np.array([g.channel_groups for g in groups])
-    steps = [config.round_to // math.gcd(config.round_to, g.channel_groups) for g in groups]
+    steps = _rounding_steps(groups, config)
     scores = [g.position_scores().numpy() for g in groups]
     orders = [np.argsort(score, kind="stable") for score in scores]
     if config.scope == "local":
@@ -361,18 +365,52 @@ def search_fraction(macs_at: Callable[[float], int], target: float, tolerance: f
 
 
 def least_macs(
-    model: nn.Module, example_input: torch.Tensor, config: PruneConfig, target_macs: float, groups: list[ScoredGroup]
+    model: nn.Module,
+    example_input: torch.Tensor,
+    config: PruneConfig,
+    target_macs: float,
+    groups: list[ScoredGroup],
+    keep_option: str = "prune.macs_keep",
 ) -> int:
-    """The MACs of the deepest cut ``config`` allows; an error if that is still above ``target_macs``."""
+    """The MACs of the deepest cut ``config`` allows; an error if that is still above ``target_macs``
+    (``keep_option`` names the setting the user raises instead)."""
     floor = _trial_macs(model, example_input, groups, plan_cut(groups, 1.0, config))
     if floor > target_macs:
         rounding = f" and prune.round_to={config.round_to}" if config.round_to > 1 else ""
         raise NamPruneError(
             f"cannot reach {target_macs / 1e6:.2f}M MACs: with prune.max_pruning_ratio={config.max_pruning_ratio}"
             f"{rounding} the least this model can keep is {floor / 1e6:.2f}M; raise max_pruning_ratio"
-            f"{' or lower round_to' if config.round_to > 1 else ''} or raise prune.macs_keep"
+            f"{' or lower round_to' if config.round_to > 1 else ''} or raise {keep_option}"
         )
     return floor
+
+
+def macs_step(model: nn.Module, example_input: torch.Tensor, config: PruneConfig, groups: list[ScoredGroup]) -> int:
+    """The most MACs one step of the cut can remove at once, at the model's current widths: how far
+    below a MAC target the first cut that meets it (:func:`fraction_for_macs`) can land, whatever
+    the ranking. A global cut grows by one block of ``round_to`` channels of one layer group at a
+    time; a local cut takes the same share of every group, so groups whose rounded widths change at
+    the same share step together. Each step is costed at the current widths of the layers it
+    shrinks, an upper bound once other layers are cut too."""
+    dense = count_macs_params(model, example_input)[0]
+    jumps: dict[object, float] = {}
+    for index, (group, step) in enumerate(zip(groups, _rounding_steps(groups, config))):
+        size = group.positions
+        if config.scope == "local":
+            cap = max(size - group.min_keep, 0)
+            keeps = [_round_keep(size - min(cap, count), size, group.min_keep, step) for count in range(size + 1)]
+            # np.round(fraction * size) reaches ``count`` at fraction (count - 0.5) / size
+            moves = [(round((count - 0.5) / size, 12), keeps[count - 1] - keeps[count]) for count in range(1, size + 1)]
+        else:
+            cuts = _allowed_cuts(group, np.arange(size), np.zeros(size), step)
+            moves = [((index, row), int(end - start)) for row, (start, end, _) in enumerate(cuts)]
+        moves = [(at, positions) for at, positions in moves if positions > 0]
+        if not moves:
+            continue
+        position = dense - _trial_macs(model, example_input, groups, {group.root: group.channels_at(np.arange(1))})
+        for at, positions in moves:
+            jumps[at] = jumps.get(at, 0.0) + positions * position
+    return int(max(jumps.values(), default=0))
 
 
 def fraction_for_macs(

@@ -18,9 +18,11 @@ from nam_prune.errors import NamPruneError
 from nam_prune.prune.graph import Protected, PruningHistory, build_graph, count_macs_params, parameter_count
 from nam_prune.prune.planning import (
     PruneConfig,
+    ScoredGroup,
     apply_plan,
     fraction_for_macs,
     least_macs,
+    macs_step,
     plan_cut,
     score_groups,
     warn_if_untrained,
@@ -54,16 +56,42 @@ def _step_fraction(
     return fraction_for_macs(model, example, config, target, groups)
 
 
+def _unpruned_groups(
+    model: nn.Module, example_input: torch.Tensor, config: PruneConfig, protected: Protected | None,
+    importance: tp.importance.Importance | None = None,
+) -> list[ScoredGroup]:
+    protected = protected or Protected()
+    graph = build_graph(model, example_input, protected.stand_ins)
+    return score_groups(model, graph, config, {}, importance, protected)
+
+
 def check_prunable(model: nn.Module, example_input: torch.Tensor, config: PruneConfig, protected: Protected | None = None) -> None:
     """Raise before training what pruning would raise after it: a ``prune.ignore`` that names no
     module, a model with nothing to rank, a MAC target below the deepest cut that ``round_to`` and
     ``max_pruning_ratio`` allow. It traces ``model``: pass a copy in eval mode (a forward in
     training mode would move its BN statistics)."""
-    protected = protected or Protected()
-    graph = build_graph(model, example_input, protected.stand_ins)
-    groups = score_groups(model, graph, config, {}, None, protected)
+    groups = _unpruned_groups(model, example_input, config, protected)
     if config.target == "macs":
         least_macs(model, example_input, config, count_macs_params(model, example_input)[0] * config.macs_keep, groups)
+
+
+def check_macs_keeps(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    config: PruneConfig,
+    keeps: list[float],
+    protected: Protected | None = None,
+    importance: tp.importance.Importance | None = None,
+    keep_option: str = "prune.macs_keep",
+) -> float:
+    """:func:`check_prunable` for several shares of the MACs kept at once (one trace), ranked by
+    ``importance``; returns how closely a cut can meet any MAC target on this model: the largest
+    share of its MACs one step of the cut removes (:func:`~nam_prune.prune.planning.macs_step`).
+    Same caveat: pass a copy in eval mode."""
+    groups = _unpruned_groups(model, example_input, config, protected, importance)
+    dense = count_macs_params(model, example_input)[0]
+    least_macs(model, example_input, config, dense * min(keeps), groups, keep_option)
+    return macs_step(model, example_input, config, groups) / dense
 
 
 def prune_model(

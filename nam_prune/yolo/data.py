@@ -35,8 +35,8 @@ DEMO_BOXES: dict[str, list[tuple[int, int, int, int, int]]] = {
 def ultralytics_assets() -> Path:
     try:
         from ultralytics.utils import ASSETS
-    except ImportError:
-        raise NamPruneError("YOLO data needs ultralytics: pip install 'nam-prune[yolo]'") from None
+    except ImportError as error:
+        raise NamPruneError("YOLO data needs ultralytics: pip install 'nam-prune[yolo]'") from error
     return Path(ASSETS)
 
 
@@ -80,8 +80,8 @@ def class_names(data_yaml: Path) -> dict[int, str]:
     """The ``names`` of a data yaml as {index: name} (ultralytics accepts a list or a mapping)."""
     try:
         names = yaml.safe_load(data_yaml.read_text()).get("names")
-    except (yaml.YAMLError, AttributeError):
-        raise NamPruneError(f"{data_yaml} is not an ultralytics data yaml (a mapping with 'names')") from None
+    except (yaml.YAMLError, AttributeError) as error:
+        raise NamPruneError(f"{data_yaml} is not an ultralytics data yaml (a mapping with 'names')") from error
     if isinstance(names, list):
         names = dict(enumerate(names))
     if not isinstance(names, dict) or not names:

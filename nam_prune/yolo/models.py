@@ -37,10 +37,10 @@ def ultralytics_module():
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for hub weights or update checks
     try:
         from ultralytics.nn import tasks
-    except ImportError:
+    except ImportError as error:
         raise NamPruneError(
             "YOLO models need ultralytics: pip install 'nam-prune[yolo]' (or pip install ultralytics)"
-        ) from None
+        ) from error
     return tasks
 
 
@@ -136,10 +136,10 @@ def build_yolo(name: str, num_classes: int, in_channels: int, config: dict[str, 
         raise NamPruneError(f"model.name {name!r}: build YOLO models from a yaml (yolov8n.yaml, yolo11n.yaml)")
     try:
         model = tasks.DetectionModel(source, ch=in_channels, nc=num_classes, verbose=False)
-    except FileNotFoundError:
+    except FileNotFoundError as error:
         raise NamPruneError(
             f"ultralytics has no model yaml {name!r}; use e.g. yolov8n.yaml, yolov8s.yaml, yolo11n.yaml or a path"
-        ) from None
+        ) from error
     make_split_free(model)
     return model
 

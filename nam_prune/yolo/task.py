@@ -249,11 +249,11 @@ class DetectionTask(Task):
 
     def recalibrate(self, model: nn.Module) -> int:
         """BN statistics re-estimated over augmented training batches (see ``calibration_batches``)."""
-        batches = self.recipe.recalibrate.batches
-        if not batches:
+        config = self.recipe.recalibrate
+        if not config.batches:  # before the data loader is built
             return 0
         with ultralytics_output(self.log_file):
-            return recalibrate_bn(model, calibration_batches(self.data_yaml, self.yolo, self.recipe.seed), batches, self.device)
+            return recalibrate_bn(model, calibration_batches(self.data_yaml, self.yolo, self.recipe.seed), config, self.device)
 
     def protected(self, model: nn.Module) -> Protected:
         protected = protection(model, self.yolo.scope)
