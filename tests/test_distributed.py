@@ -12,9 +12,9 @@ import nam_prune
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "model.name=resnet8", "data.train_subset=512", "data.test_subset=256", "data.batch_size=32",
-    "sparsity.epochs=2", "sparsity.optimizer=adamw", "sparsity.lr=0.005",
-    "finetune.epochs=2", "finetune.optimizer=adamw", "finetune.lr=0.005",
-    "report.latency_runs=2", "report.warmup=0",
+    "sparsity.epochs=1", "sparsity.optimizer=adamw", "sparsity.lr=0.005",
+    "finetune.epochs=1", "finetune.optimizer=adamw", "finetune.lr=0.005",
+    "report.latency_runs=2", "report.warmup=0", "report.baseline=false",
 ]
 
 

@@ -36,7 +36,7 @@ def test_latency_timed_beside_busy_processes_is_flagged_under_the_table():
     ours = len(os.sched_getaffinity(0))  # one spinner per CPU this process may use
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(ours)]
     try:
-        busy = measure(model, example, ReportConfig(latency_runs=20, warmup=2))
+        busy = measure(model, example, ReportConfig(latency_runs=10, warmup=1))
     finally:
         for spinner in spinners:
             spinner.kill()

@@ -17,7 +17,6 @@ from nam_prune.check import LEAST_MACS_KEEP, SMALLEST_SIZE, TIMM_SWEEP, TOO_BIG,
 MACS_KEEP = 0.5
 FAST = {
     "resnet18",  # residual adds
-    "regnet_x_400mf",  # grouped convolutions (group width 16)
     "regnet_y_400mf",  # grouped convolutions that leave few channels per group, squeeze-excitation
     "mobilenet_v3_small",  # depthwise, squeeze-excitation, hard-swish
     "shufflenet_v2_x0_5",  # channel split and shuffle (traced through a stand-in)
@@ -70,7 +69,7 @@ def test_model_without_batchnorm_is_a_one_line_error(name):
     assert "no BatchNorm2d found" in result.status and "\n" not in result.status
 
 
-TIMM_FAST = {"resnet18d", "ghostnet_100", "regnetx_002"}
+TIMM_FAST = {"resnet18d", "ghostnet_100", "regnetx_002"}  # regnetx_002: grouped convolutions (group width 8)
 
 
 @pytest.mark.skipif(

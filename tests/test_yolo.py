@@ -272,6 +272,7 @@ def test_recipe_on_the_derived_set_trains_prunes_and_recalibrates(tmp_path: Path
     assert {"map50_95", "map50"} <= set(results["recalibrated"])
 
 
+@pytest.mark.slow
 def test_compare_works_for_detectors_at_matched_gflops(tmp_path: Path) -> None:
     """NAM against BN-slimming on a detector: every arm at the same GFLOPs, scored by mAP50-95."""
     tiny = ["yolo.imgsz=64", "yolo.report_imgsz=64", "report.latency_runs=1", "report.warmup=0",
