@@ -104,26 +104,21 @@ def _explicit_splits():
         torch.Tensor.split, torch.Tensor.chunk, torch.chunk = split, chunk, function_chunk
 
 
-def build_graph(model: nn.Module, example_input: torch.Tensor, stand_ins: StandIns | None = None) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph, traced with the gates in ``tracing_mode`` and the
-    family's and the sealed blocks' stand-ins.
-
-    Spatial gates are traced as identities: their parameters are indexed by pixel, not
-    channel, and their reductions over channels confuse torch-pruning's reshape inference
-    (it mis-maps the final flatten). They couple no channels, so the graph stays exact.
-    """
-    pixel_params = [p for m in model.modules() if isinstance(m, NAMSpatialGate) for p in m.parameters()]
+@contextlib.contextmanager
+def tracing(model: nn.Module, stand_ins: StandIns | None = None):
+    """What torch-pruning traces ``model`` under: eval mode, the gates in ``tracing_mode``, the
+    family's and the sealed blocks' stand-ins, explicit splits, autograd on even when the caller
+    is under no_grad / inference_mode. :func:`build_graph` traces in it, and so does anything
+    else that builds torch-pruning's graph of a model (a torch-pruning pruner), so both see the
+    same groups. A failed trace is one ``NamPruneError``."""
     stand_ins = {**blocks.stand_ins(model), **(stand_ins or {})}
     was_training = model.training
     model.eval()
     try:
-        # tracing needs autograd even when the caller is under no_grad / inference_mode
         with warnings.catch_warnings(), tracing_mode(model), torch.inference_mode(False), torch.enable_grad():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             with _stand_ins(model, stand_ins), _explicit_splits():
-                return tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_input.clone(), ignored_params=pixel_params
-                )
+                yield
     except NamPruneError:
         raise
     except Exception as error:  # torch-pruning raises many types while tracing
@@ -133,6 +128,24 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, stand_ins: StandI
         ) from error
     finally:
         model.train(was_training)
+
+
+def pixel_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Spatial gates' parameters: indexed by pixel, not channel, so never pruned."""
+    return [p for m in model.modules() if isinstance(m, NAMSpatialGate) for p in m.parameters()]
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor, stand_ins: StandIns | None = None) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph, traced :func:`tracing` ``model``.
+
+    Spatial gates are traced as identities: their parameters are indexed by pixel, not
+    channel, and their reductions over channels confuse torch-pruning's reshape inference
+    (it mis-maps the final flatten). They couple no channels, so the graph stays exact.
+    """
+    with tracing(model, stand_ins):
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_input.clone(), ignored_params=pixel_parameters(model)
+        )
 
 
 def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:

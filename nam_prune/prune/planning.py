@@ -15,7 +15,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -171,6 +171,21 @@ def channel_groups(
     return blocks
 
 
+def prunable_groups(
+    model: nn.Module, graph: tp.DependencyGraph, config: PruneConfig, protected: Protected | None = None
+) -> Iterator[tp.Group]:
+    """Every group a cut may change: rooted at a conv or linear layer that is not the head, in
+    ``config.ignore`` or ``protected.layers``, changing nothing inside a ``protected`` block and
+    no frozen channel."""
+    protected = protected or Protected()
+    roots_kept = head_layers(model) + _resolve(model, config.ignore) + protected.layers
+    ignored = [m for layer in roots_kept for m in layer.modules()]
+    frozen = blocks.frozen_channels(model)
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        if not (reaches_into(group, graph, protected.blocks) or blocks.touches_frozen(group, graph, frozen)):
+            yield group
+
+
 def score_groups(
     model: nn.Module,
     graph: tp.DependencyGraph,
@@ -182,20 +197,13 @@ def score_groups(
     """Score every prunable group; ``initial_channels`` (root name -> channels) bounds each cut.
 
     ``importance`` defaults to ``NAMImportance``; any torch-pruning importance works (the
-    ``compare`` command passes L1-norm and random ones). Groups that would change the
-    inside of a ``protected`` block are left out.
+    ``compare`` command passes L1-norm and random ones). Only :func:`prunable_groups` are scored.
     """
     importance = importance or NAMImportance(model, config.normalizer, config.fallback)
-    protected = protected or Protected()
-    roots_kept = head_layers(model) + _resolve(model, config.ignore) + protected.layers
-    ignored = [m for layer in roots_kept for m in layer.modules()]
     names = {m: n for n, m in model.named_modules()}
-    frozen = blocks.frozen_channels(model)
     tied = blocks.tied_copies(model)
     scored = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
-        if reaches_into(group, graph, protected.blocks) or blocks.touches_frozen(group, graph, frozen):
-            continue
+    for group in prunable_groups(model, graph, config, protected):
         scores = importance(group)
         if scores is None:
             continue
