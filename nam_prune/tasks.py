@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from nam_prune.artifact import ModelRecord, from_payload, load_state, record_of, state_dict_of
 from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
@@ -25,7 +26,7 @@ from nam_prune.prune.graph import Protected
 from nam_prune.recalibrate import recalibrate_bn
 from nam_prune.sparsity import Scales, gate_scales
 from nam_prune.surgery import NAMConfig, insert_nam, require_batchnorm
-from nam_prune.train import TrainConfig, TrainState, evaluate, fit
+from nam_prune.train import AfterBackward, TrainConfig, TrainState, accumulate_gradients, evaluate, fit
 
 if TYPE_CHECKING:
     from nam_prune.recipe import Recipe
@@ -47,12 +48,16 @@ class Task:
     ``resumable``: checkpoints every epoch and takes ``--resume``. ``multi_process``: runs
     under torchrun. ``columns``: (metric key, header) pairs of the summary table;
     ``score_key``: the metric that says how good a model is (a fraction 0-1).
+    ``exposes_gradients``: ``train`` calls an ``after_backward`` hook and
+    ``accumulate_gradients`` gives the task loss's gradients (what ``compare``'s ``group_sl``
+    and ``taylor`` need).
     """
 
     columns: Columns = CLASSIFICATION_COLUMNS
     score_key = "accuracy"
     resumable = True
     multi_process = True
+    exposes_gradients = False
 
     def __init__(self, recipe: "Recipe", device: torch.device) -> None:
         self.recipe, self.device = recipe, device
@@ -76,10 +81,17 @@ class Task:
         on_epoch_end: Callable[[TrainState], None] | None = None,
         resume: TrainState | None = None,
         penalised: Scales = gate_scales,
+        after_backward: AfterBackward | None = None,
     ) -> list[dict[str, Any]]:
-        """Train in place for ``config.epochs`` with ``config.penalty`` on the ``penalised`` scales;
-        returns one log entry per epoch (or stage)."""
+        """Train in place for ``config.epochs`` with ``config.penalty`` on the ``penalised`` scales
+        (and ``after_backward`` after each backward pass, where ``exposes_gradients``); returns one
+        log entry per epoch (or stage)."""
         raise NotImplementedError
+
+    def accumulate_gradients(self, model: nn.Module, batches: int) -> int:
+        """The task loss's mean gradient over ``batches`` training batches in ``.grad`` (where
+        ``exposes_gradients``); returns the batches used."""
+        raise NamPruneError(f"{type(self).__name__} does not expose the task loss's gradients")
 
     def score(self, model: nn.Module) -> float:
         """The task's score (``score_key``) of ``model`` on the test / val split."""
@@ -132,6 +144,8 @@ class Task:
 class ClassificationTask(Task):
     """Image classifiers: torchvision-style data loaders, cross-entropy training, top-1."""
 
+    exposes_gradients = True
+
     def __init__(self, recipe: "Recipe", device: torch.device) -> None:
         super().__init__(recipe, device)
         self.data = load_data(recipe.data, recipe.seed)
@@ -174,12 +188,16 @@ class ClassificationTask(Task):
             insert_nam(model, gates, record.example_input())
         return model.to(self.device), record
 
-    def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales):
+    def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None):
         history = fit(
-            model, self.data.train, config, self.device, stage,
-            on_epoch_end=on_epoch_end, resume=resume, penalised=penalised, compiled=self.recipe.nam.compile,
+            model, self.data.train, config, self.device, stage, on_epoch_end=on_epoch_end, resume=resume,
+            penalised=penalised, compiled=self.recipe.nam.compile, after_backward=after_backward,
         )
         return [asdict(entry) for entry in history]
+
+    def accumulate_gradients(self, model: nn.Module, batches: int) -> int:
+        """Over the batches recalibration uses."""
+        return accumulate_gradients(model, self._calibration(), batches, self.device)
 
     def score(self, model: nn.Module) -> float:
         return evaluate(model, self.data.test, self.device, "eval")
@@ -193,12 +211,15 @@ class ClassificationTask(Task):
         accuracy = evaluate(model, self.data.test, self.device, f"eval {stage}")
         return measure(model, example, self.recipe.report, accuracy).to_dict()
 
-    def recalibrate(self, model: nn.Module) -> int:
-        """The same batches every time (the calibration order is re-seeded), so resumed runs stay exact."""
+    def _calibration(self) -> DataLoader:
+        """The calibration order, re-seeded: the same batches every time, so resumed runs stay exact."""
         calibration = self.data.calibration
         if calibration.generator is not None:
             calibration.generator.manual_seed(self.recipe.seed + 1)
-        return recalibrate_bn(model, calibration, self.recipe.recalibrate, self.device)
+        return calibration
+
+    def recalibrate(self, model: nn.Module) -> int:
+        return recalibrate_bn(model, self._calibration(), self.recipe.recalibrate, self.device)
 
     def rng_state(self) -> dict[str, Any]:
         """Random-number states to resume with (under torchrun the sampler is seeded per epoch instead)."""

@@ -26,6 +26,9 @@ from nam_prune.sparsity import GammaStats, Regularizer, apply_sparsity_penalty, 
 
 log = logging.getLogger("nam_prune")
 
+AfterBackward = Callable[[nn.Module], None]
+"""Called with the (unwrapped) model after each backward pass: adds a regularizer's gradients."""
+
 
 @dataclass
 class TrainConfig:
@@ -137,12 +140,15 @@ def fit(
     resume: TrainState | None = None,
     penalised: Callable[[nn.Module], list[torch.Tensor]] = gate_scales,
     compiled: bool = False,
+    after_backward: AfterBackward | None = None,
 ) -> list[EpochLog]:
     """Train ``model`` for ``config.epochs``; the NAM penalty is applied when ``config.penalty > 0``.
 
     ``on_epoch_end`` receives the state after each complete epoch (to checkpoint it);
     ``resume`` continues from such a state with the same optimizer and schedule;
     ``penalised`` picks the scales the L1 penalty acts on (NAM gates by default);
+    ``after_backward(model)`` runs after every backward pass and the penalty, before the
+    optimizer step (a regularizer that adds to the gradients: torch-pruning's group sparsity);
     ``compiled`` trains through ``torch.compile`` of the whole model, so each BN, its gate and
     the activation after them run as fused kernels (``nam.compile``; compiled anew per stage,
     as pruning changes the shapes).
@@ -184,6 +190,8 @@ def fit(
                 penalty = apply_sparsity_penalty(
                     trained, config.penalty, penalised, config.regularizer, config.polarization_t
                 )
+                if after_backward is not None:
+                    after_backward(model)
                 optimizer.step()
                 if config.penalty and config.regularizer == "polarization":
                     clamp_scales(trained, penalised)
@@ -228,3 +236,26 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, stage: 
             bar.update(task, advance=1, status=f"acc {correct / seen:.4f}")
     correct, seen = distributed.all_reduce_sum([correct, seen], device)
     return correct / max(seen, 1)
+
+
+def accumulate_gradients(model: nn.Module, loader: DataLoader, batches: int, device: torch.device) -> int:
+    """The mean cross-entropy's gradient over the first ``batches`` batches of ``loader`` in each
+    parameter's ``.grad`` (what first-order Taylor importance reads), any earlier gradient
+    discarded; returns the batches used. The model runs in eval mode, so its BN statistics stay."""
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    criterion = nn.CrossEntropyLoss()
+    used = 0
+    try:
+        with torch.enable_grad():
+            for images, labels in loader:
+                if used == batches:
+                    break
+                used += 1
+                logits = model(images.to(device, non_blocking=True))
+                (criterion(logits, labels.to(device, non_blocking=True)) / batches).backward()
+    finally:
+        model.train(was_training)
+    return used

@@ -211,7 +211,9 @@ class DetectionTask(Task):
         elif self.data_yaml is None:  # the same images whatever the recipe's seed: every arm sees the same data
             self.data_yaml = make_fashion_detect(folder / "fashion_detect_data", FashionDetectConfig(imgsz=self.yolo.imgsz))
 
-    def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales):
+    def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None):
+        if after_backward is not None:  # ultralytics' trainer runs the backward pass (exposes_gradients is False)
+            raise NamPruneError(f"{stage}: detectors train through ultralytics, which takes no after_backward hook")
         if not config.epochs:  # e.g. a run that starts from a trained dense.pt
             return []
         label = stage.replace(" ", "")  # ultralytics' run sub-folder
