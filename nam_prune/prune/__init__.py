@@ -14,11 +14,13 @@ from nam_prune.prune.graph import (
     count_macs_params,
     replay,
 )
+from nam_prune.prune.group_sparsity import GroupSparsity
 from nam_prune.prune.importance import NAMImportance, normalize_scores
 from nam_prune.prune.planning import PruneConfig
 from nam_prune.prune.schedule import PruneResult, channel_step_fraction, check_macs_keeps, check_prunable, prune_model
 
 __all__ = [
+    "GroupSparsity",
     "IntactBlock",
     "NAMImportance",
     "Protected",
