@@ -155,7 +155,12 @@ def _compare_budgets(macs_keep: str | None, budgets: str | None) -> list[float]:
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
-@click.option("--criteria", default="nam,bn_slimming,l1,random", show_default=True)
+@click.option(
+    "--criteria", default="nam,bn_slimming,l1,random", show_default=True,
+    help="Comma-separated, of nam, nam_reference, bn_slimming, bn_slimming_polarized, group_sl (torch-pruning's "
+    "group sparse learning, then group L2 norm), l1, taylor (first-order Taylor on the task loss's gradients), "
+    "random, dense (unpruned). group_sl and taylor: classifiers only.",
+)
 @click.option(
     "--macs-keep", "macs_keep",
     help=f"Shares of the dense MACs to keep, comma-separated, as prune.macs_keep in run.  [default: {DEFAULT_MACS_KEEP}]",

@@ -11,7 +11,15 @@ first training penalises and how channels are ranked differ:
 * ``nam_reference``: the paper's gate and penalty (``sigmoid(w * BN(x)) * x``, L1, p = 1e-4);
 * ``bn_slimming``: no gates, L1 on every BN gamma at the recipe's p (network slimming), ranked
   by |BN gamma|; ``bn_slimming_polarized``: the same with the polarization penalty;
+* ``group_sl``: no gates; torch-pruning's group-sparsity regularizer (``GroupSparsity``, DepGraph's
+  sparse learning at ``GROUP_SL_REG``, no weight decay, no penalty) in the first training, then
+  ranked by the groups' L2 norm (``GroupMagnitudeImportance(p=2, normalizer="max")``), as
+  torch-pruning's CIFAR recipe (``benchmarks/main.py --method group_sl``) does;
 * ``l1``: no gates, no penalty, ranked by the L1 norm of each conv filter;
+* ``taylor``: no gates, no penalty; ranked by first-order Taylor importance
+  (``GroupTaylorImportance``: |weight x gradient| summed over each group) with the gradients of
+  the task loss over ``recalibrate.batches`` training batches (``TAYLOR_BATCHES`` when that is 0),
+  accumulated right before the cut and cleared right after it;
 * ``random``: no gates, no penalty, random ranking (seeded);
 * ``dense``: no gates, no penalty, no pruning: the same two training stages, the ceiling every
   row is read against.
@@ -26,6 +34,10 @@ its budget, which lands within that step (plus the bisection's own ``MACS_TOLERA
 records the share it actually kept (``macs_kept``). Each finished arm is written to
 ``compare.json`` at once, and each trained model is cached, so an interrupted comparison
 resumes where it stopped.
+
+``group_sl`` and ``taylor`` need the task loss's gradients (``Task.exposes_gradients``):
+classifiers have them; detectors (``yolo``) train through ultralytics' own loop, and compare
+refuses both criteria for them before anything trains.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ import logging
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -49,18 +61,31 @@ from nam_prune.console import console
 from nam_prune.errors import NamPruneError
 from nam_prune.measure import cpu_latency_ms
 from nam_prune.pipeline import resolve_device, seed_everything
-from nam_prune.prune import NAMImportance, PruneConfig, PruneResult, check_macs_keeps, count_macs_params
+from nam_prune.prune import (
+    GroupSparsity,
+    NAMImportance,
+    PruneConfig,
+    PruneResult,
+    check_macs_keeps,
+    count_macs_params,
+)
 from nam_prune.recipe import Recipe
 from nam_prune.sparsity import Scales, batchnorm_scales, gate_scales
 from nam_prune.stages import PruneAndFinetune
 from nam_prune.surgery import NAMConfig
 from nam_prune.tasks import Task, task_class
-from nam_prune.train import TrainConfig, TrainState, enable_compile
+from nam_prune.train import AfterBackward, TrainConfig, TrainState, enable_compile
 
 log = logging.getLogger("nam_prune")
 
 MACS_TOLERANCE = 0.02
 REFERENCE_PENALTY = 1e-4  # the NAM paper's p
+GROUP_SL_REG = 5e-4
+"""``group_sl``'s regularizer strength, whatever the recipe's penalty: torch-pruning's CIFAR recipe
+(ResNet-56, ``--method group_sl --reg 5e-4``; its sparse-learning stage also turns weight decay off)."""
+TAYLOR_BATCHES = 25
+"""Training batches ``taylor``'s gradients average over when the recipe's ``recalibrate.batches`` is 0."""
+GRADIENT_CRITERIA = ("group_sl", "taylor")
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,22 @@ class Training:
     gates: NAMConfig | None
     sparsity: TrainConfig
     penalised: Scales = gate_scales
+    after_backward: Callable[[nn.Module, ModelRecord, Task], AfterBackward] | None = None
+    """Builds, for the built model, what runs after each backward pass (``group_sl``'s regularizer)."""
+
+
+def _group_norm() -> tp.importance.Importance:
+    """group_sl's ranking, as torch-pruning's CIFAR recipe has it: each channel's L2 norm over its
+    whole group, divided by the group's largest."""
+    return tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")
+
+
+def _group_sparsity(prune: PruneConfig) -> Callable[[nn.Module, ModelRecord, Task], AfterBackward]:
+    def build(model: nn.Module, record: ModelRecord, task: Task) -> AfterBackward:
+        example = record.example_input(task.device)
+        return GroupSparsity(model, example, prune, task.protected(model), GROUP_SL_REG, _group_norm())
+
+    return build
 
 
 def _training(criterion: str, recipe: Recipe) -> Training:
@@ -84,10 +125,13 @@ def _training(criterion: str, recipe: Recipe) -> Training:
         return Training("slimming", None, replace(sparsity, regularizer="l1"), batchnorm_scales)
     if criterion == "bn_slimming_polarized":
         return Training("slimming_polarized", None, replace(sparsity, regularizer="polarization"), batchnorm_scales)
+    if criterion == "group_sl":
+        plain = replace(sparsity, penalty=0.0, weight_decay=0.0)
+        return Training("group_sl", None, plain, after_backward=_group_sparsity(recipe.prune))
     return Training("plain", None, replace(sparsity, penalty=0.0))
 
 
-CRITERIA = ("nam", "nam_reference", "bn_slimming", "bn_slimming_polarized", "l1", "random", "dense")
+CRITERIA = ("nam", "nam_reference", "bn_slimming", "bn_slimming_polarized", "group_sl", "l1", "taylor", "random", "dense")
 
 
 class SeededRandomImportance(tp.importance.Importance):
@@ -108,6 +152,10 @@ def _importance(criterion: str, model: nn.Module, recipe: Recipe, seed: int) -> 
         return NAMImportance(model, normalizer="none", fallback="bn")
     if criterion == "l1":
         return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="first", normalizer=None)
+    if criterion == "group_sl":
+        return _group_norm()
+    if criterion == "taylor":  # reads .grad: the arm accumulates the task loss's gradients before the cut
+        return tp.importance.GroupTaylorImportance()
     return SeededRandomImportance(seed)
 
 
@@ -121,7 +169,10 @@ def _trained(training: Training, seed: int, folder: Path, task: Task) -> tuple[n
         load_state(model, payload["state_dict"], str(path))
         return model.to(task.device), record, payload.get("score", payload.get("accuracy"))  # older caches: accuracy
     task.reseed(seed)
-    task.train(model, training.sparsity, f"{training.name} seed {seed}", penalised=training.penalised)
+    after_backward = training.after_backward(model, record, task) if training.after_backward else None
+    task.train(
+        model, training.sparsity, f"{training.name} seed {seed}", penalised=training.penalised, after_backward=after_backward
+    )
     task.recalibrate(model)
     score = task.score(model)
     save(path, model, record, score=score)
@@ -145,10 +196,12 @@ def matched_tolerance(recipe: Recipe, task: Task, criteria: list[str], keeps: li
             model, record = task.build(training.gates)
             built[training.name] = model.eval(), record
         model, record = built[training.name]
+        # what the cut can reach does not depend on the scores; taylor's need gradients the untrained model lacks
+        ranking = _importance("l1" if criterion == "taylor" else criterion, model, recipe, 0)
         try:
             share = check_macs_keeps(
                 model, record.example_input(task.device), _prune_config(recipe, min(keeps)), keeps,
-                task.protected(model), _importance(criterion, model, recipe, 0), keep_option="--macs-keep",
+                task.protected(model), ranking, keep_option="--macs-keep",
             )
         except NamPruneError as error:
             raise NamPruneError(f"{criterion} at --macs-keep {min(keeps):g}: {error}") from error
@@ -165,12 +218,26 @@ def matched_tolerance(recipe: Recipe, task: Task, criteria: list[str], keeps: li
 class _Arm(PruneAndFinetune):
     """One arm's stages: its cut checked against its budget, its fine-tuning seeded like every arm's."""
 
-    def __init__(self, task: Task, model: nn.Module, record: ModelRecord, seed: int, budget: tuple[float, float, int]) -> None:
+    def __init__(
+        self, task: Task, model: nn.Module, record: ModelRecord, seed: int, budget: tuple[float, float, int],
+        gradient_batches: int = 0,
+    ) -> None:
         example = record.example_input(task.device)
         super().__init__(task, model, record, example, lambda trained, label: {task.score_key: task.score(trained)})
         self.seed = seed
         self.keep, self.tolerance, self.dense_macs = budget
         self.kept = 1.0  # share of the dense MACs kept, measured before the gates are stripped
+        self.gradient_batches = gradient_batches  # > 0: the ranking reads the task loss's gradients
+
+    def cut(self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None = None) -> None:
+        """The cut, ranked on the task loss's gradients over ``gradient_batches`` batches when there
+        are any; the gradients are cleared once it is done (fine-tuning starts from none)."""
+        if self.gradient_batches:
+            self.task.accumulate_gradients(self.model, self.gradient_batches)
+        try:
+            super().cut(config, between, importance)
+        finally:
+            self.model.zero_grad(set_to_none=True)
 
     def after_prune(self, pruning: PruneResult) -> None:
         self.kept = count_macs_params(self.model, self.example)[0] / self.dense_macs
@@ -191,7 +258,8 @@ def _arm(
     """Prune a copy of ``trained`` (``dense_cost`` = its MACs, params) to ``keep`` of its MACs
     (not at all for ``dense``), within ``tolerance``, and run the stages after it."""
     key = task.score_key
-    arm = _Arm(task, copy.deepcopy(trained), record, seed, (keep, tolerance, dense_cost[0]))
+    gradient_batches = (recipe.recalibrate.batches or TAYLOR_BATCHES) if criterion == "taylor" else 0
+    arm = _Arm(task, copy.deepcopy(trained), record, seed, (keep, tolerance, dense_cost[0]), gradient_batches)
     pruned = criterion != "dense"
     importance = _importance(criterion, arm.model, recipe, seed) if pruned else None
     try:
@@ -230,7 +298,14 @@ def compare(
     if not macs_keep or any(not 0 < k < 1 for k in macs_keep):
         raise NamPruneError("--macs-keep values are shares of the MACs to keep, each strictly between 0 and 1")
     keeps = [round(k, 10) for k in macs_keep]  # 1 - 0.7 from --budgets is 0.30000000000000004
-    task = task_class(recipe.model.name)(recipe, resolve_device(recipe.device))
+    task_type = task_class(recipe.model.name)
+    needs_gradients = [c for c in criteria if c in GRADIENT_CRITERIA]
+    if needs_gradients and not task_type.exposes_gradients:
+        raise NamPruneError(
+            f"{', '.join(needs_gradients)}: not available for {recipe.model.name}: they need the task loss's gradients, "
+            "which only classifiers expose (detectors train through ultralytics' own loop)"
+        )
+    task = task_type(recipe, resolve_device(recipe.device))
     enable_compile(recipe.nam.compile, task.device)
     tolerance = matched_tolerance(recipe, task, criteria, keeps)
     folder.mkdir(parents=True, exist_ok=True)

@@ -164,3 +164,110 @@ def test_compare_takes_shares_kept_and_converts_the_deprecated_budgets(monkeypat
     result, given = _invoke_compare(monkeypatch, "--macs-keep", "0.5", "--budgets", "0.5")
     assert result.exit_code == 2 and given == []
     assert "give only --macs-keep" in result.output
+
+
+def test_group_sl_and_taylor_meet_their_budget_and_learn(tmp_path, fashion_root):
+    state = compare(recipe_from_dict(TINY), ["group_sl", "taylor"], [0.5], [0], tmp_path)
+    arms = {a["criterion"]: a for a in state["arms"]}
+    assert set(arms) == {"group_sl", "taylor"}
+    for arm in arms.values():
+        assert abs(arm["macs_kept"] - 0.5) <= state["macs_tolerance"], arm
+        assert {"accuracy_trained", "accuracy_pruned", "accuracy_recalibrated", "accuracy"} <= set(arm)
+        assert arm["accuracy"] > 0.15, arm  # 10 classes: chance is 0.1 (4 steps of training, 4 of fine-tuning)
+    # group_sl trains a model of its own (with the regularizer); taylor ranks the plain model l1 and random share
+    assert {p.name for p in tmp_path.glob("trained_*.pt")} == {"trained_group_sl_seed0.pt", "trained_plain_seed0.pt"}
+
+
+def test_gradient_criteria_are_refused_for_detectors_before_anything_trains(tmp_path, monkeypatch):
+    from nam_prune.errors import NamPruneError
+
+    monkeypatch.setattr(compare_module, "_trained", lambda *args: pytest.fail("trained before refusing"))
+    recipe = recipe_from_dict({**TINY, "model": {"name": "yolov8n.yaml"}})
+    with pytest.raises(NamPruneError, match=r"^group_sl, taylor: not available for yolov8n.yaml: .*classifiers") as raised:
+        compare(recipe, ["nam", "group_sl", "taylor"], [0.5], [0], tmp_path / "out")
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _group_norms(model, example):
+    """Each prunable group's per-channel L2 norm over the whole group (unnormalized), by root name."""
+    import torch_pruning as tp
+
+    from nam_prune.prune import PruneConfig, build_graph
+    from nam_prune.prune.planning import prunable_groups
+
+    graph = build_graph(model, example)
+    norm = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+    names = {m: n for n, m in model.named_modules()}
+    return {names[g[0].dep.target.module]: norm(g) for g in prunable_groups(model, graph, PruneConfig())}
+
+
+def test_group_sparsity_shrinks_the_weak_channels_groups_against_plain_training():
+    import copy
+
+    import torch
+    import torch_pruning as tp
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nam_prune.models import ModelSpec, build_model
+    from nam_prune.prune import GroupSparsity, PruneConfig
+    from nam_prune.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet8", 10, 1, 16))
+    example = torch.randn(1, 1, 28, 28)
+    loader = DataLoader(TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))), batch_size=16)
+    config = TrainConfig(epochs=2, lr=0.05, momentum=0.0, weight_decay=0.0, schedule="constant")
+    before = _group_norms(model, example)
+    plain, regularized = copy.deepcopy(model), copy.deepcopy(model)
+    sparsity = GroupSparsity(regularized, example, PruneConfig(), None, 0.05, tp.importance.GroupMagnitudeImportance(p=2))
+    assert {type(g[0].dep.target.module) for g in sparsity._groups} == {torch.nn.Conv2d}  # never the head
+    fit(plain, loader, config, torch.device("cpu"), "plain")
+    fit(regularized, loader, config, torch.device("cpu"), "group_sl", after_backward=sparsity)
+    after_plain, after_regularized = _group_norms(plain, example), _group_norms(regularized, example)
+    weak, strong = [], []
+    for root, norms in before.items():
+        ratio = after_regularized[root] / after_plain[root]
+        order = torch.argsort(norms)
+        quarter = max(1, len(order) // 4)
+        weak.append(ratio[order[:quarter]].mean())
+        strong.append(ratio[order[-quarter:]].mean())
+    weak, strong = torch.stack(weak), torch.stack(strong)
+    assert bool((weak < 1).all()) and bool((strong < 1).all())  # every group shrinks against plain training
+    assert bool((weak < strong).all())  # in every layer the weak channels' groups most (gamma up to 16 against 1)
+
+
+def test_taylor_ranks_on_the_task_gradients_and_leaves_none_behind(fashion_root):
+    from dataclasses import replace
+
+    import torch
+    import torch_pruning as tp
+
+    from nam_prune.compare import _Arm, _prune_config
+    from nam_prune.prune import build_graph, count_macs_params
+    from nam_prune.prune.planning import prunable_groups
+    from nam_prune.tasks import ClassificationTask
+
+    recipe = recipe_from_dict(TINY)
+    task = ClassificationTask(recipe, torch.device("cpu"))
+    model, record = task.build(None)
+    scores = []
+
+    class Recorded(tp.importance.GroupTaylorImportance):
+        def __call__(self, group):
+            scores.append(super().__call__(group))
+            return scores[-1]
+
+    dense_macs = count_macs_params(model, record.example_input())[0]
+    arm = _Arm(task, model, record, 0, (0.5, 0.1, dense_macs), gradient_batches=2)
+    arm.cut(_prune_config(recipe, 0.5), replace(recipe.finetune, epochs=0), Recorded())
+    assert scores and all(bool((s > 0).any()) for s in scores)  # |w * dL/dw| is not zero anywhere a gradient flows
+    assert all(p.grad is None for p in model.parameters())  # nothing leaks into fine-tuning
+    assert abs(arm.kept - 0.5) <= 0.1
+    # the same group of an unranked copy with zero gradients scores zero: the scores come from the gradients
+    probe = task.build(None)[0]
+    for parameter in probe.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    graph = build_graph(probe, record.example_input())
+    group = next(iter(prunable_groups(probe, graph, _prune_config(recipe, 0.5))))
+    assert float(tp.importance.GroupTaylorImportance(normalizer=None)(group).abs().sum()) == 0.0
