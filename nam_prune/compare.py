@@ -14,7 +14,7 @@ first training penalises and how channels are ranked differ:
 * ``group_sl``: no gates; torch-pruning's group-sparsity regularizer (``GroupSparsity``, DepGraph's
   sparse learning at ``GROUP_SL_REG``, no weight decay, no penalty) in the first training, then
   ranked by the groups' L2 norm (``GroupMagnitudeImportance(p=2, normalizer="max")``), as
-  torch-pruning's CIFAR recipe (``benchmarks/main.py --method group_sl``) does;
+  torch-pruning's CIFAR recipe (its benchmark script's ``main.py --method group_sl``) does;
 * ``l1``: no gates, no penalty, ranked by the L1 norm of each conv filter;
 * ``taylor``: no gates, no penalty; ranked by first-order Taylor importance
   (``GroupTaylorImportance``: |weight x gradient| summed over each group) with the gradients of
