@@ -103,7 +103,7 @@ def round_speedups(slow: list[list[float]], fast: list[list[float]]) -> list[flo
 
 def allocator_env() -> dict[str, str]:
     """The environment that sets how glibc's malloc serves large blocks: it halves eager ResNet-50
-    batch-32 latency (README, *Performance*), so every JSON records it."""
+    batch-32 latency (docs/performance.md), so every JSON records it."""
     return {key: value for key, value in os.environ.items() if key.startswith("MALLOC_") or key == "LD_PRELOAD"}
 
 

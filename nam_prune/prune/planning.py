@@ -57,8 +57,8 @@ class PruneConfig:
     ignore: module names never pruned (the classifier head never is).
     strip_gates: remove the NAM gates after pruning, each folded into its host BN as its
         best affine fit (gate-then-strip): the plain, faster model fine-tuning then trains.
-        On by default: kept gates make the deployed model slower for no accuracy the README's
-        seed runs could tell apart.
+        On by default: kept gates make the deployed model slower for no accuracy the seed runs
+        could tell apart (docs/performance.md, how the defaults were chosen).
     """
 
     target: Literal["macs", "channels"] = "macs"

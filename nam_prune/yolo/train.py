@@ -159,7 +159,7 @@ def calibration_batches(data_yaml: Path, yolo: YoloConfig, seed: int = 0) -> Ite
 
     Un-augmented images are the wrong sample: training's random affine fills borders with
     gray and rescales items, so statistics re-estimated on plain images shift every layer
-    and cost a trained detector most of its mAP (README, the detection section).
+    and cost a trained detector most of its mAP (docs/yolo.md).
     """
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_dataloader, build_yolo_dataset
