@@ -53,7 +53,11 @@ def _channel(v: torch.Tensor) -> torch.Tensor:
 
 
 def _channel_sums(grad: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``sum(grad)`` and ``sum(grad * x_hat)`` in one pass: batch norm's own backward reduction."""
+    """Per-channel ``sum(grad)`` and ``sum(grad * x_hat)``: on the CPU in one pass, batch norm's own
+    backward reduction; CUDA's version of that op rejects the undefined weight and running stats, so
+    there two plain reductions."""
+    if grad.device.type != "cpu":
+        return grad.sum((0, 2, 3)), (grad * x_hat).sum((0, 2, 3))
     zeros = x_hat.new_zeros(x_hat.shape[1])
     _, weighted, total = torch.ops.aten.native_batch_norm_backward(
         grad, x_hat, None, None, None, zeros, torch.ones_like(zeros), True, 0.0, [False, True, True]
