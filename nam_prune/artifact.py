@@ -1,10 +1,9 @@
 """Stage 6a: save and load models as weights-only files that never run code when read.
 
 A saved model holds only tensors and plain values: the model spec, the NAM config, the
-input shape, torch-pruning's pruning history and the state dict (plus recipe, metrics
-and versions). Loading rebuilds the dense model, re-inserts the gates, replays the
-pruning through the dependency graph and loads the weights, so the result is the exact
-saved module.
+input shape, the channels cut from each layer and the state dict (plus recipe, metrics
+and versions). Loading rebuilds the dense model, re-inserts the gates, cuts the same
+channels and loads the weights, so the result is the exact saved module.
 """
 
 from __future__ import annotations
@@ -32,6 +31,8 @@ class ModelRecord:
     nam: NAMConfig | None = None
     history: PruningHistory = field(default_factory=list)
     stripped: bool = False
+    history_by_layer: bool = True
+    """Format 3 on: the history is per-layer cuts; older files hold torch-pruning's group roots."""
 
     def example_input(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.zeros(1, *self.input_shape, device=device)
@@ -51,7 +52,7 @@ def save(
             "model": asdict(record.spec),
             "input_shape": list(record.input_shape),
             "nam": asdict(record.nam) if record.nam else None,
-            "pruning_history": [[name, out, list(idxs)] for name, out, idxs in record.history],
+            "pruning_history": [[[name, out, list(idxs)] for name, out, idxs in step] for step in record.history],
             "gates_stripped": record.stripped,
             "state_dict": {k: v.detach().cpu() for k, v in state.items()},
             **extra,
@@ -60,17 +61,26 @@ def save(
 
 
 def record_of(payload: dict[str, Any]) -> ModelRecord:
-    """The record of a checkpoint; format 1 files predate ``nam.gate`` and hold reference gates."""
+    """The record of a checkpoint; format 1 files predate ``nam.gate`` and hold reference gates,
+    files before format 3 record their pruning by group roots."""
     try:
         return ModelRecord(
             spec=ModelSpec(**payload["model"]),
             input_shape=tuple(payload["input_shape"]),
             nam=NAMConfig(**{"gate": "reference", **payload["nam"]}) if payload.get("nam") else None,
-            history=[(n, bool(o), list(i)) for n, o, i in payload.get("pruning_history", [])],
+            history=_history(payload),
             stripped=bool(payload.get("gates_stripped", False)),
+            history_by_layer=payload.get("format_version", 1) >= 3,
         )
     except (KeyError, TypeError) as error:
         raise NamPruneError(f"checkpoint is missing or has a malformed field ({error}); re-save it") from error
+
+
+def _history(payload: dict[str, Any]) -> PruningHistory:
+    """Format 3 stores a list of steps; older files one flat list of torch-pruning's group roots."""
+    stored = payload.get("pruning_history", [])
+    steps = stored if payload.get("format_version", 1) >= 3 else [stored] if stored else []
+    return [[(n, bool(o), list(i)) for n, o, i in step] for step in steps]
 
 
 def rebuild(record: ModelRecord) -> nn.Module:
@@ -81,7 +91,7 @@ def rebuild(record: ModelRecord) -> nn.Module:
         insert_nam(model, record.nam, record.example_input())
     if record.history:
         stand_ins = family.trace_stand_ins() if family.trace_stand_ins else None
-        replay(model, record.example_input(), record.history, stand_ins)
+        replay(model, record.example_input(), record.history, stand_ins, record.history_by_layer)
     if record.stripped:
         strip_gates(model, fold=False)  # the checkpoint's weights replace whatever a fold would give
     return model

@@ -8,6 +8,7 @@ unless the user vouches for it; writes go to a temporary file renamed into place
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import os
 import pickle
 import platform
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
-import torch_pruning
 import torchvision
 
 from nam_prune.errors import NamPruneError, first_line
@@ -26,7 +26,7 @@ from nam_prune.version import __version__
 T = TypeVar("T")
 
 FORMAT = "nam-prune"
-FORMAT_VERSION = 2  # 2: nam.gate recorded (format 1 files hold reference gates)
+FORMAT_VERSION = 3  # 2: nam.gate recorded (format 1 files hold reference gates); 3: pruning history per layer
 
 
 def library_versions() -> dict[str, str]:
@@ -34,7 +34,8 @@ def library_versions() -> dict[str, str]:
         "nam_prune": __version__,
         "torch": str(torch.__version__),  # TorchVersion is a str subclass that weights-only loading refuses
         "torchvision": str(torchvision.__version__),
-        "torch_pruning": str(torch_pruning.__version__),
+        # the installed metadata: the 1.6.0 wheel has no ``torch_pruning.__version__`` and 1.6.1 says "1.6.0" there
+        "torch_pruning": importlib.metadata.version("torch-pruning"),
         "python": platform.python_version(),
     }
 

@@ -9,10 +9,10 @@ import torch
 
 import nam_prune
 from nam_prune.artifact import ModelRecord, save
-from nam_prune.checkpoint import atomic_write, check_writable
+from nam_prune.checkpoint import atomic_write, check_writable, read_checkpoint, write_checkpoint
 from nam_prune.errors import NamPruneError
 from nam_prune.models import ModelSpec, build_model
-from nam_prune.prune import PruneConfig, prune_model
+from nam_prune.prune import PruneConfig, build_graph, prune_model
 from nam_prune.surgery import NAMConfig, insert_nam
 
 X = torch.randn(3, 1, 28, 28)
@@ -143,3 +143,23 @@ def test_stripped_model_reloads(tmp_path, monkeypatch):
     monkeypatch.setattr(surgery, "affine_fit", None)  # loading restores the architecture only: nothing to fold
     with torch.no_grad():
         assert torch.equal(nam_prune.load(path)(X), model(X))
+
+
+def test_format_2_files_replay_their_group_history(tmp_path):
+    """Files written before format 3 record torch-pruning's group roots; they still load as saved."""
+    spec = ModelSpec("resnet8", num_classes=10, in_channels=1, width=8)
+    example = torch.zeros(1, 1, 28, 28)
+    model = build_model(spec).eval()
+    graph = build_graph(model, example)
+    graph.get_pruning_group(model.layer1[0].conv1, graph.get_pruner_of_module(model.layer1[0].conv1).prune_out_channels,
+                            [0, 3]).prune()
+    graph.get_pruning_group(model.conv1, graph.get_pruner_of_module(model.conv1).prune_out_channels, [1]).prune()
+    path = tmp_path / "old.pt"
+    save(path, model, ModelRecord(spec, (1, 28, 28)))
+    payload = read_checkpoint(path)
+    payload.update(format_version=2, pruning_history=[[n, o, list(i)] for n, o, i in graph.pruning_history()])
+    write_checkpoint(path, payload)
+    assert read_checkpoint(path)["format_version"] == 2
+    reloaded = nam_prune.load(path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(X), model(X))

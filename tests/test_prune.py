@@ -8,7 +8,7 @@ import torch_pruning as tp
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMChannelGate
 from nam_prune.models import ModelSpec, build_model
-from nam_prune.prune import NAMImportance, PruneConfig, count_macs_params, normalize_scores, prune_model
+from nam_prune.prune import NAMImportance, PruneConfig, build_graph, count_macs_params, normalize_scores, prune_model
 from nam_prune.prune.planning import ScoredGroup, plan_cut
 from nam_prune.surgery import NAMConfig, insert_nam
 
@@ -163,3 +163,22 @@ def test_macs_step_bounds_how_far_below_its_target_a_cut_lands(scope):
             assert keep - coarse <= kept <= keep, (keep, seed, kept)
     with pytest.raises(NamPruneError, match=r"cannot reach .* raise --macs-keep$"):
         check_macs_keeps(model, example, PruneConfig(round_to=16, max_pruning_ratio=0.5), [0.5, 0.1], keep_option="--macs-keep")
+
+
+def test_split_parts_map_to_the_layers_that_read_them():
+    """torch-pruning maps a split's parts to its readers in the order its trace met them (often
+    reversed); ``build_graph`` puts them back in part order, so a cut lands in the right reader."""
+
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.first, self.second = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 5, 1), nn.Conv2d(4, 6, 1)
+
+        def forward(self, x):
+            low, high = torch.split(self.stem(x), [4, 4], dim=1)
+            return torch.cat([self.first(low), self.second(high)], dim=1)
+
+    model = TwoReaders()
+    graph = build_graph(model, torch.zeros(1, 3, 4, 4))
+    graph.get_pruning_group(model.stem, graph.get_pruner_of_module(model.stem).prune_out_channels, [0, 1, 6]).prune()
+    assert (model.first.in_channels, model.second.in_channels) == (2, 3)

@@ -16,7 +16,10 @@ from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMSpatialGate, tracing_mode
 from nam_prune.prune import blocks
 
-PruningHistory = list[tuple[str, bool, list[int]]]
+LayerCuts = list[tuple[str, bool, list[int]]]
+"""One pruning step: (layer name, output channels?, channels removed), each layer and side once."""
+PruningHistory = list[LayerCuts]
+"""Every step's cuts in order, each in the numbering of the model as that step found it."""
 StandIns = blocks.StandIns
 """Block types traced through a simpler forward with the same convs and shapes (torch-pruning
 cannot map the reshapes inside YOLO attention blocks). Such blocks must also be kept intact
@@ -135,17 +138,53 @@ def pixel_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, NAMSpatialGate) for p in m.parameters()]
 
 
+def _split_output_index(split: tp.dependency.Node, consumer: tp.dependency.Node) -> int | None:
+    """Which output of ``split`` feeds ``consumer``, from autograd's edges (``next_functions``
+    pairs each input with its producer's output number); ``None`` if not exactly one."""
+    found, seen, frontier = set(), set(), [consumer.grad_fn]
+    while frontier and len(seen) < 64:
+        fn = frontier.pop()
+        for producer, output in getattr(fn, "next_functions", ()):
+            if producer is split.grad_fn:
+                found.add(output)
+            elif producer is not None and producer not in seen:
+                seen.add(producer)
+                frontier.append(producer)
+    return found.pop() if len(found) == 1 else None
+
+
+def _order_split_outputs(graph: tp.DependencyGraph) -> None:
+    """Put each split's consumers in the order of the parts they read, then redo torch-pruning's
+    channel bookkeeping. torch-pruning maps part i to the i-th consumer its trace happened to
+    meet, which is often the reverse order (MixNet's mixed convs, any ``torch.split`` whose parts
+    feed different layers): cuts then land in the wrong part."""
+    reordered = False
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT or len(node.outputs) < 2:
+            continue
+        index = [_split_output_index(node, consumer) for consumer in node.outputs]
+        if None in index or len(set(index)) != len(index) or index == sorted(index):
+            continue
+        node.outputs = [consumer for _, consumer in sorted(zip(index, node.outputs), key=lambda pair: pair[0])]
+        reordered = True
+    if reordered:
+        tp.dependency.shape_infer.init_shape_information(graph)
+        tp.dependency.index_mapping.update_index_mapping(graph)
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor, stand_ins: StandIns | None = None) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph, traced :func:`tracing` ``model``.
+    """torch-pruning's dependency graph, traced :func:`tracing` ``model``, splits mapped in order.
 
     Spatial gates are traced as identities: their parameters are indexed by pixel, not
     channel, and their reductions over channels confuse torch-pruning's reshape inference
     (it mis-maps the final flatten). They couple no channels, so the graph stays exact.
     """
     with tracing(model, stand_ins):
-        return tp.DependencyGraph().build_dependency(
+        graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_input.clone(), ignored_params=pixel_parameters(model)
         )
+    _order_split_outputs(graph)
+    return graph
 
 
 def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
@@ -168,11 +207,42 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
+def cut_layers(model: nn.Module, cuts: LayerCuts) -> None:
+    """Make one step's ``cuts`` (from ``planning.layer_cuts``) with torch-pruning's layer pruners.
+
+    Every layer is cut by its own channel list, all read off one trace of the model. Cutting the
+    groups one after another through the graph instead leaves torch-pruning's concat and split
+    offsets at their traced values while earlier groups change the widths behind them, so a
+    later group's channels land in the wrong part (MixNet's mixed convs). Each layer's pruner is
+    chosen before any cut: a grouped conv cut to one channel per group looks depthwise afterwards.
+    """
+    modules = dict(model.named_modules())
+    registry = tp.DependencyGraph()  # only its pruner registry: which function cuts which layer type
+    pruners = {name: registry.get_pruner_of_module(modules[name]) for name, _, _ in cuts}
+    for name, out, channels in cuts:
+        module, pruner = modules[name], pruners[name]
+        width = pruner.get_out_channels(module) if out else pruner.get_in_channels(module)
+        if width is not None and len(channels) >= width:
+            raise NamPruneError(f"pruning would empty {name}; lower prune.max_pruning_ratio")
+        (pruner.prune_out_channels if out else pruner.prune_in_channels)(module, channels)
+    blocks.sync_widths(model)
+
+
 def replay(
-    model: nn.Module, example_input: torch.Tensor, history: PruningHistory, stand_ins: StandIns | None = None
+    model: nn.Module,
+    example_input: torch.Tensor,
+    history: PruningHistory,
+    stand_ins: StandIns | None = None,
+    by_layer: bool = True,
 ) -> nn.Module:
-    """Redo a recorded pruning on a freshly built dense model (how checkpoints are rebuilt)."""
+    """Redo a recorded pruning on a freshly built dense model (how checkpoints are rebuilt): each
+    step's per-layer cuts (:func:`cut_layers`), or, ``by_layer=False`` for files of format 2 and
+    older, torch-pruning's history of group roots (one flat step) replayed through the graph."""
+    if by_layer:
+        for step in history:
+            cut_layers(model, step)
+        return model
     graph = build_graph(model, example_input, stand_ins)
-    graph.load_pruning_history([[name, out, list(idxs)] for name, out, idxs in history])
+    graph.load_pruning_history([[name, out, list(idxs)] for step in history for name, out, idxs in step])
     blocks.sync_widths(model)
     return model

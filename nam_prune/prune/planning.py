@@ -26,9 +26,10 @@ from nam_prune.config import bounded
 from nam_prune.errors import NamPruneError
 from nam_prune.prune import blocks
 from nam_prune.prune.graph import (
+    LayerCuts,
     Protected,
-    PruningHistory,
     count_macs_params,
+    cut_layers,
     head_layers,
     reaches_into,
 )
@@ -77,13 +78,13 @@ class PruneConfig:
 
 @dataclass
 class Member:
-    """One layer a group's cut changes: its pruning function and, per channel of that layer
+    """One layer a group's cut changes: which side (output channels or input) and, per channel of that layer
     the group covers, the root channel it follows (all in the unpruned numbering). ``min_keep``
     is set when the group covers the layer wholly but not one-to-one with the root (a split
     half, a layer fed by a channel and its copy): the cut must leave it that many channels."""
 
     name: str
-    handler: Callable[[nn.Module, list[int]], nn.Module]
+    out_channels: bool
     local: np.ndarray
     root: np.ndarray
     min_keep: int = 0
@@ -104,7 +105,7 @@ def _members(
         covered = len(np.unique(local))
         one_to_one = covered == size and len(local) == size and len(np.unique(root)) == size
         min_keep = max(1, int(np.ceil(channels * (1 - max_ratio)))) if covered == channels and not one_to_one else 0
-        members.append(Member(names[module], item.dep.handler, local, root, min_keep))
+        members.append(Member(names[module], out, local, root, min_keep))
     return members
 
 
@@ -302,44 +303,32 @@ def _spare_members(cut: list[int], group: ScoredGroup) -> list[int]:
     return sorted(removed)
 
 
-def apply_plan(
-    model: nn.Module, graph: tp.DependencyGraph, groups: list[ScoredGroup], plan: dict[str, list[int]]
-) -> PruningHistory:
-    """Cut the planned channels through the dependency graph; returns the replayable history."""
-    modules = dict(model.named_modules())
-    for group in groups:
-        if group.root not in plan:
-            continue
-        module = modules[group.root]
-        pruner = graph.get_pruner_of_module(module)
-        handler = pruner.prune_out_channels if group.out_channels else pruner.prune_in_channels
-        cut = graph.get_pruning_group(module, handler, plan[group.root])
-        if not graph.check_pruning_group(cut):
-            raise NamPruneError(f"pruning {group.root} would empty a coupled layer; lower prune.max_pruning_ratio")
-        cut.prune()
-    blocks.sync_widths(model)
-    return [(name, bool(out), [int(i) for i in idxs]) for name, out, idxs in graph.pruning_history()]
-
-
-def _trial_macs(model: nn.Module, example_input: torch.Tensor, groups: list[ScoredGroup], plan: dict[str, list[int]]) -> int:
-    """MACs of a copy with ``plan`` cut. Every layer is cut once per direction, by the union of
-    the channels its groups' maps give in the unpruned numbering, so no group is re-traced
-    (torch-pruning re-maps every concat per group, minutes on a DenseNet); the real cut
-    (``apply_plan``) gives the same layers."""
-    trial = copy.deepcopy(model)
-    modules = dict(trial.named_modules())
-    cuts: dict[tuple[str, Callable], set[int]] = {}
+def layer_cuts(groups: list[ScoredGroup], plan: dict[str, list[int]]) -> LayerCuts:
+    """What ``plan`` removes from each layer: per layer and side, the union of the channels its
+    groups' maps give, all in the numbering the groups were scored in."""
+    cuts: dict[tuple[str, bool], set[int]] = {}
     for group in groups:
         if group.root not in plan:
             continue
         wanted = np.array(plan[group.root], dtype=np.int64)
         for member in group.members:
             chosen = member.local[np.isin(member.root, wanted)]
-            cuts.setdefault((member.name, member.handler), set()).update(int(i) for i in chosen)
-    for (name, handler), channels in cuts.items():
-        if channels:
-            handler(modules[name], sorted(channels))
-    blocks.sync_widths(trial)
+            if len(chosen):
+                cuts.setdefault((member.name, member.out_channels), set()).update(int(i) for i in chosen)
+    return [(name, out, sorted(channels)) for (name, out), channels in cuts.items()]
+
+
+def apply_plan(model: nn.Module, groups: list[ScoredGroup], plan: dict[str, list[int]]) -> LayerCuts:
+    """Cut the planned channels; returns them per layer, replayable with ``graph.cut_layers``."""
+    cuts = layer_cuts(groups, plan)
+    cut_layers(model, cuts)
+    return cuts
+
+
+def _trial_macs(model: nn.Module, example_input: torch.Tensor, groups: list[ScoredGroup], plan: dict[str, list[int]]) -> int:
+    """MACs of a copy with ``plan`` cut (the cut :func:`apply_plan` makes)."""
+    trial = copy.deepcopy(model)
+    cut_layers(trial, layer_cuts(groups, plan))
     return count_macs_params(trial, example_input)[0]
 
 

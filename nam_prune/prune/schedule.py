@@ -126,7 +126,7 @@ def prune_model(
         scores = {g.root: g.scores for g in groups}
         threshold = max(float(scores[root][idxs].max()) for root, idxs in plan.items()) if plan else float("nan")
         step_params = parameter_count(model)
-        history += apply_plan(model, graph, groups, plan)
+        history.append(apply_plan(model, groups, plan))
         if parameter_count(model) >= step_params:  # cheap: MACs are counted by the caller's report
             raise NamPruneError(
                 "pruning removed nothing: every layer is at prune.max_pruning_ratio, narrower than prune.round_to "
