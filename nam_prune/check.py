@@ -23,13 +23,14 @@ import torch.nn as nn
 import torchvision
 
 from nam_prune.artifact import ModelRecord, load, save
-from nam_prune.errors import NamPruneError
+from nam_prune.errors import NamPruneError, first_line
 from nam_prune.models import ModelSpec, build_model, check_input
 from nam_prune.prune import PruneConfig, prune_model
 from nam_prune.prune.graph import count_macs_params
 from nam_prune.surgery import NAMConfig, insert_nam, require_batchnorm
 
 Scope = Literal["global", "local"]
+INTERNAL_ERROR = "internal error (a nam-prune bug, please report it)"
 
 SMALLEST_SIZE = {"inception_v3": 75, "maxvit_t": 224}
 """Sweep input sizes where 64 px is too small (what ``check_input`` names)."""
@@ -51,6 +52,11 @@ TIMM_SWEEP = (
     "cs3darknet_s",
     "resnext26ts",
     "hrnet_w18_small",  # parallel resolutions fused
+    "resnest14d",  # split attention: radix parts reshaped into a new dimension
+    "tf_mixnet_s",  # mixed kernels: the input split at stored sizes
+    "skresnet18",  # selective kernels: paths stacked and weighted
+    "res2net50_14w_8s",  # multi-scale splits at a stored width, chained by adds
+    "dpn68",  # dual paths: a residual width sliced off a dense path
 )
 
 
@@ -105,8 +111,9 @@ def check_model(
     in_channels: int = 3,
     seed: int = 0,
 ) -> CheckResult:
-    """Gate, prune (each scope) and reload ``name`` at ``image_size``; a model or data problem
-    ends in ``status`` (the one-line error), anything else is a bug and raises."""
+    """Gate, prune (each scope) and reload ``name`` at ``image_size``. Any failure ends in
+    ``status`` (one line) so a sweep goes on: a model or data problem as its error, anything
+    else as ``internal error: ...`` (a bug in nam-prune, reported as such)."""
     started = time.perf_counter()
     result = CheckResult(name, image_size)
     shape = (in_channels, image_size, image_size)
@@ -132,6 +139,8 @@ def check_model(
             result.reload_max_abs_diff = max(result.reload_max_abs_diff, difference)
     except NamPruneError as error:
         result.status = str(error)
+    except Exception as error:  # a row per model: one bug must not hide the rest of the sweep
+        result.status = f"{INTERNAL_ERROR}: {type(error).__name__}: {first_line(error, 200)}"
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 

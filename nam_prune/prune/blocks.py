@@ -18,10 +18,28 @@
 * timm's CSP stages split their expanded channels at a stored ``expand_chs // 2`` (and
   torch-pruning loses a consumer of the second half): the expanded channels stay, the
   blocks inside and the transitions are cut.
+* timm's split-and-merge blocks, whose forward reshapes or splits a map into parts of equal or
+  stored sizes, works on each part and merges them:
+
+  - Split attention (ResNeSt) and selective kernels (SKNet) reshape their ``radix`` / path
+    outputs into a new dimension that torch-pruning cannot map; they are traced through
+    explicit splits and adds with the same layers (``_split_attention``, ``_selective_kernel``).
+    A split-attention conv's output and its attention's are [part 1 | ... | part radix], a
+    selective kernel's attention [path 1 | path 2 | ...]: a cut takes the same positions in every
+    part (``tied_copies``). Where the attention mixes cardinal groups
+    (cardinality > 1) the parts are not laid out that way, so the conv's and the attention's
+    outputs stay. A selective kernel that splits its input among its paths keeps its input.
+  - Res2Net splits its first conv's output into ``scale`` parts of a stored ``width``: a cut
+    takes the same positions in every part and ``width`` follows it (``sync_widths``).
+  - MixNet's mixed convs split their input at stored sizes: the sizes follow the cut.
+  - DPN blocks slice a stored ``num_1x1_c`` residual width off their dense path: traced with
+    explicit splits, the residual and dense channels stay (the projections and ``c1x1_c``
+    outputs); the grouped bottleneck inside each block is cut.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -74,6 +92,79 @@ def _partial_residual(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.conv_pwl(module.act_dw(x))
 
 
+def _is_split_attention(module: nn.Module) -> bool:
+    """timm's ``SplitAttn`` (ResNeSt) with more than one radix part."""
+    return all(hasattr(module, a) for a in ("radix", "rsoftmax", "fc1", "fc2", "conv")) and module.radix > 1
+
+
+def _is_selective_kernel(module: nn.Module) -> bool:
+    """timm's ``SelectiveKernel`` (SKNet)."""
+    return all(hasattr(module, a) for a in ("paths", "attn", "split_input", "num_paths"))
+
+
+def _is_res2net(module: nn.Module) -> bool:
+    """timm's ``Bottle2neck``: ``conv1``'s output split into ``scale`` parts of ``width`` channels."""
+    return all(hasattr(module, a) for a in ("conv1", "convs", "bns", "width", "scale")) and module.scale > 1
+
+
+def _is_mixed_conv(module: nn.Module) -> bool:
+    """timm's ``MixedConv2d``: its input split at stored ``splits``, one conv per part."""
+    return isinstance(module, nn.ModuleDict) and isinstance(getattr(module, "splits", None), list)
+
+
+def _is_dual_path(module: nn.Module) -> bool:
+    """timm's DPN ``DualPathBlock``: a residual path of ``num_1x1_c`` channels beside a dense one."""
+    return all(hasattr(module, a) for a in ("num_1x1_c", "c1x1_a", "c3x3_b", "c1x1_c"))
+
+
+def _parts(x: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    """``count`` equal parts of ``x``'s channels. torch-pruning maps a split's i-th reader to its
+    i-th part, so each part must be read by exactly one op."""
+    return torch.split(x, [x.shape[1] // count] * count, dim=1)
+
+
+def _weighted_sum(parts: list[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """``sum_i part_i * attention_i`` with the attention's channels laid out [path 1 | path 2 | ...]:
+    each position couples across the parts and the attention, as in the reshaped original (the
+    softmax over parts is a sigmoid here: the same shapes and couplings, what tracing needs)."""
+    weights = _parts(logits, len(parts))
+    return functools.reduce(torch.add, [part * torch.sigmoid(w) for part, w in zip(parts, weights)])
+
+
+def _split_attention(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``SplitAttn`` with its radix parts as explicit splits instead of a 5-d reshape."""
+    x = module.act0(module.drop(module.bn0(module.conv(x))))
+    parts = [part.clone() for part in _parts(x, module.radix)]  # one reader per part (see _parts)
+    pooled = functools.reduce(torch.add, parts).mean((2, 3), keepdim=True)
+    return _weighted_sum(parts, module.fc2(module.act1(module.bn1(module.fc1(pooled)))))
+
+
+def _selective_kernel(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``SelectiveKernel`` with its paths added and weighted instead of stacked in a new dimension."""
+    inputs = _parts(x, module.num_paths) if module.split_input else [x] * module.num_paths
+    paths = [path(part) for path, part in zip(module.paths, inputs)]
+    attn = module.attn
+    pooled = functools.reduce(torch.add, paths).mean((2, 3), keepdim=True)
+    return _weighted_sum(paths, attn.fc_select(attn.act(attn.bn(attn.fc_reduce(pooled)))))
+
+
+def _dual_path(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``DualPathBlock`` with its slices at ``num_1x1_c`` as explicit splits (torch-pruning's slice
+    handling fails on them)."""
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(t, [module.num_1x1_c, t.shape[1] - module.num_1x1_c], dim=1)
+
+    projection = module.c1x1_w_s1 if module.c1x1_w_s1 is not None else module.c1x1_w_s2
+    residual, dense = split(projection(x) if projection is not None else x)
+    x = module.c1x1_c(module.c3x3_b(module.c1x1_a(x)))
+    if module.c1x1_c1 is not None and module.c1x1_c2 is not None:
+        out1, out2 = module.c1x1_c1(x), module.c1x1_c2(x)
+    else:
+        out1, out2 = split(x)
+    return torch.cat([residual + out1, dense, out2], dim=1)
+
+
 def _maxvit_types() -> tuple[type, type]:
     from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
 
@@ -94,6 +185,12 @@ def stand_ins(model: nn.Module) -> StandIns:
             found[type(module)] = _ghost_module
         elif _is_partial_residual(module):
             found[type(module)] = _partial_residual
+        elif _is_split_attention(module):
+            found[type(module)] = _split_attention
+        elif _is_selective_kernel(module):
+            found[type(module)] = _selective_kernel
+        elif _is_dual_path(module):
+            found[type(module)] = _dual_path
     return found
 
 
@@ -147,6 +244,13 @@ def frozen_channels(model: nn.Module) -> Frozen:
             if module.use_shortcut:
                 entry = module.conv_exp if module.conv_exp is not None else module.conv_dw
                 frozen.add((_first_conv(entry), False))
+        elif _is_split_attention(module) and module.rsoftmax.cardinality > 1:
+            frozen.update({(module.conv, True), (module.fc2, True)})
+        elif _is_selective_kernel(module) and module.split_input:
+            frozen.update((_first_conv(path), False) for path in module.paths)
+        elif _is_dual_path(module):
+            ends = [module.c1x1_c, module.c1x1_c1, module.c1x1_c2, module.c1x1_w_s1, module.c1x1_w_s2]
+            frozen.update((_first_conv(end), True) for end in ends if end is not None)
         elif _is_ghost(getattr(module, "ghost2", None)) and hasattr(module, "shortcut"):
             # a Ghost bottleneck adds its input to ghost2's output: each residual channel is tied to
             # another one of the same tensor (primary j and its cheap copy), a loop torch-pruning cannot cut
@@ -166,17 +270,33 @@ def tied_copies(model: nn.Module) -> dict[nn.Module, tuple[int, int]]:
     """Layers whose output is read as equal parts: layer -> (parts, channels per part). A group
     laid out like that output must cut the same positions in every part, which torch-pruning
     does not know (see ``planning.channel_groups``): a Ghost module's [primary | cheap copy],
-    keyed by the primary conv."""
+    keyed by the primary conv; the radix parts of a split-attention conv and its attention, the
+    path parts of a selective kernel's attention; a Res2Net ``conv1``'s scale parts."""
     tied = {}
     for module in model.modules():
         if _is_ghost(module) and module.out_chs >= _ghost_width(module):
             primary = _first_conv(module.primary_conv)
             tied[primary] = (_ghost_width(module) // primary.out_channels, primary.out_channels)
+        elif _is_split_attention(module) and module.rsoftmax.cardinality == 1:
+            for layer in (module.conv, module.fc2):
+                tied[layer] = (module.radix, layer.out_channels // module.radix)
+        elif _is_selective_kernel(module):
+            select = module.attn.fc_select
+            tied[select] = (module.num_paths, select.out_channels // module.num_paths)
+        elif _is_res2net(module):
+            tied[module.conv1] = (module.scale, module.width)
     return tied
 
 
 def sync_widths(model: nn.Module) -> None:
-    """Set the widths blocks store for their forward to what a cut left (Ghost ``out_chs``)."""
+    """Set the widths blocks store for their forward to what a cut left (Ghost ``out_chs``,
+    Res2Net ``width``, mixed-conv ``splits``)."""
     for module in model.modules():
         if _is_ghost(module):
             module.out_chs = min(module.out_chs, _ghost_width(module))
+        elif _is_res2net(module):
+            module.width = module.convs[0].in_channels
+        elif _is_mixed_conv(module):
+            module.splits = [conv.in_channels for conv in module.values()]
+            module.in_channels = sum(module.splits)
+            module.out_channels = sum(conv.out_channels for conv in module.values())
