@@ -14,6 +14,7 @@ import copy
 import importlib.util
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,7 +26,7 @@ import torchvision
 from nam_prune.artifact import ModelRecord, load, save
 from nam_prune.errors import NamPruneError, first_line
 from nam_prune.models import ModelSpec, build_model, check_input
-from nam_prune.prune import PruneConfig, prune_model
+from nam_prune.prune import PruneConfig, kept_whole_counts, prune_model
 from nam_prune.prune.graph import count_macs_params
 from nam_prune.surgery import NAMConfig, insert_nam, require_batchnorm
 
@@ -60,12 +61,48 @@ TIMM_SWEEP = (
 )
 
 
-def sweep_names() -> list[str]:
-    """Every torchvision classification model but the two largest, then timm's common BN
-    families (when timm is installed): the table of covered architectures (docs/model_sweep.md)."""
-    names = [n for n in torchvision.models.list_models(torchvision.models) if n not in TOO_BIG]
-    if importlib.util.find_spec("timm") is not None:
-        names += [f"timm:{n}" for n in TIMM_SWEEP]
+SweepSet = Literal["all", "torchvision", "timm"]
+
+
+def timm_bn_families() -> dict[str, str]:
+    """timm family (the registry's module of model definitions) -> its smallest model with BatchNorm.
+
+    Models are built on the meta device (no weights made, about 3 minutes for timm's whole
+    registry on 2 cores) to count parameters; timm's reduced ``test_*`` models are taken only
+    where a family has nothing else. Families whose models have no BatchNorm2d are left out:
+    NAM ranks channels by BN scales.
+    """
+    import timm
+
+    chosen: dict[str, str] = {}
+    for family in timm.list_modules():
+        candidates = []
+        for name in timm.list_models(module=family):
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model = timm.create_model(name, pretrained=False)
+            except Exception:  # a registry entry that cannot be built without downloads or extras
+                continue
+            if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+                candidates.append((name.startswith("test_"), sum(p.numel() for p in model.parameters()), name))
+        if candidates:
+            chosen[family] = min(candidates)[2]
+    return chosen
+
+
+def sweep_names(which: SweepSet = "all") -> list[tuple[str, str]]:
+    """(family, model name) pairs: every torchvision classification model but the two largest,
+    then (when timm is installed) the timm models chosen for a hard structure (``TIMM_SWEEP``)
+    and one model per timm BN family (:func:`timm_bn_families`): the table of covered
+    architectures (docs/model_sweep.md)."""
+    names = []
+    if which in ("all", "torchvision"):
+        names += [("torchvision", n) for n in torchvision.models.list_models(torchvision.models) if n not in TOO_BIG]
+    if which in ("all", "timm") and importlib.util.find_spec("timm") is not None:
+        families = timm_bn_families()
+        names += [("timm", f"timm:{n}") for n in TIMM_SWEEP if n not in families.values()]
+        names += [(f"timm {family}", f"timm:{n}") for family, n in families.items()]
     return names
 
 
@@ -76,12 +113,15 @@ class CheckResult:
 
     model: str
     image_size: int
+    family: str = ""
     status: str = "ok"
     macs_before: int = 0
     params_before: int = 0
     macs_after: dict[str, int] = field(default_factory=dict)
     params_after: dict[str, int] = field(default_factory=dict)
     reload_max_abs_diff: float = 0.0
+    kept_whole: dict[str, int] = field(default_factory=dict)
+    """Blocks whose split or shared channels the cut leaves (kind -> count), ``prune.blocks.kept_whole``."""
     seconds: float = 0.0
 
 
@@ -110,12 +150,13 @@ def check_model(
     num_classes: int = 10,
     in_channels: int = 3,
     seed: int = 0,
+    family: str = "",
 ) -> CheckResult:
     """Gate, prune (each scope) and reload ``name`` at ``image_size``. Any failure ends in
     ``status`` (one line) so a sweep goes on: a model or data problem as its error, anything
     else as ``internal error: ...`` (a bug in nam-prune, reported as such)."""
     started = time.perf_counter()
-    result = CheckResult(name, image_size)
+    result = CheckResult(name, image_size, family)
     shape = (in_channels, image_size, image_size)
     try:
         torch.manual_seed(seed)
@@ -128,6 +169,7 @@ def check_model(
         _randomize_scales(dense, seed)
         dense.eval()
         result.macs_before, result.params_before = count_macs_params(dense, example)
+        result.kept_whole = kept_whole_counts(dense)
         inputs = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
         for scope in scopes:
             model = copy.deepcopy(dense)
@@ -147,14 +189,15 @@ def check_model(
 
 def markdown_table(results: list[CheckResult]) -> str:
     """The coverage table (docs/model_sweep.md): MACs and params before -> after (global scope), status."""
-    rows = ["| model | input px | MACs before -> after (global / local) | params before -> after (global) | status |",
-            "|---|---|---|---|---|"]
+    rows = ["| family | model | input px | MACs before -> after (global / local) | params before -> after (global) | status |",
+            "|---|---|---|---|---|---|"]
     for r in results:
         if r.status != "ok":
-            reason = "no BatchNorm (not supported)" if "no BatchNorm2d" in r.status else r.status
-            rows.append(f"| {r.model} | {r.image_size} | - | - | {reason} |")
+            reason = "no BatchNorm (not supported)" if "no BatchNorm2d" in r.status else r.status.replace("|", "\\|")
+            rows.append(f"| {r.family} | {r.model} | {r.image_size} | - | - | {reason} |")
             continue
         macs = f"{r.macs_before / 1e6:.1f}M -> {r.macs_after['global'] / 1e6:.1f}M / {r.macs_after['local'] / 1e6:.1f}M"
         params = f"{r.params_before / 1e6:.2f}M -> {r.params_after['global'] / 1e6:.2f}M"
-        rows.append(f"| {r.model} | {r.image_size} | {macs} | {params} | ok |")
+        kept = "; ".join(f"{kind} ×{count}" for kind, count in r.kept_whole.items())
+        rows.append(f"| {r.family} | {r.model} | {r.image_size} | {macs} | {params} | ok{f' (kept whole: {kept})' if kept else ''} |")
     return "\n".join(rows) + "\n"

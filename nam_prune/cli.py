@@ -243,12 +243,15 @@ def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, whole_batch: 
 
 @cli.command()
 @click.argument("names", nargs=-1)
-@click.option("--sweep", is_flag=True, help="Every torchvision model and timm's common BN families (docs/model_sweep.md).")
+@click.option(
+    "--sweep", type=click.Choice(["all", "torchvision", "timm"]), is_flag=False, flag_value="all", default=None,
+    help="Every torchvision model and one model per timm BN family (docs/model_sweep.md); or only one of the two.",
+)
 @click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
 @click.option("--macs-keep", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as Markdown here.")
-def check(names: tuple[str, ...], sweep: bool, image_size: int, macs_keep: float, json_path: Path | None,
+def check(names: tuple[str, ...], sweep: str | None, image_size: int, macs_keep: float, json_path: Path | None,
           markdown: Path | None) -> None:
     """Can nam-prune compress these architectures (model names as in a recipe)? Gates, a cut to
     --macs-keep of the MACs in global and local scope, and a weights-only reload, on random weights."""
@@ -260,8 +263,7 @@ def check(names: tuple[str, ...], sweep: bool, image_size: int, macs_keep: float
     from nam_prune.checkpoint import atomic_write, check_writable
     from nam_prune.models import family_for
 
-    chosen = [*names, *(sweep_names() if sweep else [])]
-    if not chosen:
+    if not names and not sweep:
         raise click.UsageError("name at least one model, or pass --sweep")
     for name in names:  # a misspelt name is a one-line error before any model is built, not a table row
         family_for(name)
@@ -269,17 +271,21 @@ def check(names: tuple[str, ...], sweep: bool, image_size: int, macs_keep: float
         if output:
             check_writable(output)
     table = Table(title=f"nam-prune check: {macs_keep:.0%} of the MACs kept (share kept per scope)")
-    for column in ("model", "input", "MACs before", "global", "local", "params after (global)", "status"):
-        table.add_column(column, justify="left" if column in ("model", "status") else "right")
+    for column in ("family", "model", "input", "MACs before", "global", "local", "params after (global)", "status"):
+        table.add_column(column, justify="left" if column in ("family", "model", "status") else "right")
     results = []
     with console.status("checking") as status:
-        for name in chosen:
+        if sweep:
+            status.update("listing the models to sweep (timm's registry is read on the meta device)")
+        chosen = [("", name) for name in names] + (sweep_names(sweep) if sweep else [])
+        for family, name in chosen:
             status.update(f"checking {name}")
-            result = check_model(name, max(image_size, SMALLEST_SIZE.get(name, 0)), max(macs_keep, LEAST_MACS_KEEP.get(name, 0)))
+            size, keep = max(image_size, SMALLEST_SIZE.get(name, 0)), max(macs_keep, LEAST_MACS_KEEP.get(name, 0))
+            result = check_model(name, size, keep, family=family)
             results.append(result)
             ok = result.status == "ok"
             table.add_row(
-                name, str(result.image_size), f"{result.macs_before / 1e6:.1f}M" if ok else "-",
+                family, name, str(result.image_size), f"{result.macs_before / 1e6:.1f}M" if ok else "-",
                 *(f"{result.macs_after[s] / result.macs_before:.3f}" if ok else "-" for s in ("global", "local")),
                 f"{result.params_after['global'] / 1e6:.2f}M" if ok else "-", "ok" if ok else "stopped",
             )
@@ -287,7 +293,10 @@ def check(names: tuple[str, ...], sweep: bool, image_size: int, macs_keep: float
     for result in results:
         if result.status != "ok":
             console.print(f"{result.model}: {result.status}", soft_wrap=True)
-    command = "nam-prune check " + " ".join([*names, *(["--sweep"] if sweep else [])])
+        elif result.kept_whole:
+            kept = ", ".join(f"{kind} ({count} blocks)" for kind, count in result.kept_whole.items())
+            console.print(f"{result.model}: kept whole: {kept}", soft_wrap=True)
+    command = "nam-prune check " + " ".join([*names, *([f"--sweep {sweep}"] if sweep else [])])
     if json_path:
         text = json.dumps({"command": command, "results": [asdict(r) for r in results]}, indent=1)
         atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))

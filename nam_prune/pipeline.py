@@ -27,7 +27,7 @@ from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of, save
 from nam_prune.checkpoint import atomic_write, library_versions, read_checkpoint
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
-from nam_prune.prune import PruneResult, channel_counts, check_prunable
+from nam_prune.prune import PruneResult, channel_counts, check_prunable, kept_whole_counts
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, layer_table, summary_table
 from nam_prune.stages import PruneAndFinetune, train_stage
@@ -189,6 +189,7 @@ class _Run(PruneAndFinetune):
         distributed.check_replicas_identical(self.model, "sparsity training")
         self.results["before"] = self.task.measure(self.model, self.example, "dense")
         self.results["dense_channels"] = channel_counts(self.model)
+        self.results["kept_whole"] = kept_whole_counts(self.model)  # blocks whose split or shared channels stay
         self.dense_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def after_prune(self, pruning: PruneResult) -> None:

@@ -362,3 +362,24 @@ def test_debug_shows_the_chained_cause_and_the_plain_error_stays_one_line(tmp_pa
     assert isinstance(exit_, SystemExit) and exit_.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot read checkpoint"), lines
+
+
+def test_check_gives_every_model_a_row_when_one_fails(monkeypatch, tmp_path):
+    """A model that fails (here a simulated bug while cutting resnet18) is a row with its one-line
+    reason; the models after it are still checked, and the exit status says something failed."""
+    from nam_prune import check as check_module
+
+    real_prune = check_module.prune_model
+
+    def prune_or_fail(model, *args, **kwargs):
+        if model.fc.in_features == 512:  # resnet18, not the tiny CIFAR ResNet
+            raise RuntimeError("shape '[1, 2, 63]' is invalid\nsecond line")
+        return real_prune(model, *args, **kwargs)
+
+    monkeypatch.setattr(check_module, "prune_model", prune_or_fail)
+    result = cli("check", "resnet18", "resnet8", "--json", str(tmp_path / "out.json"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
+    rows = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert [r["model"] for r in rows] == ["resnet18", "resnet8"]
+    assert rows[0]["status"] == f"{check_module.INTERNAL_ERROR}: RuntimeError: shape '[1, 2, 63]' is invalid"
+    assert rows[1]["status"] == "ok" and rows[1]["macs_after"]["global"] <= 0.5 * rows[1]["macs_before"]

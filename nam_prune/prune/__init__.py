@@ -5,6 +5,7 @@ Laid out as Torch-Pruning separates its parts: ``importance`` (NAM's ranking), `
 bisection to a MAC target, apply) and ``schedule`` (the ``prune_model`` verb, in steps).
 """
 
+from nam_prune.prune.blocks import kept_whole_counts
 from nam_prune.prune.graph import (
     IntactBlock,
     Protected,
@@ -33,6 +34,7 @@ __all__ = [
     "check_prunable",
     "channel_step_fraction",
     "count_macs_params",
+    "kept_whole_counts",
     "normalize_scores",
     "prune_model",
     "replay",

@@ -225,37 +225,53 @@ def _ghost_width(module: nn.Module) -> int:
     return _first_conv(module.primary_conv).out_channels + _first_conv(module.cheap_operation).out_channels
 
 
-def frozen_channels(model: nn.Module) -> Frozen:
-    """Every (module, direction) of ``model`` that a cut must leave alone (see the module doc)."""
-    frozen: Frozen = set()
+def kept_whole(model: nn.Module) -> dict[str, list[tuple[nn.Module, Frozen]]]:
+    """What a cut must leave alone, by kind of block: kind -> [(block, its (module, direction)
+    pairs)] (see the module doc). Runs and the check report the kinds and how many blocks each."""
+    found: dict[str, list[tuple[nn.Module, Frozen]]] = {}
+
+    def keep(kind: str, block: nn.Module, pairs: Frozen) -> None:
+        found.setdefault(kind, []).append((block, pairs))
+
     shuffle, (mbconv, _) = _shuffle_block_type(), _maxvit_types()
     for module in model.modules():
         if isinstance(module, shuffle):
-            frozen |= _shuffled(module)
+            keep("ShuffleNet: shuffled block outputs", module, _shuffled(module))
         elif isinstance(module, mbconv):  # the residual stream the attention layers share
-            frozen.update((m, None) for m in [*module.layers.pre_norm.modules(), *module.proj.modules()])
-            frozen.update({(_first_conv(module.layers.conv_a), False), (module.layers.conv_c, True)})
+            pairs = {(m, None) for m in [*module.layers.pre_norm.modules(), *module.proj.modules()]}
+            keep("MaxViT: attention stream", module, pairs | {(_first_conv(module.layers.conv_a), False), (module.layers.conv_c, True)})
         elif _is_ghost(module) and module.out_chs < _ghost_width(module):
-            frozen.add((_first_conv(module.primary_conv), True))
+            keep("Ghost: sliced module outputs", module, {(_first_conv(module.primary_conv), True)})
         elif _is_csp(module):
-            frozen.add((_first_conv(module.conv_exp), True))
+            keep("CSP: split expansions", module, {(_first_conv(module.conv_exp), True)})
         elif _is_partial_residual(module):
-            frozen.add((_first_conv(module.conv_pwl), True))
+            pairs = {(_first_conv(module.conv_pwl), True)}
             if module.use_shortcut:
                 entry = module.conv_exp if module.conv_exp is not None else module.conv_dw
-                frozen.add((_first_conv(entry), False))
+                pairs.add((_first_conv(entry), False))
+            keep("ReXNet: partial-residual inputs and outputs", module, pairs)
         elif _is_split_attention(module) and module.rsoftmax.cardinality > 1:
-            frozen.update({(module.conv, True), (module.fc2, True)})
+            keep("split attention (cardinality > 1): radix outputs", module, {(module.conv, True), (module.fc2, True)})
         elif _is_selective_kernel(module) and module.split_input:
-            frozen.update((_first_conv(path), False) for path in module.paths)
+            keep("selective kernel: split inputs", module, {(_first_conv(path), False) for path in module.paths})
         elif _is_dual_path(module):
             ends = [module.c1x1_c, module.c1x1_c1, module.c1x1_c2, module.c1x1_w_s1, module.c1x1_w_s2]
-            frozen.update((_first_conv(end), True) for end in ends if end is not None)
+            keep("DPN: residual and dense paths", module, {(_first_conv(end), True) for end in ends if end is not None})
         elif _is_ghost(getattr(module, "ghost2", None)) and hasattr(module, "shortcut"):
             # a Ghost bottleneck adds its input to ghost2's output: each residual channel is tied to
             # another one of the same tensor (primary j and its cheap copy), a loop torch-pruning cannot cut
-            frozen.add((_first_conv(module.ghost2.primary_conv), True))
-    return frozen
+            keep("Ghost bottleneck: residual outputs", module, {(_first_conv(module.ghost2.primary_conv), True)})
+    return found
+
+
+def kept_whole_counts(model: nn.Module) -> dict[str, int]:
+    """Kind of block kept whole (in part) -> how many such blocks ``model`` has."""
+    return {kind: len(found) for kind, found in kept_whole(model).items()}
+
+
+def frozen_channels(model: nn.Module) -> Frozen:
+    """Every (module, direction) of ``model`` that a cut must leave alone."""
+    return {pair for found in kept_whole(model).values() for _, pairs in found for pair in pairs}
 
 
 def touches_frozen(group: tp.Group, graph: tp.DependencyGraph, frozen: Frozen) -> bool:
