@@ -194,6 +194,8 @@ class _Run(PruneAndFinetune):
 
     def after_prune(self, pruning: PruneResult) -> None:
         self.results["prune_threshold"] = pruning.threshold
+        if pruning.latency is not None:
+            self.results["latency_target"] = pruning.latency.to_dict()
         if self.main:  # written now, with the threshold, so `report dense.pt --plots` marks where the cut fell
             metrics = {"before": self.results["before"], "prune_threshold": pruning.threshold}
             save(
@@ -244,6 +246,13 @@ class _Run(PruneAndFinetune):
         if "baseline" in stages:
             drop = 100 * (stages["after"][task.score_key] - stages["baseline"][task.score_key])
             console.print(f"fine-tuned vs dense trained as long: {drop:+.2f} pt {task.score_key}")
+        if "latency_target" in final:
+            search = final["latency_target"]
+            console.print(
+                f"latency on {search['runtime']} at batch {search['batch']}: {search['ratio']:.3f} of the dense model's "
+                f"({search['ms']:.2f} vs {search['dense_ms']:.2f} ms; target {search['target']:.3f}, "
+                f"{len(search['trials'])} candidate cuts timed)"
+            )
         console.print(layer_table(final["layers"], only_changed=True))
         console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]", soft_wrap=True)
 
@@ -262,7 +271,7 @@ def _start(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> _Run:
     else:
         model, record = task.prepare()
         trial = copy.deepcopy(model).eval()  # a prune setting that cannot work fails now, not after training
-        check_prunable(trial, record.example_input(), recipe.prune, task.protected(trial))
+        check_prunable(trial, record.example_input(), recipe.prune, task.protected(trial), task.deploy_mode)
         # only once the inputs are known to be good; rank 0 picks it for everyone
         folder = distributed.broadcast_object(run_folder(recipe, overwrite) if distributed.is_main() else None)
         progress = {"stage": "sparsity", "epoch": 0, "train_state": None, "results": {}, "timings": {}}
@@ -299,6 +308,7 @@ def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult
         **stages,
         "macs_kept": stages["after"]["macs"] / stages["before"]["macs"],
         "prune_threshold": job.results["prune_threshold"],
+        **{key: job.results[key] for key in ("kept_whole", "latency_target") if key in job.results},
         "layers": layers,
         "training": {"sparsity": job.results["sparsity_log"], "finetune": job.finetune_log},
         "timings": job.timings,

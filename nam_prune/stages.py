@@ -83,6 +83,7 @@ class PruneAndFinetune:
         self.pruning = prune_model(
             self.model, self.example, config,
             importance=importance, protected=self.task.protected(self.model), train_between=train_between,
+            deploy_mode=self.task.deploy_mode,
         )
         self.after_prune(self.pruning)
         self.record = replace(self.record, history=self.record.history + self.pruning.history)

@@ -34,6 +34,7 @@ from nam_prune.prune.graph import (
     reaches_into,
 )
 from nam_prune.prune.importance import NAMImportance, Normalizer
+from nam_prune.prune.latency import check_runtime
 
 log = logging.getLogger("nam_prune")
 
@@ -43,7 +44,9 @@ class PruneConfig:
     """What to remove.
 
     target: ``macs`` keeps ``macs_keep`` of the original MACs; ``channels`` removes
-        ``channel_ratio`` of the prunable channels.
+        ``channel_ratio`` of the prunable channels; ``latency`` keeps ``latency_keep`` of the
+        dense model's latency (or reaches ``latency_ms``) on ``runtime`` at batch ``batch``,
+        the cut searched on timings of candidate cuts (``nam_prune.prune.latency``).
     scope: ``global`` ranks all layers together, ``local`` cuts each layer by the same share.
     normalizer: how gate scores are made comparable across layers (see ``NAMImportance``).
     fallback: score for channel groups without a NAM gate: the host BN's |gamma| (``bn``)
@@ -62,9 +65,13 @@ class PruneConfig:
         could tell apart (docs/performance.md, how the defaults were chosen).
     """
 
-    target: Literal["macs", "channels"] = "macs"
+    target: Literal["macs", "channels", "latency"] = "macs"
     macs_keep: float = bounded(0.5, low=0, high=1, low_open=True, high_open=True)
     channel_ratio: float = bounded(0.3, low=0, high=1, high_open=True)
+    latency_keep: float | None = bounded(None, low=0, high=1, low_open=True, high_open=True)
+    latency_ms: float | None = bounded(None, low=0, low_open=True)
+    runtime: Literal["torch", "torchscript", "onnxruntime"] = "torchscript"
+    batch: int = bounded(1, low=1)
     scope: Literal["global", "local"] = "global"
     normalizer: Normalizer = "mean"
     fallback: Literal["bn", "skip"] = "bn"
@@ -74,6 +81,15 @@ class PruneConfig:
     epochs_between_steps: int = bounded(1, low=0)
     ignore: list[str] = field(default_factory=list)
     strip_gates: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target == "latency":
+            if (self.latency_keep is None) == (self.latency_ms is None):
+                raise NamPruneError(
+                    "prune.target: latency needs one of prune.latency_keep (a share of the dense model's latency, "
+                    "e.g. 0.5) or prune.latency_ms"
+                )
+            check_runtime(self.runtime)
 
 
 @dataclass
@@ -325,11 +341,15 @@ def apply_plan(model: nn.Module, groups: list[ScoredGroup], plan: dict[str, list
     return cuts
 
 
-def _trial_macs(model: nn.Module, example_input: torch.Tensor, groups: list[ScoredGroup], plan: dict[str, list[int]]) -> int:
-    """MACs of a copy with ``plan`` cut (the cut :func:`apply_plan` makes)."""
+def trial_cut(model: nn.Module, groups: list[ScoredGroup], plan: dict[str, list[int]]) -> nn.Module:
+    """A copy of ``model`` with ``plan`` cut (the cut :func:`apply_plan` makes)."""
     trial = copy.deepcopy(model)
     cut_layers(trial, layer_cuts(groups, plan))
-    return count_macs_params(trial, example_input)[0]
+    return trial
+
+
+def _trial_macs(model: nn.Module, example_input: torch.Tensor, groups: list[ScoredGroup], plan: dict[str, list[int]]) -> int:
+    return count_macs_params(trial_cut(model, groups, plan), example_input)[0]
 
 
 def search_fraction(macs_at: Callable[[float], int], target: float, tolerance: float = 1e-3, trials: int = 16) -> float:

@@ -6,8 +6,9 @@ in place, in the style of torchao's ``quantize_(model, config)``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -15,7 +16,9 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from nam_prune.errors import NamPruneError
+from nam_prune.export import DeployMode
 from nam_prune.prune.graph import Protected, PruningHistory, build_graph, count_macs_params, parameter_count
+from nam_prune.prune.latency import LatencyMeter, LatencySearch
 from nam_prune.prune.planning import (
     PruneConfig,
     ScoredGroup,
@@ -25,6 +28,8 @@ from nam_prune.prune.planning import (
     macs_step,
     plan_cut,
     score_groups,
+    search_fraction,
+    trial_cut,
     warn_if_untrained,
 )
 
@@ -38,6 +43,7 @@ class PruneResult:
     params_after: int
     fraction: float  # share of the channels the last step removed
     threshold: float  # the largest score the last step cut (in the normalizer's units)
+    latency: LatencySearch | None = None  # what a latency target timed
 
 
 def channel_step_fraction(total_ratio: float, step: int, steps: int) -> float:
@@ -56,6 +62,43 @@ def _step_fraction(
     return fraction_for_macs(model, example, config, target, groups)
 
 
+LATENCY_TOLERANCE = 0.02
+"""A latency cut stops within 2% below its target share: about the spread of a paired ratio."""
+
+
+def _latency_search(model: nn.Module, config: PruneConfig, meter: LatencyMeter) -> LatencySearch:
+    """The search record, its target as a share of ``model``'s (the dense model's) latency."""
+    _, dense_ms, _ = meter.ratio(model)
+    target = config.latency_keep if config.latency_keep is not None else config.latency_ms / dense_ms
+    return LatencySearch(config.runtime, config.batch, torch.get_num_threads(), target, dense_ms)
+
+
+def _latency_fraction(
+    model: nn.Module, config: PruneConfig, step: int, groups: list[ScoredGroup], meter: LatencyMeter, search: LatencySearch,
+) -> float:
+    """The channel share whose cut first runs at or under this step's share of the dense latency,
+    found on paired timings of candidate cuts (each one logged in ``search.trials``)."""
+    target = 1 - (1 - search.target) * step / config.steps
+    known: dict[float, float] = {}
+
+    def ratio_at(fraction: float) -> float:
+        if fraction not in known:
+            ratio, _, ms = meter.ratio(trial_cut(model, groups, plan_cut(groups, fraction, config)))
+            known[fraction] = ratio
+            search.trials.append({"step": step, "fraction": fraction, "ratio": ratio, "ms": ms})
+        return known[fraction]
+
+    floor = ratio_at(1.0)
+    if floor > target:
+        rounding = f", prune.round_to={config.round_to}" if config.round_to > 1 else ""
+        raise NamPruneError(
+            f"cannot reach {target:.2f} of the dense latency on {config.runtime} at batch {config.batch} "
+            f"({target * search.dense_ms:.2f} ms): the deepest cut prune.max_pruning_ratio={config.max_pruning_ratio}"
+            f"{rounding} allow runs at {floor:.2f}; raise max_pruning_ratio or the latency target"
+        )
+    return search_fraction(ratio_at, target, tolerance=LATENCY_TOLERANCE, trials=8)
+
+
 def _unpruned_groups(
     model: nn.Module, example_input: torch.Tensor, config: PruneConfig, protected: Protected | None,
     importance: tp.importance.Importance | None = None,
@@ -65,14 +108,23 @@ def _unpruned_groups(
     return score_groups(model, graph, config, {}, importance, protected)
 
 
-def check_prunable(model: nn.Module, example_input: torch.Tensor, config: PruneConfig, protected: Protected | None = None) -> None:
+def check_prunable(
+    model: nn.Module, example_input: torch.Tensor, config: PruneConfig, protected: Protected | None = None,
+    deploy_mode: DeployMode = contextlib.nullcontext,
+) -> None:
     """Raise before training what pruning would raise after it: a ``prune.ignore`` that names no
-    module, a model with nothing to rank, a MAC target below the deepest cut that ``round_to`` and
+    module, a model with nothing to rank, a MAC or latency target below the deepest cut that ``round_to`` and
     ``max_pruning_ratio`` allow. It traces ``model``: pass a copy in eval mode (a forward in
     training mode would move its BN statistics)."""
     groups = _unpruned_groups(model, example_input, config, protected)
     if config.target == "macs":
         least_macs(model, example_input, config, count_macs_params(model, example_input)[0] * config.macs_keep, groups)
+    elif config.target == "latency":  # the deepest cut, timed: weights do not matter, widths do
+        meter = LatencyMeter(model, example_input, config.runtime, config.batch, config.strip_gates, deploy_mode)
+        try:
+            _latency_fraction(model, replace(config, steps=1), 1, groups, meter, _latency_search(model, config, meter))
+        finally:
+            meter.close()
 
 
 def check_macs_keeps(
@@ -102,13 +154,16 @@ def prune_model(
     importance: tp.importance.Importance | None = None,
     protected: Protected | None = None,
     train_between: Callable[[int], Any] | None = None,
+    deploy_mode: DeployMode = contextlib.nullcontext,
 ) -> PruneResult:
     """Prune ``model`` in place to ``config``'s target, in ``config.steps`` steps.
 
     ``train_between(step)`` runs after every step but the last when
     ``config.epochs_between_steps > 0`` (the pipeline fine-tunes there). ``importance``
     defaults to NAM's; ``protected`` keeps a family's parts (a detection head) unpruned.
-    ``max_pruning_ratio`` always refers to the model as it was before the first step.
+    ``max_pruning_ratio`` always refers to the model as it was before the first step. A latency
+    target times candidate cuts in the form ``deploy_mode`` puts the model in (a family's deployed
+    outputs) and returns what it timed in ``PruneResult.latency``.
     Raises if the model does not shrink: pruning never reports success for nothing.
     """
     config = config or PruneConfig()
@@ -117,26 +172,51 @@ def prune_model(
     initial_channels: dict[str, int] = {}
     params_before = parameter_count(model)
     history: PruningHistory = []
-    for step in range(1, config.steps + 1):
-        graph = build_graph(model, example_input, protected.stand_ins)
-        groups = score_groups(model, graph, config, initial_channels, importance, protected)
-        warn_if_untrained(groups)
-        fraction = _step_fraction(model, example_input, config, step, dense_macs, groups)
-        plan = plan_cut(groups, fraction, config)
-        scores = {g.root: g.scores for g in groups}
-        threshold = max(float(scores[root][idxs].max()) for root, idxs in plan.items()) if plan else float("nan")
-        step_params = parameter_count(model)
-        history.append(apply_plan(model, groups, plan))
-        if parameter_count(model) >= step_params:  # cheap: MACs are counted by the caller's report
-            raise NamPruneError(
-                "pruning removed nothing: every layer is at prune.max_pruning_ratio, narrower than prune.round_to "
-                "allows to cut, or the target is the model's own size; lower prune.macs_keep / raise "
-                "prune.channel_ratio, or lower prune.round_to"
+    with contextlib.ExitStack() as cleanup:
+        meter = search = None
+        if config.target == "latency":
+            meter = LatencyMeter(model, example_input, config.runtime, config.batch, config.strip_gates, deploy_mode)
+            cleanup.callback(meter.close)
+            search = _latency_search(model, config, meter)
+        for step in range(1, config.steps + 1):
+            fraction, threshold = _prune_step(
+                model, example_input, config, step, dense_macs, initial_channels, importance, protected, history, meter, search,
             )
-        log.info(
-            "step %d/%d: pruned %d layer group(s) (channel share %.3f): params %.3fM -> %.3fM",
-            step, config.steps, len(plan), fraction, step_params / 1e6, parameter_count(model) / 1e6,
+            if step < config.steps and config.epochs_between_steps and train_between is not None:
+                train_between(step)
+        if meter is not None:
+            search.ratio, _, search.ms = meter.ratio(model)
+            log.info("latency on %s at batch %d: %.3f of the dense model's (%.2f ms)", config.runtime, config.batch,
+                     search.ratio, search.ms)
+    return PruneResult(history, params_before, parameter_count(model), fraction, threshold, search)
+
+
+def _prune_step(
+    model: nn.Module, example_input: torch.Tensor, config: PruneConfig, step: int, dense_macs: int,
+    initial_channels: dict[str, int], importance: tp.importance.Importance | None, protected: Protected,
+    history: PruningHistory, meter: LatencyMeter | None, search: LatencySearch | None,
+) -> tuple[float, float]:
+    """One step: score, find the share to cut, cut; appends the step's cuts to ``history``."""
+    graph = build_graph(model, example_input, protected.stand_ins)
+    groups = score_groups(model, graph, config, initial_channels, importance, protected)
+    warn_if_untrained(groups)
+    if meter is not None:
+        fraction = _latency_fraction(model, config, step, groups, meter, search)
+    else:
+        fraction = _step_fraction(model, example_input, config, step, dense_macs, groups)
+    plan = plan_cut(groups, fraction, config)
+    scores = {g.root: g.scores for g in groups}
+    threshold = max(float(scores[root][idxs].max()) for root, idxs in plan.items()) if plan else float("nan")
+    step_params = parameter_count(model)
+    history.append(apply_plan(model, groups, plan))
+    if parameter_count(model) >= step_params:  # cheap: MACs are counted by the caller's report
+        raise NamPruneError(
+            "pruning removed nothing: every layer is at prune.max_pruning_ratio, narrower than prune.round_to "
+            "allows to cut, or the target is the model's own size; lower prune.macs_keep / raise "
+            "prune.channel_ratio, or lower prune.round_to"
         )
-        if step < config.steps and config.epochs_between_steps and train_between is not None:
-            train_between(step)
-    return PruneResult(history, params_before, parameter_count(model), fraction, threshold)
+    log.info(
+        "step %d/%d: pruned %d layer group(s) (channel share %.3f): params %.3fM -> %.3fM",
+        step, config.steps, len(plan), fraction, step_params / 1e6, parameter_count(model) / 1e6,
+    )
+    return fraction, threshold
