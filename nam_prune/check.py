@@ -10,11 +10,14 @@ check run over torchvision's models and timm's BN families:
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import importlib.util
+import multiprocessing
 import tempfile
 import time
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -185,6 +188,37 @@ def check_model(
         result.status = f"{INTERNAL_ERROR}: {type(error).__name__}: {first_line(error, 200)}"
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+class IsolatedChecks:
+    """Runs :func:`check_model` in a worker process, so a model that exhausts memory or crashes
+    the interpreter ends in its own row (the sweep goes on) instead of ending the sweep; the
+    worker is reused until one dies."""
+
+    def __init__(self) -> None:
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> IsolatedChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def check(self, name: str, image_size: int, macs_keep: float, family: str = "") -> CheckResult:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        started = time.perf_counter()
+        try:
+            return self._pool.submit(check_model, name, image_size, macs_keep, family=family).result()
+        except BrokenProcessPool:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+            return CheckResult(
+                name, image_size, family, seconds=round(time.perf_counter() - started, 2),
+                status=f"the check's process died (out of memory at {image_size} px, or a crash); "
+                "check it alone with a smaller --image-size",
+            )
 
 
 def markdown_table(results: list[CheckResult]) -> str:

@@ -259,7 +259,7 @@ def check(names: tuple[str, ...], sweep: str | None, image_size: int, macs_keep:
 
     from rich.table import Table
 
-    from nam_prune.check import LEAST_MACS_KEEP, SMALLEST_SIZE, check_model, markdown_table, sweep_names
+    from nam_prune.check import LEAST_MACS_KEEP, SMALLEST_SIZE, IsolatedChecks, check_model, markdown_table, sweep_names
     from nam_prune.checkpoint import atomic_write, check_writable
     from nam_prune.models import family_for
 
@@ -274,14 +274,15 @@ def check(names: tuple[str, ...], sweep: str | None, image_size: int, macs_keep:
     for column in ("family", "model", "input", "MACs before", "global", "local", "params after (global)", "status"):
         table.add_column(column, justify="left" if column in ("family", "model", "status") else "right")
     results = []
-    with console.status("checking") as status:
+    with console.status("checking") as status, IsolatedChecks() as isolated:
         if sweep:
             status.update("listing the models to sweep (timm's registry is read on the meta device)")
         chosen = [("", name) for name in names] + (sweep_names(sweep) if sweep else [])
         for family, name in chosen:
             status.update(f"checking {name}")
             size, keep = max(image_size, SMALLEST_SIZE.get(name, 0)), max(macs_keep, LEAST_MACS_KEEP.get(name, 0))
-            result = check_model(name, size, keep, family=family)
+            # a sweep checks each model in a worker process: one that runs out of memory is a row, not the end
+            result = isolated.check(name, size, keep, family) if sweep else check_model(name, size, keep, family=family)
             results.append(result)
             ok = result.status == "ok"
             table.add_row(

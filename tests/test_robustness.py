@@ -383,3 +383,24 @@ def test_check_gives_every_model_a_row_when_one_fails(monkeypatch, tmp_path):
     assert [r["model"] for r in rows] == ["resnet18", "resnet8"]
     assert rows[0]["status"] == f"{check_module.INTERNAL_ERROR}: RuntimeError: shape '[1, 2, 63]' is invalid"
     assert rows[1]["status"] == "ok" and rows[1]["macs_after"]["global"] <= 0.5 * rows[1]["macs_before"]
+
+
+def test_a_sweep_worker_that_dies_is_a_row_and_the_sweep_goes_on(monkeypatch):
+    """``check --sweep`` runs each model in a worker process: one killed by the kernel (out of
+    memory) gets a one-line row, and the next model starts a fresh worker."""
+    from nam_prune import check as check_module
+
+    class DeadPool:
+        def submit(self, *args, **kwargs):
+            raise check_module.BrokenProcessPool("killed")
+
+        def shutdown(self, **kwargs):
+            pass
+
+    with check_module.IsolatedChecks() as isolated:
+        isolated._pool = DeadPool()
+        died = isolated.check("resnet8", 32, 0.5, "cifar")
+        assert died.status.startswith("the check's process died (out of memory at 32 px")
+        assert isolated._pool is None
+        survived = isolated.check("resnet8", 32, 0.5, "cifar")
+    assert survived.status == "ok" and survived.macs_after["global"] <= 0.5 * survived.macs_before
