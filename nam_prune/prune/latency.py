@@ -15,7 +15,6 @@ import copy
 import importlib.util
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from nam_prune.errors import NamPruneError
-from nam_prune.export import DeployMode, frozen_torchscript, ort_session, write_onnx
+from nam_prune.export import DeployMode, frozen_torchscript, median_ms, ort_session, write_onnx
 from nam_prune.surgery import strip_gates
 
 Runtime = Literal["torch", "torchscript", "onnxruntime"]
@@ -34,6 +33,8 @@ ROUNDS = 7
 """Alternating rounds per ratio: the median of 7 paired ratios moved by under 2% between repeats."""
 TURN_SECONDS = 0.1
 """Timed calls per model per round add up to about this (at least 3 calls, at most 50)."""
+WARMUP = 2
+"""Untimed calls before each turn: a runtime's first calls after another model ran are slow."""
 
 
 def check_runtime(runtime: Runtime) -> None:
@@ -64,34 +65,21 @@ def runtime_call(
     return lambda: session.run(None, feed)
 
 
-def _turn(call: Callable[[], object], runs: int) -> float:
-    """Median seconds of ``runs`` calls after two untimed ones (a runtime's first calls after another
-    model ran are slow)."""
-    call()
-    call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def paired_ratio(reference: Callable[[], object], candidate: Callable[[], object], rounds: int = ROUNDS) -> tuple[float, float, float]:
     """``(candidate / reference latency, reference ms, candidate ms)``: medians over ``rounds`` rounds
     that time both back to back, which one goes first alternating."""
     with torch.inference_mode():
-        probe = _turn(reference, 1)
+        probe = median_ms(reference, 1, WARMUP) / 1000
         runs = max(3, min(50, round(TURN_SECONDS / max(probe, 1e-6))))
-        ratios, reference_s, candidate_s = [], [], []
+        ratios, reference_ms, candidate_ms = [], [], []
         for index in range(rounds):
             pair = (reference, candidate) if index % 2 == 0 else (candidate, reference)
-            first, second = (_turn(call, runs) for call in pair)
+            first, second = (median_ms(call, runs, WARMUP) for call in pair)
             ref, cand = (first, second) if index % 2 == 0 else (second, first)
             ratios.append(cand / ref)
-            reference_s.append(ref)
-            candidate_s.append(cand)
-    return statistics.median(ratios), 1000 * statistics.median(reference_s), 1000 * statistics.median(candidate_s)
+            reference_ms.append(ref)
+            candidate_ms.append(cand)
+    return statistics.median(ratios), statistics.median(reference_ms), statistics.median(candidate_ms)
 
 
 @dataclass
