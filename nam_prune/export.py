@@ -37,6 +37,15 @@ class ExportResult:
     opset: int
 
 
+@dataclass
+class ExportConfig:
+    """The recipe's ``export:`` section. int8: end the run with ``model.onnx`` and its onnxruntime
+    static INT8 form ``model.int8.onnx`` (``nam_prune.int8``), both scored on the test split and timed
+    at batch 1 in results.json; off by default, as it needs onnxruntime and adds a calibration pass."""
+
+    int8: bool = False
+
+
 def onnx_modules():
     try:
         import onnx
