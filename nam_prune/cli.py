@@ -262,8 +262,8 @@ def export(
     data = int8_data_for(task, payload, str(model), parse_data_option(calibration) if calibration else None)
     done = export_int8(module, record.example_input(), target, data, opset, dynamic_batch, task.deploy_mode)
     console.print(f"wrote {target} (opset {opset}, max |torch - onnxruntime| = {done.fp32.max_abs_diff:.1e})", soft_wrap=True)
-    console.print(f"wrote {done.path} (onnxruntime static INT8, QDQ, per-channel weights; calibrated on "
-                  f"{data.calibration_images} training images)", soft_wrap=True)
+    console.print(f"wrote {done.path} (onnxruntime static INT8: QDQ, uint8 activations, per-channel int8 weights; "
+                  f"calibrated on {data.calibration_images} training images)", soft_wrap=True)
     console.print(done.scores_line(dict(task.columns)[task.score_key]), soft_wrap=True)
 
 

@@ -2,10 +2,16 @@
 training images, checked to run and scored beside the FP32 file on the test split.
 
 onnxruntime does the quantization (``quant_pre_process``: shape inference and graph optimization,
-then ``quantize_static``): QDQ format, int8 weights per output channel, int8 activations with MinMax
-ranges (S8S8 QDQ, onnxruntime's recommended first choice on the CPU). nam-prune feeds it calibration
-images and checks what it wrote. A task says which images and how a session is scored
-(``Task.int8_data``); a task that cannot score a session refuses there (detectors: mAP).
+then ``quantize_static``): QDQ format, int8 weights per output channel, uint8 activations with MinMax
+ranges. Unsigned activations (U8S8), because onnxruntime's x86 CPU kernels fuse only some of an
+S8S8 ResNet's convolutions into QLinearConv and run the rest as float convolutions between
+dequantize and quantize nodes, slower than the FP32 file (``python -m benchmarks int8``); 7-bit
+weights (``reduce_range``), because x86 CPUs without VNNI multiply U8S8 with 16-bit sums that 8-bit
+weights can saturate (onnxruntime's quantization guide), and the file may run on one.
+
+nam-prune feeds the calibration images and checks what onnxruntime wrote. A task says which images
+and how a session is scored (``Task.int8_data``); a task that cannot score a session refuses there
+(detectors: mAP).
 """
 
 from __future__ import annotations
@@ -121,8 +127,8 @@ def quantize_onnx(fp32: Path, path: Path, data: Int8Data) -> None:
             quantization.quant_pre_process(str(fp32), str(prepared))
             quantization.quantize_static(
                 str(prepared), tmp, CalibrationBatches(data.calibration(), size),
-                quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-                activation_type=quantization.QuantType.QInt8, weight_type=quantization.QuantType.QInt8,
+                quant_format=quantization.QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
             )
         _check_int8(Path(tmp), np.zeros((size or 1, *data.input_shape), dtype=np.float32))
 

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import sys
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -68,8 +69,20 @@ def test_a_recipe_can_end_in_int8(int8_run):
     weights = {t.name: t for t in graph.initializer}
     quantized = [weights[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
     assert sum(1 for w in quantized if w.data_type == onnx.TensorProto.INT8 and len(w.dims) == 4) >= 9  # every conv
+    activations = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and all(weights[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in activations)  # U8S8
     scales = [weights[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
     assert max(s.dims[0] if s.dims else 1 for s in scales) > 1  # per output channel
+
+
+def test_onnxruntime_runs_every_convolution_of_the_int8_file_in_int8(int8_run, tmp_path):
+    """U8S8: the CPU kernels fuse each dequantize-Conv-quantize into QLinearConv (with S8S8 most convolutions
+    stay float, between dequantize and quantize nodes, slower than the FP32 file)."""
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath, options.log_severity_level = str(tmp_path / "optimized.onnx"), 3
+    onnxruntime.InferenceSession(str(int8_run[0] / "model.int8.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = Counter(node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert (ops["QLinearConv"], ops["Conv"]) == (9, 0)  # ResNet-8: stem, two per block, two downsamples
 
 
 def test_the_int8_file_runs_alone_and_scores_as_recorded(int8_run, fashion_small):
