@@ -95,7 +95,8 @@ def parse_data_option(text: str):
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "data", help="Score on a data set name, a recipe's data (.yaml) or an ultralytics data yaml.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
-@click.option("--onnx", "with_onnx", is_flag=True, help="Add onnxruntime CPU latency (batch 1).")
+@click.option("--onnx", "with_onnx", is_flag=True,
+              help="Add onnxruntime CPU latency (batch 1): FP32, and INT8 where calibration data is at hand (--data or the run's recipe).")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write gamma/channel plots here.")
 @click.option("--model", "model_name", help="Architecture of a plain state dict saved outside nam-prune (e.g. resnet18).")
 @click.option("--image-size", type=click.IntRange(min=8), default=224, show_default=True,
@@ -194,7 +195,9 @@ def compare(
 def _refuse_options_of_the_other_format(fmt: str) -> None:
     """An option the chosen format ignores would silently change nothing: say so instead."""
     context = click.get_current_context()
-    other, options = {"onnx": ("torchscript", ("whole_batch",)), "torchscript": ("onnx", ("opset", "dynamic_batch"))}[fmt]
+    other, options = {
+        "onnx": ("torchscript", ("whole_batch",)), "torchscript": ("onnx", ("opset", "dynamic_batch", "int8", "calibration")),
+    }[fmt]
     given = [name for name in options if context.get_parameter_source(name) is not ParameterSource.DEFAULT]
     if given:
         flags = " and ".join("--" + name.replace("_", "-") for name in given)
@@ -215,30 +218,53 @@ def _refuse_options_of_the_other_format(fmt: str) -> None:
     help="TorchScript only: run large batches whole, not in slices "
     "(faster where the allocator keeps freed memory: jemalloc, tcmalloc, tuned glibc).",
 )
+@click.option(
+    "--int8", is_flag=True,
+    help="ONNX only: also write the onnxruntime static INT8 form beside it (NAME.int8.onnx; QDQ, per-channel weights), "
+    "calibrated on training images, and print both files' test score.",
+)
+@click.option("--calibration", help="With --int8: calibrate and score on this data set name or recipe .yaml, not the recipe MODEL stores.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL with .onnx / .torchscript")
-def export(model: Path, fmt: str, opset: int, dynamic_batch: bool, whole_batch: bool, output: Path | None) -> None:
+def export(
+    model: Path, fmt: str, opset: int, dynamic_batch: bool, whole_batch: bool, int8: bool, calibration: str | None,
+    output: Path | None,
+) -> None:
     """Export a saved MODEL to ONNX (checked, onnxruntime vs torch) or frozen TorchScript (for plain
-    PyTorch deployment); outputs must match eager torch within 1e-4."""
+    PyTorch deployment); outputs must match eager torch within 1e-4. With --int8 also an INT8 ONNX file."""
     from nam_prune.artifact import load_with_metadata, record_of
     from nam_prune.export import export_onnx, export_torchscript
     from nam_prune.tasks import task_class
 
     _refuse_options_of_the_other_format(fmt)
+    if calibration is not None and not int8:
+        raise click.UsageError("--calibration names the data --int8 calibrates on: add --int8 or drop it")
     target = output or model.with_suffix(f".{fmt}")
     if target.resolve() == model.resolve():
         raise NamPruneError(f"the export would overwrite {model}, the checkpoint it reads; name another file with -o")
     module, payload = load_with_metadata(model)
     record = record_of(payload)
-    deploy_mode = task_class(record.spec.name).deploy_mode
+    task = task_class(record.spec.name)
     if fmt == "torchscript":
-        result = export_torchscript(module, record.example_input(), target, deploy_mode, batch_chunks=not whole_batch)
+        result = export_torchscript(module, record.example_input(), target, task.deploy_mode, batch_chunks=not whole_batch)
         console.print(f"wrote {result.path} (frozen TorchScript, max |eager - TorchScript| = {result.max_abs_diff:.1e})", soft_wrap=True)
         return
-    result = export_onnx(module, record.example_input(), target, opset, dynamic_batch, deploy_mode)
-    console.print(
-        f"wrote {result.path} (opset {result.opset}, max |torch - onnxruntime| = {result.max_abs_diff:.1e})",
-        soft_wrap=True,
-    )
+    if not int8:
+        result = export_onnx(module, record.example_input(), target, opset, dynamic_batch, task.deploy_mode)
+        console.print(
+            f"wrote {result.path} (opset {result.opset}, max |torch - onnxruntime| = {result.max_abs_diff:.1e})",
+            soft_wrap=True,
+        )
+        return
+    from nam_prune.int8 import export_int8, quantization_tools
+    from nam_prune.tasks import int8_data_for
+
+    quantization_tools()  # its install hint before any data loads
+    data = int8_data_for(task, payload, str(model), parse_data_option(calibration) if calibration else None)
+    done = export_int8(module, record.example_input(), target, data, opset, dynamic_batch, task.deploy_mode)
+    console.print(f"wrote {target} (opset {opset}, max |torch - onnxruntime| = {done.fp32.max_abs_diff:.1e})", soft_wrap=True)
+    console.print(f"wrote {done.path} (onnxruntime static INT8: QDQ, uint8 activations, per-channel int8 weights; "
+                  f"calibrated on {data.calibration_images} training images)", soft_wrap=True)
+    console.print(done.scores_line(dict(task.columns)[task.score_key]), soft_wrap=True)
 
 
 @cli.command()

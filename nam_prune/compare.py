@@ -298,6 +298,8 @@ def compare(
     if not macs_keep or any(not 0 < k < 1 for k in macs_keep):
         raise NamPruneError("--macs-keep values are shares of the MACs to keep, each strictly between 0 and 1")
     keeps = [round(k, 10) for k in macs_keep]  # 1 - 0.7 from --budgets is 0.30000000000000004
+    if recipe.export.int8:
+        raise NamPruneError("export.int8 is for nam-prune run: compare exports no model; drop it or set export.int8=false")
     task_type = task_class(recipe.model.name)
     needs_gradients = [c for c in criteria if c in GRADIENT_CRITERIA]
     if needs_gradients and not task_type.exposes_gradients:

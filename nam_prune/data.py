@@ -234,7 +234,8 @@ def _statistics(train: Dataset, normalize: str) -> tuple[tuple[float, ...] | Non
     return tuple(pixels.mean(dim=1).tolist()), tuple(std.tolist())
 
 
-def _subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+def random_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """``size`` images drawn with ``seed`` (all where ``size`` is 0 or at least the data set's length)."""
     if size <= 0 or size >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
@@ -252,8 +253,8 @@ def load_data(config: DataConfig, seed: int = 0) -> DataBundle:
         train, test, classes = _cifar10(root, config.download, config.augment)
     else:
         train, test, classes = _image_folder(root, config)
-    train = _subset(train, config.train_subset, seed)
-    test = _subset(test, config.test_subset, seed + 1)
+    train = random_subset(train, config.train_subset, seed)
+    test = random_subset(test, config.test_subset, seed + 1)
     if config.name != "image_folder" and (config.image_size or config.channels):
         train, test = Adapted(train, config.image_size, config.channels), Adapted(test, config.image_size, config.channels)
     shape = tuple(train[0][0].shape)

@@ -37,7 +37,16 @@ class ExportResult:
     opset: int
 
 
-def _onnx_modules():
+@dataclass
+class ExportConfig:
+    """The recipe's ``export:`` section. int8: end the run with ``model.onnx`` and its onnxruntime
+    static INT8 form ``model.int8.onnx`` (``nam_prune.int8``), both scored on the test split and timed
+    at batch 1 in results.json; off by default, as it needs onnxruntime and adds a calibration pass."""
+
+    int8: bool = False
+
+
+def onnx_modules():
     try:
         import onnx
         import onnxruntime
@@ -47,7 +56,7 @@ def _onnx_modules():
 
 
 @contextlib.contextmanager
-def _failure_named(step: str):
+def failure_named(step: str):
     """Exporters, checkers, the tracer and the runtimes raise many types: one line naming the step."""
     try:
         yield
@@ -70,7 +79,7 @@ def _onnx_file(
     model: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool, deploy_mode: DeployMode
 ) -> None:
     """torch.onnx.export (TorchScript exporter: conv nets need no dynamic control flow) then onnx.checker."""
-    onnx, _ = _onnx_modules()
+    onnx, _ = onnx_modules()
     highest = _highest_opset()
     if highest is not None and opset > highest:  # else the exporter dumps the whole graph to stdout first
         raise NamPruneError(f"opset {opset} is above the highest this torch exports ({highest}); pass --opset {highest} or lower")
@@ -94,14 +103,14 @@ def write_onnx(
 ) -> None:
     """Write a checked ONNX file (no output comparison: ``export_onnx`` adds that)."""
     model = model.cpu().eval()
-    with _failure_named("ONNX export"):
+    with failure_named("ONNX export"):
         atomic_write(path, lambda tmp: _onnx_file(model, example, tmp, opset, dynamic_batch, deploy_mode))
 
 
 def ort_session(path: Path):
     """A CPU session with as many threads as torch uses, so a CPU quota (``measure.fit_threads_to_quota``)
     or ``OMP_NUM_THREADS`` sizes both runtimes alike and their latencies compare."""
-    _, onnxruntime = _onnx_modules()
+    _, onnxruntime = onnx_modules()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -202,7 +211,7 @@ def frozen_torchscript(
     conv-BN folded): the fast way to run a pruned model in plain torch on the CPU. With ``batch_chunks``
     a model that returns one tensor runs large batches in slices (``BatchChunks``, ``samples_per_chunk``).
     ``channels_last=False, batch_chunks=False`` keeps plain NCHW (measured against the others in ``docs/memory_format.json``)."""
-    with _failure_named("TorchScript tracing"), warnings.catch_warnings(), torch.no_grad():
+    with failure_named("TorchScript tracing"), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         copied = copy.deepcopy(model).cpu().eval()
         traced = ChannelsLastInput(copied.to(memory_format=torch.channels_last)) if channels_last else copied
@@ -267,8 +276,19 @@ def export_torchscript(
             loaded = torch.jit.load(tmp)
         return _checked_parity(parity(model, lambda x: loaded(x).numpy(), example, deploy_mode), "TorchScript", "")
 
-    with _failure_named("TorchScript export"):
+    with failure_named("TorchScript export"):
         return ExportResult(path, atomic_write(path, write_checked), 0)
+
+
+def write_checked_onnx(
+    model: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool, deploy_mode: DeployMode
+) -> float:
+    """Write and check an ONNX file at ``path`` and return its parity with eager torch (a miss
+    beyond 1e-4 is an error); ``model`` on the CPU, in eval mode."""
+    _onnx_file(model, example, path, opset, dynamic_batch, deploy_mode)
+    session = ort_session(Path(path))
+    diff = parity(model, lambda x: session.run(None, {"input": x.numpy()})[0], example, deploy_mode)
+    return _checked_parity(diff, "ONNX", "; try another --opset")
 
 
 def export_onnx(
@@ -282,15 +302,9 @@ def export_onnx(
     """Write, check and verify an ONNX file before it takes ``path``: a parity miss beyond 1e-4 is
     an error and leaves no file."""
     model = model.cpu().eval()
-
-    def write_checked(tmp: str) -> float:
-        _onnx_file(model, example, tmp, opset, dynamic_batch, deploy_mode)
-        session = ort_session(Path(tmp))
-        diff = parity(model, lambda x: session.run(None, {"input": x.numpy()})[0], example, deploy_mode)
-        return _checked_parity(diff, "ONNX", "; try another --opset")
-
-    with _failure_named("ONNX export"):
-        return ExportResult(path, atomic_write(path, write_checked), opset)
+    with failure_named("ONNX export"):
+        return ExportResult(path, atomic_write(path, lambda tmp: write_checked_onnx(
+            model, example, tmp, opset, dynamic_batch, deploy_mode)), opset)
 
 
 def ort_latency_ms(
@@ -300,6 +314,11 @@ def ort_latency_ms(
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         write_onnx(model, example, path, deploy_mode=deploy_mode)
-        session = ort_session(path)
-        x = {"input": example.cpu().numpy()}
-        return median_ms(lambda: session.run(None, x), runs, warmup)
+        return session_latency_ms(path, example, runs, warmup)
+
+
+def session_latency_ms(path: Path, example: torch.Tensor, runs: int, warmup: int) -> float:
+    """Median onnxruntime CPU latency of the ONNX file at ``path`` on ``example``'s batch."""
+    session = ort_session(path)
+    x = {"input": example.cpu().numpy()}
+    return median_ms(lambda: session.run(None, x), runs, warmup)

@@ -27,6 +27,7 @@ from nam_prune.artifact import ModelRecord, load_state, rebuild, record_of, save
 from nam_prune.checkpoint import atomic_write, library_versions, read_checkpoint
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
+from nam_prune.int8 import Int8Data, export_int8, int8_results, int8_summary, quantization_tools
 from nam_prune.prune import PruneResult, channel_counts, check_prunable, kept_whole_counts
 from nam_prune.recipe import Recipe
 from nam_prune.report import layer_changes, layer_table, summary_table
@@ -137,10 +138,22 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
     try:
         if distributed.world_size() > 1 and not cls.multi_process:
             raise NamPruneError(f"{recipe.model.name} runs in one process (--nproc 1); device: picks the GPU")
+        int8 = _int8_data(recipe, cls)
         seed_everything(recipe.seed)
-        return _run(recipe, cls(recipe, distributed.local_device(device)), overwrite, resume)
+        return _run(recipe, cls(recipe, distributed.local_device(device)), overwrite, resume, int8)
     finally:
         distributed.shutdown()
+
+
+def _int8_data(recipe: Recipe, cls: type[Task]) -> Int8Data | None:
+    """``export.int8``'s calibration and test data, loaded (or refused) before anything trains."""
+    if not recipe.export.int8:
+        return None
+    if distributed.world_size() > 1:
+        raise NamPruneError("export.int8 runs in one process (--nproc 1); or quantize the run's model.pt "
+                            "afterwards with nam-prune export MODEL --int8")
+    quantization_tools()
+    return cls.int8_data(recipe.data, recipe.seed)
 
 
 class _Run(PruneAndFinetune):
@@ -148,11 +161,13 @@ class _Run(PruneAndFinetune):
 
     The shared stage sequence (``stages.PruneAndFinetune``) does the pruning and fine-tuning;
     this adds sparsity training before it, the dense baseline and the outputs after it, and
-    through its hooks ``dense.pt`` and a ``last.pt`` checkpoint after every epoch.
+    through its hooks ``dense.pt`` and a ``last.pt`` checkpoint after every epoch; with ``int8`` data
+    (``export.int8``) also the ONNX files.
     """
 
     def __init__(
-        self, recipe: Recipe, task: Task, folder: Path, model: nn.Module, record: ModelRecord, progress: dict[str, Any]
+        self, recipe: Recipe, task: Task, folder: Path, model: nn.Module, record: ModelRecord, progress: dict[str, Any],
+        int8: Int8Data | None = None,
     ) -> None:
         example = record.example_input(task.device)
         super().__init__(task, model, record, example, lambda trained, label: task.measure(trained, example, label))
@@ -161,6 +176,7 @@ class _Run(PruneAndFinetune):
         self.results, self.timings = progress["results"], progress["timings"]
         self.main = distributed.is_main()
         self.dense_state: dict[str, torch.Tensor] = {}
+        self.int8 = int8
 
     def checkpoint(self, stage: str, state: TrainState | None) -> None:
         if not self.task.resumable:
@@ -217,6 +233,14 @@ class _Run(PruneAndFinetune):
         measured = {**self.results, "after": self.metrics["after"]}
         return {stage: measured[stage] for stage in ("before", "pruned", "recalibrated", "after") if stage in measured}
 
+    def int8_outputs(self, data: Int8Data) -> dict[str, Any]:
+        """``model.onnx`` and its INT8 form ``model.int8.onnx`` from a CPU copy of the final model (the run
+        hands back the model on its device); their scores and latencies for results.json."""
+        example, report = self.record.example_input(), self.recipe.report
+        done = export_int8(copy.deepcopy(self.model).cpu(), example, self.folder / "model.onnx", data,
+                           deploy_mode=self.task.deploy_mode)
+        return int8_results(done, example, report.latency_runs, report.warmup, self.task.score_key)
+
     def baseline(self) -> dict[str, Any]:
         """The dense sparsity-trained model (``dense.pt``) fine-tuned as long as the pruned one, measured."""
         tick = time.perf_counter()
@@ -231,9 +255,12 @@ class _Run(PruneAndFinetune):
         return metrics
 
     def save_outputs(self, final: dict[str, Any], stages: dict[str, dict[str, Any]], started: float) -> None:
-        """``model.pt``, ``results.json`` and the task's files (rank 0); the summary tables."""
+        """``model.pt``, ``results.json``, the task's files and the ONNX files of ``export.int8`` (rank 0);
+        the summary tables."""
         task, folder = self.task, self.folder
         final.update(task.outputs(folder, self.model, self.record, stages))
+        if self.int8 is not None:
+            final["int8"] = self.int8_outputs(self.int8)
         metrics = {**stages, "prune_threshold": self.results["prune_threshold"]}
         save(
             folder / "model.pt", self.model, self.record,
@@ -253,11 +280,13 @@ class _Run(PruneAndFinetune):
                 f"({search['ms']:.2f} vs {search['dense_ms']:.2f} ms; target {search['target']:.3f}, "
                 f"{len(search['trials'])} candidate cuts timed)"
             )
+        if "int8" in final:
+            console.print(int8_summary(final["int8"], task.score_key, dict(task.columns)[task.score_key]), soft_wrap=True)
         console.print(layer_table(final["layers"], only_changed=True))
         console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]", soft_wrap=True)
 
 
-def _start(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> _Run:
+def _start(recipe: Recipe, task: Task, overwrite: bool, resume: bool, int8: Int8Data | None) -> _Run:
     """A new run (its prune settings checked on an untrained copy, then its folder made) or the
     latest interrupted one of this recipe, from its ``last.pt``."""
     if resume:
@@ -280,15 +309,15 @@ def _start(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> _Run:
     if task.device.type == "cpu" and not recipe.nam.compile:
         log.info("NAM gates train on %s", gate_kernel.status())
     model.to(task.device)
-    return _Run(recipe, task, folder, model, record, progress)
+    return _Run(recipe, task, folder, model, record, progress, int8)
 
 
-def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool) -> RunResult:
+def _run(recipe: Recipe, task: Task, overwrite: bool, resume: bool, int8: Int8Data | None) -> RunResult:
     started = time.perf_counter()
     if not distributed.is_main():
         log.setLevel(logging.WARNING)
     enable_compile(recipe.nam.compile, task.device)
-    job = _start(recipe, task, overwrite, resume)
+    job = _start(recipe, task, overwrite, resume, int8)
     fresh = job.progress["stage"] == "sparsity"  # else resumed after the cut, during fine-tuning
     try:
         if fresh:

@@ -16,6 +16,7 @@ import yaml
 from nam_prune.config import bounded, from_dict, printable
 from nam_prune.data import DataConfig
 from nam_prune.errors import NamPruneError
+from nam_prune.export import ExportConfig
 from nam_prune.measure import ReportConfig
 from nam_prune.models import families
 from nam_prune.prune import PruneConfig
@@ -59,6 +60,7 @@ class Recipe:
     recalibrate: RecalibrateConfig = field(default_factory=RecalibrateConfig)
     finetune: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     sections: dict[str, Any] = field(default_factory=dict)
     """Model families' own sections, by name (``sections["yolo"]``), validated by their dataclasses."""
 

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn as nn
 from rich.markup import escape
 from rich.table import Table
 
@@ -14,12 +17,16 @@ from nam_prune.artifact import adopt, from_payload, record_of
 from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
 from nam_prune.errors import NamPruneError
 from nam_prune.export import ort_latency_ms
+from nam_prune.int8 import int8_latency_ms
 from nam_prune.measure import BUSY_ELSEWHERE_LIMIT, ReportConfig, gflops, measure
 from nam_prune.plots import gamma_plots
 from nam_prune.prune.graph import channel_counts
-from nam_prune.tasks import CLASSIFICATION_COLUMNS, ClassificationTask, Columns, task_class
+from nam_prune.tasks import CLASSIFICATION_COLUMNS, ClassificationTask, Columns, Task, int8_data_for, task_class
+
+log = logging.getLogger("nam_prune")
 
 SCORES = frozenset({"accuracy", "map50_95", "map50"})  # fractions 0-1: shown in %, changes in points
+ONNX_COLUMNS: Columns = (("onnx_latency_ms", "onnxruntime ms"), ("onnx_int8_latency_ms", "onnxruntime INT8 ms"))
 
 
 def layer_changes(before: dict[str, int], after: dict[str, int]) -> list[dict[str, Any]]:
@@ -93,6 +100,26 @@ def layer_table(rows: list[dict[str, Any]], only_changed: bool = False) -> Table
     return table
 
 
+def _int8_latency(
+    model: nn.Module, example: torch.Tensor, task: type[Task], payload: dict[str, Any], source: str, data: Any, config: ReportConfig
+) -> dict[str, float]:
+    """onnxruntime latency of the model's INT8 form where it can be made: calibration data at hand
+    (``--data``, else the recipe a run stored in its checkpoint) and a task that quantizes; else
+    nothing, and the reason in the log."""
+    try:
+        int8 = int8_data_for(task, payload, source, data, option="--data")
+        return {"onnx_int8_latency_ms": int8_latency_ms(model, example, int8, config.latency_runs, config.warmup, task.deploy_mode)}
+    except NamPruneError as error:
+        log.info("no INT8 onnxruntime latency: %s", error)
+        return {}
+
+
+def _onnx_columns(columns: Columns, metrics: dict[str, Any]) -> Columns:
+    """The onnxruntime latencies measured that the task's own columns do not show already."""
+    shown = dict(columns)
+    return tuple((key, header) for key, header in ONNX_COLUMNS if key in metrics and key not in shown)
+
+
 def inspect_checkpoint(
     path: str | Path,
     data: Any = None,
@@ -105,7 +132,8 @@ def inspect_checkpoint(
 ) -> dict[str, Any]:
     """What ``nam-prune report`` shows: params, MACs, layers, latency, the task's scores on
     ``data`` (a ``DataConfig`` for classifiers, a data yaml path for detectors), onnxruntime
-    latency with ``with_onnx``, and the gamma/channel plots written to ``plots``.
+    latency with ``with_onnx`` (FP32, and INT8 where ``_int8_latency`` can make the INT8 form),
+    and the gamma/channel plots written to ``plots``.
 
     A file from outside nam-prune is reported as a dense model: a state dict given its
     architecture (``model_name``), a whole pickled module with ``trust_pickle``; both are
@@ -128,6 +156,7 @@ def inspect_checkpoint(
     extra: dict[str, Any] = {**scores, "gflops": gflops(metrics.macs)}
     if with_onnx:
         extra["onnx_latency_ms"] = ort_latency_ms(model, example, config.latency_runs, config.warmup, task.deploy_mode)
+        extra.update(_int8_latency(model, example, task, payload, str(path), data, config))
     if plots is not None:
         extra["plots"] = [str(p) for p in gamma_plots(model, payload, plots)]
     counts = channel_counts(model)
@@ -139,7 +168,7 @@ def inspect_checkpoint(
         "nam": asdict(record.nam) if record.nam else None,
         "input_shape": list(record.input_shape),
         "task": task.__name__,
-        "columns": [list(column) for column in task.columns],
+        "columns": [list(column) for column in (*task.columns, *_onnx_columns(task.columns, extra))],
         "pruned": bool(record.history),
         "layers": layers,
         "recorded": payload.get("metrics", {}),

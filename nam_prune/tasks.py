@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader
 
 from nam_prune.artifact import ModelRecord, from_payload, load_state, record_of, state_dict_of
 from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
-from nam_prune.data import DataConfig, load_data
+from nam_prune.config import from_dict
+from nam_prune.data import DataConfig, load_data, random_subset
 from nam_prune.errors import NamPruneError
+from nam_prune.int8 import CALIBRATION_IMAGES, Int8Data, ort_top1
 from nam_prune.measure import measure
 from nam_prune.models import ModelSpec, build_model, build_pretrained, check_input, family_for
 from nam_prune.prune.graph import Protected
@@ -135,6 +137,15 @@ class Task:
         """Scores of a saved model on ``data`` (what ``report --data`` hands over)."""
         raise NotImplementedError
 
+    @classmethod
+    def int8_data(cls, data: Any, seed: int = 0) -> Int8Data:
+        """Images to calibrate an INT8 export on and its scorer through onnxruntime (``data`` as
+        ``evaluate_checkpoint`` takes it; ``seed`` draws subsets as a run with that seed did)."""
+        raise NamPruneError(
+            f"INT8 export (--int8, export.int8) is for classifiers: a {cls.__name__} is scored by {cls.score_key}, "
+            "which nam-prune does not compute through onnxruntime; export FP32 ONNX instead"
+        )
+
     @staticmethod
     def deploy_mode(model: nn.Module) -> ContextManager[nn.Module]:
         """The model as it is deployed (a detector returns only its decoded boxes)."""
@@ -240,8 +251,36 @@ class ClassificationTask(Task):
             )
         return {"accuracy": evaluate(model, bundle.test, torch.device("cpu"))}
 
+    @classmethod
+    def int8_data(cls, data: DataConfig, seed: int = 0) -> Int8Data:
+        """``CALIBRATION_IMAGES`` training images drawn at random, unaugmented (as the deployed model
+        sees its inputs), and top-1 on the test split."""
+        if not isinstance(data, DataConfig):
+            raise NamPruneError("a classifier calibrates on a data set name or a recipe .yaml, not an ultralytics data yaml")
+        bundle = load_data(replace(data, augment=False), seed)
+        images = random_subset(bundle.train.dataset, CALIBRATION_IMAGES, seed)
+        loader = DataLoader(images, batch_size=data.batch_size, num_workers=data.workers)
+        return Int8Data(
+            bundle.input_shape, lambda: (x for x, _ in loader), len(images),  # type: ignore[arg-type]
+            lambda session: ort_top1(session, bundle.test), len(bundle.test.dataset),  # type: ignore[arg-type]
+        )
+
 
 def task_class(model_name: str) -> type[Task]:
     """The task of the family that claims ``model_name`` (classification unless it names its own)."""
     family = family_for(model_name)
     return family.task() if family.task else ClassificationTask
+
+
+def int8_data_for(
+    task: type[Task], payload: dict[str, Any], source: str, data: Any = None, option: str = "--calibration"
+) -> Int8Data:
+    """``task.int8_data`` on ``data`` (as ``option`` names it), else on the data and seed of the recipe a
+    run stored in its checkpoint ``payload``: the images it trained and was scored on."""
+    if data is not None:
+        return task.int8_data(data)
+    recipe = payload.get("recipe")
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("data"), dict):
+        raise NamPruneError(f"{source} stores no recipe to calibrate on: name the data with {option} "
+                            "(a data set name or a recipe .yaml)")
+    return task.int8_data(from_dict(DataConfig, recipe["data"], prefix="data."), int(recipe.get("seed", 0)))

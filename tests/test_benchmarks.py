@@ -22,7 +22,7 @@ from nam_prune.pipeline import run
 from nam_prune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-KEPT = ["latency_floor", "nam_gate", "profile_ops", "prune_overhead", "run_speedup", "speedup", "train_overhead",
+KEPT = ["int8", "latency_floor", "nam_gate", "profile_ops", "prune_overhead", "run_speedup", "speedup", "train_overhead",
         "yolo_width_control"]
 RUNTIMES = [f"{runtime}_{batch}" for batch in ("bs1", "bs32") for runtime in ("torch", "torchscript", "ort")]
 
@@ -107,6 +107,17 @@ def test_run_speedup(tiny_run, tmp_path):
     assert list(row["realised"]) == list(row["dense_ms"]) == list(row["pruned_ms"])
     assert sorted(row["realised"]) == sorted(RUNTIMES)
     assert positive(*row["realised"].values(), *row["dense_ms"].values(), *row["pruned_ms"].values())
+
+
+@pytest.mark.slow
+def test_int8(tiny_run, tmp_path):
+    result = run_benchmark("int8", [str(tiny_run / "model.pt"), "--runs", "1", "--rounds", "2", "--threads", "1"], tmp_path)
+    assert (result["model"], result["calibration_images"], result["test_images"]) == (str(tiny_run / "model.pt"), 128, 64)
+    assert all(0 <= score <= 1 for score in result["top1"].values()) and set(result["top1"]) == {"fp32", "int8"}
+    assert list(result["fp32_ms"]) == list(result["int8_ms"]) == list(result["int8_speedup"]) == ["ort_bs1", "ort_bs32"]
+    assert positive(*result["fp32_ms"].values(), *result["int8_ms"].values())
+    for ratio in result["int8_speedup"].values():  # paired: one ratio per alternating round
+        assert len(ratio["rounds"]) == 2 and positive(ratio["median"], *ratio["quartiles"], *ratio["rounds"])
 
 
 @pytest.mark.slow
