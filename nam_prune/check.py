@@ -28,7 +28,7 @@ import torchvision
 
 from nam_prune.artifact import ModelRecord, load, save
 from nam_prune.errors import NamPruneError, first_line
-from nam_prune.models import ModelSpec, build_model, check_input
+from nam_prune.models import ModelSpec, build_model, check_input, forward_error, smallest_size_above
 from nam_prune.prune import PruneConfig, kept_whole_counts, prune_model
 from nam_prune.prune.graph import count_macs_params
 from nam_prune.surgery import NAMConfig, insert_nam, require_batchnorm
@@ -154,10 +154,13 @@ def check_model(
     in_channels: int = 3,
     seed: int = 0,
     family: str = "",
+    adapt_size: bool = False,
 ) -> CheckResult:
     """Gate, prune (each scope) and reload ``name`` at ``image_size``. Any failure ends in
     ``status`` (one line) so a sweep goes on: a model or data problem as its error, anything
-    else as ``internal error: ...`` (a bug in nam-prune, reported as such)."""
+    else as ``internal error: ...`` (a bug in nam-prune, reported as such). ``adapt_size``: a model
+    that rejects ``image_size`` is checked at the smallest size it takes (a sweep's choice), not refused.
+    Running out of memory is a reason of its own, not a bug."""
     started = time.perf_counter()
     result = CheckResult(name, image_size, family)
     shape = (in_channels, image_size, image_size)
@@ -166,6 +169,9 @@ def check_model(
         spec = ModelSpec(name, num_classes, in_channels)
         dense = build_model(spec)
         require_batchnorm(dense)
+        if adapt_size and forward_error(dense, shape) is not None:
+            image_size = smallest_size_above(dense, shape) or image_size
+            result.image_size, shape = image_size, (in_channels, image_size, image_size)
         check_input(dense, name, shape)
         example = torch.zeros(1, *shape)
         insert_nam(dense, NAMConfig(), example)
@@ -184,6 +190,8 @@ def check_model(
             result.reload_max_abs_diff = max(result.reload_max_abs_diff, difference)
     except NamPruneError as error:
         result.status = str(error)
+    except MemoryError:
+        result.status = f"ran out of memory checking it at {image_size} px; not supported"
     except Exception as error:  # a row per model: one bug must not hide the rest of the sweep
         result.status = f"{INTERNAL_ERROR}: {type(error).__name__}: {first_line(error, 200)}"
     result.seconds = round(time.perf_counter() - started, 2)
@@ -210,7 +218,7 @@ class IsolatedChecks:
             self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         started = time.perf_counter()
         try:
-            return self._pool.submit(check_model, name, image_size, macs_keep, family=family).result()
+            return self._pool.submit(check_model, name, image_size, macs_keep, family=family, adapt_size=True).result()
         except BrokenProcessPool:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None

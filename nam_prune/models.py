@@ -236,7 +236,7 @@ INPUT_SIZES = (8, 16, 24, 32, 48, 64, 75, 96, 128, 160, 192, 224, 256, 299, 320,
 """Square sizes tried when a model rejects its input, to name the smallest one it takes."""
 
 
-def _forward_fails(model: nn.Module, shape: tuple[int, ...]) -> Exception | None:
+def forward_error(model: nn.Module, shape: tuple[int, ...]) -> Exception | None:
     was_training = model.training
     model.eval()
     try:
@@ -252,18 +252,27 @@ def _forward_fails(model: nn.Module, shape: tuple[int, ...]) -> Exception | None
 def check_input(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
     """Run one forward at ``input_shape``; if the model rejects it, say why in one line and
     name the smallest square size it takes (the ``data.image_size`` to set)."""
-    error = _forward_fails(model, input_shape)
+    error = forward_error(model, input_shape)
     if error is None:
         return
     channels, height, width = input_shape
     reason = first_line(error)
-    for size in INPUT_SIZES:
-        if size > min(height, width) and _forward_fails(model, (channels, size, size)) is None:
-            raise NamPruneError(
-                f"{name} cannot take {height}x{width} inputs ({reason}); the smallest size it takes is "
-                f"{size}x{size}: set data.image_size: {size}"
-            )
+    size = smallest_size_above(model, input_shape)
+    if size is not None:
+        raise NamPruneError(
+            f"{name} cannot take {height}x{width} inputs ({reason}); the smallest size it takes is "
+            f"{size}x{size}: set data.image_size: {size}"
+        )
     raise NamPruneError(f"{name} fails on a {channels}x{height}x{width} input ({reason}); check model.name and the data")
+
+
+def smallest_size_above(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """The smallest square size of ``INPUT_SIZES`` above ``input_shape``'s that ``model`` runs on."""
+    channels, height, width = input_shape
+    for size in INPUT_SIZES:
+        if size > min(height, width) and forward_error(model, (channels, size, size)) is None:
+            return size
+    return None
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

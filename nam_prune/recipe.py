@@ -67,7 +67,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain values, laid out like its YAML (family sections at the top level)."""
         tree = asdict(self)
-        return {**tree, **tree.pop("sections")}
+        sections = tree.pop("sections")
+        return {**tree, **sections}
 
 
 def family_sections() -> dict[str, type]:
@@ -143,3 +144,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise NamPruneError(f"recipe {path} is empty; start from a shipped one, e.g. recipes/fashion_quickstart.yaml")
     return recipe_from_dict(tree, overrides)
 
+
+def _with_defaults(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` with the keys it lacks taken from ``defaults``, section by section: a file written
+    before a recipe key existed ran with what is now that key's default."""
+    merged = dict(defaults)
+    for key, value in stored.items():
+        both_sections = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        merged[key] = _with_defaults(value, defaults[key]) if both_sections else value
+    return merged
+
+
+def as_stored_today(stored: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict saved by an earlier version (in ``last.pt``, ``compare.json``) as ``to_dict``
+    writes it today: keys added since take their defaults, and the ``sections`` copy older files
+    kept beside the family sections goes."""
+    return _with_defaults({k: v for k, v in stored.items() if k != "sections"}, Recipe().to_dict())

@@ -404,3 +404,22 @@ def test_a_sweep_worker_that_dies_is_a_row_and_the_sweep_goes_on(monkeypatch):
         assert isolated._pool is None
         survived = isolated.check("resnet8", 32, 0.5, "cifar")
     assert survived.status == "ok" and survived.macs_after["global"] <= 0.5 * survived.macs_before
+
+
+def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
+    """A ``last.pt`` written before a recipe key existed (``export``, ``prune.latency_keep``) holds
+    that key's default: it is the same recipe and resumes; a changed value still is not."""
+    from nam_prune.checkpoint import write_checkpoint
+    from nam_prune.pipeline import _resume_point
+    from nam_prune.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, [*TINY, f"output={tmp_path / 'run'}"])
+    older = recipe.to_dict()
+    del older["export"], older["prune"]["latency_keep"], older["prune"]["runtime"]
+    (tmp_path / "run").mkdir()
+    write_checkpoint(tmp_path / "run" / "last.pt", {"recipe": older})
+    folder, _ = _resume_point(recipe, recipe.to_dict())
+    assert folder == tmp_path / "run"
+    changed = load_recipe(RECIPE, [*TINY, "finetune.lr=0.001", f"output={tmp_path / 'run'}"])
+    with pytest.raises(NamPruneError, match="different recipe"):
+        _resume_point(changed, changed.to_dict())

@@ -217,6 +217,10 @@ def _is_csp(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("conv_exp", "expand_chs")) and isinstance(module.expand_chs, int)
 
 
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
 def _first_conv(module: nn.Module) -> nn.Conv2d:
     return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
 
@@ -254,9 +258,10 @@ def kept_whole(model: nn.Module) -> dict[str, list[tuple[nn.Module, Frozen]]]:
             keep("split attention (cardinality > 1): radix outputs", module, {(module.conv, True), (module.fc2, True)})
         elif _is_selective_kernel(module) and module.split_input:
             keep("selective kernel: split inputs", module, {(_first_conv(path), False) for path in module.paths})
-        elif _is_dual_path(module):
+        elif _is_dual_path(module):  # in DPN-b blocks c1x1_c is a BN alone and c1x1_c1/c2 make the two paths
             ends = [module.c1x1_c, module.c1x1_c1, module.c1x1_c2, module.c1x1_w_s1, module.c1x1_w_s2]
-            keep("DPN: residual and dense paths", module, {(_first_conv(end), True) for end in ends if end is not None})
+            convs = [_first_conv(end) for end in ends if end is not None and _has_conv(end)]
+            keep("DPN: residual and dense paths", module, {(conv, True) for conv in convs})
         elif _is_ghost(getattr(module, "ghost2", None)) and hasattr(module, "shortcut"):
             # a Ghost bottleneck adds its input to ghost2's output: each residual channel is tied to
             # another one of the same tensor (primary j and its cheap copy), a loop torch-pruning cannot cut
