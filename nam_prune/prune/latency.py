@@ -15,6 +15,7 @@ import copy
 import importlib.util
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +30,11 @@ from nam_prune.surgery import strip_gates
 
 Runtime = Literal["torch", "torchscript", "onnxruntime"]
 
-ROUNDS = 7
-"""Alternating rounds per ratio: the median of 7 paired ratios moved by under 2% between repeats."""
+ROUNDS = 9
+"""Alternating rounds per ratio: the median of the paired ratios."""
 TURN_SECONDS = 0.1
 """Timed calls per model per round add up to about this (at least 3 calls, at most 50)."""
+PAUSE_SECONDS = 0.05
 WARMUP = 2
 """Untimed calls before each turn: a runtime's first calls after another model ran are slow."""
 
@@ -65,6 +67,13 @@ def runtime_call(
     return lambda: session.run(None, feed)
 
 
+def _turn(call: Callable[[], object], runs: int) -> float:
+    """Median ms of one model's turn, after a pause that lets the other model's runtime threads stop
+    spinning (onnxruntime's keep a core busy for a while after a call, slowing the next model's)."""
+    time.sleep(PAUSE_SECONDS)
+    return median_ms(call, runs, WARMUP)
+
+
 def paired_ratio(reference: Callable[[], object], candidate: Callable[[], object], rounds: int = ROUNDS) -> tuple[float, float, float]:
     """``(candidate / reference latency, reference ms, candidate ms)``: medians over ``rounds`` rounds
     that time both back to back, which one goes first alternating."""
@@ -74,7 +83,7 @@ def paired_ratio(reference: Callable[[], object], candidate: Callable[[], object
         ratios, reference_ms, candidate_ms = [], [], []
         for index in range(rounds):
             pair = (reference, candidate) if index % 2 == 0 else (candidate, reference)
-            first, second = (median_ms(call, runs, WARMUP) for call in pair)
+            first, second = (_turn(call, runs) for call in pair)
             ref, cand = (first, second) if index % 2 == 0 else (second, first)
             ratios.append(cand / ref)
             reference_ms.append(ref)

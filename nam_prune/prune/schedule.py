@@ -64,6 +64,8 @@ def _step_fraction(
 
 LATENCY_TOLERANCE = 0.02
 """A latency cut stops within 2% below its target share: about the spread of a paired ratio."""
+VERIFICATIONS = 2
+"""Times the chosen cut is timed again before it is taken (a slower reading resumes the search)."""
 
 
 def _latency_search(model: nn.Module, config: PruneConfig, meter: LatencyMeter) -> LatencySearch:
@@ -96,7 +98,13 @@ def _latency_fraction(
             f"({target * search.dense_ms:.2f} ms): the deepest cut prune.max_pruning_ratio={config.max_pruning_ratio}"
             f"{rounding} allow runs at {floor:.2f}; raise max_pruning_ratio or the latency target"
         )
-    return search_fraction(ratio_at, target, tolerance=LATENCY_TOLERANCE, trials=8)
+    fraction = search_fraction(ratio_at, target, tolerance=LATENCY_TOLERANCE, trials=8)
+    for _ in range(VERIFICATIONS):  # one fast reading can stop the search early: time the choice again
+        known.pop(fraction)
+        if ratio_at(fraction) <= target * (1 + LATENCY_TOLERANCE):
+            break
+        fraction = search_fraction(ratio_at, target, tolerance=LATENCY_TOLERANCE, trials=8)
+    return fraction
 
 
 def _unpruned_groups(
