@@ -14,6 +14,7 @@ import concurrent.futures
 import copy
 import importlib.util
 import multiprocessing
+import os
 import tempfile
 import time
 import warnings
@@ -198,6 +199,22 @@ def check_model(
     return result
 
 
+WORKER_MEMORY_SHARE = 0.75
+"""A sweep worker may map this share of the machine's memory: a model that needs more fails in
+the worker (MemoryError, its row says so) before the kernel's OOM killer picks a process."""
+
+
+def _cap_memory() -> None:
+    """Cap the worker's address space (POSIX; elsewhere the worker runs uncapped)."""
+    try:
+        import resource
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        resource.setrlimit(resource.RLIMIT_AS, (int(total * WORKER_MEMORY_SHARE), resource.RLIM_INFINITY))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 class IsolatedChecks:
     """Runs :func:`check_model` in a worker process, so a model that exhausts memory or crashes
     the interpreter ends in its own row (the sweep goes on) instead of ending the sweep; the
@@ -215,7 +232,9 @@ class IsolatedChecks:
 
     def check(self, name: str, image_size: int, macs_keep: float, family: str = "") -> CheckResult:
         if self._pool is None:
-            self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_cap_memory
+            )
         started = time.perf_counter()
         try:
             return self._pool.submit(check_model, name, image_size, macs_keep, family=family, adapt_size=True).result()
