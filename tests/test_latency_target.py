@@ -20,6 +20,15 @@ from nam_prune.surgery import NAMConfig, insert_nam
 X = torch.zeros(1, 1, 28, 28)
 
 
+@pytest.fixture(autouse=True)
+def _short_turns(monkeypatch):
+    """Turns of a few ms: these tests check what the search does, not how well it times."""
+    from nam_prune.prune import latency
+
+    monkeypatch.setattr(latency, "TURN_SECONDS", 0.005)
+    monkeypatch.setattr(latency, "PAUSE_SECONDS", 0.001)
+
+
 def _gated_resnet8() -> torch.nn.Module:
     model = insert_nam(build_model(ModelSpec("resnet8", num_classes=10, in_channels=1, width=32)), NAMConfig(), X)
     generator = torch.Generator().manual_seed(0)

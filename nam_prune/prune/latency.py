@@ -33,7 +33,9 @@ Runtime = Literal["torch", "torchscript", "onnxruntime"]
 ROUNDS = 9
 """Alternating rounds per ratio: the median of the paired ratios."""
 TURN_SECONDS = 0.1
-"""Timed calls per model per round add up to about this (at least 3 calls, at most 50)."""
+MAX_RUNS = 2000
+"""Timed calls per model per round add up to about ``TURN_SECONDS`` (3 to ``MAX_RUNS`` calls): at a
+tenth of a millisecond a turn of 50 calls left paired readings of one model a third apart."""
 PAUSE_SECONDS = 0.05
 WARMUP = 2
 """Untimed calls before each turn: a runtime's first calls after another model ran are slow."""
@@ -79,7 +81,7 @@ def paired_ratio(reference: Callable[[], object], candidate: Callable[[], object
     that time both back to back, which one goes first alternating."""
     with torch.inference_mode():
         probe = median_ms(reference, 1, WARMUP) / 1000
-        runs = max(3, min(50, round(TURN_SECONDS / max(probe, 1e-6))))
+        runs = max(3, min(MAX_RUNS, round(TURN_SECONDS / max(probe, 1e-6))))
         ratios, reference_ms, candidate_ms = [], [], []
         for index in range(rounds):
             pair = (reference, candidate) if index % 2 == 0 else (candidate, reference)
