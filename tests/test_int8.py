@@ -55,6 +55,7 @@ def one_line_error(done, message: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ")
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_a_recipe_can_end_in_int8(int8_run):
     folder, results = int8_run
     int8 = results["int8"]
@@ -75,6 +76,7 @@ def test_a_recipe_can_end_in_int8(int8_run):
     assert max(s.dims[0] if s.dims else 1 for s in scales) > 1  # per output channel
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_onnxruntime_runs_every_convolution_of_the_int8_file_in_int8(int8_run, tmp_path):
     """U8S8: the CPU kernels fuse each dequantize-Conv-quantize into QLinearConv (with S8S8 most convolutions
     stay float, between dequantize and quantize nodes, slower than the FP32 file)."""
@@ -85,6 +87,7 @@ def test_onnxruntime_runs_every_convolution_of_the_int8_file_in_int8(int8_run, t
     assert (ops["QLinearConv"], ops["Conv"]) == (9, 0)  # ResNet-8: stem, two per block, two downsamples
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_the_int8_file_runs_alone_and_scores_as_recorded(int8_run, fashion_small):
     """Plain onnxruntime sessions, one image at a time, on the run's own 256 test images."""
     folder, results = int8_run
@@ -97,6 +100,7 @@ def test_the_int8_file_runs_alone_and_scores_as_recorded(int8_run, fashion_small
     assert scores == {"model.onnx": results["int8"]["fp32_accuracy"], "model.int8.onnx": results["int8"]["int8_accuracy"]}
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_export_int8_calibrates_on_the_recipe_the_checkpoint_stores(checkpoint, int8_run):
     done = cli("export", str(checkpoint), "--int8")
     assert done.returncode == 0, done.stderr
@@ -109,6 +113,7 @@ def test_export_int8_calibrates_on_the_recipe_the_checkpoint_stores(checkpoint, 
          100 * (recorded["int8_accuracy"] - recorded["fp32_accuracy"])], abs=0.006)
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_an_int8_file_with_a_dynamic_batch_runs_any_batch(checkpoint, fashion_small):
     done = cli("export", str(checkpoint), "--int8", "--dynamic-batch", "-o", str(checkpoint.parent / "dynamic.onnx"))
     assert done.returncode == 0, done.stderr
@@ -118,6 +123,7 @@ def test_an_int8_file_with_a_dynamic_batch_runs_any_batch(checkpoint, fashion_sm
     assert session.run(None, {"input": images[:3].numpy()})[0].shape == (3, 10)
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_a_fixed_batch_session_scores_every_image(int8_run, fashion_small, tmp_path):
     """A file fixed to batch 4 reads 256 test images in 64-image loader batches and the same top-1 as at
     batch 1; calibration batches fill the last part with copies of its final image."""
@@ -133,6 +139,7 @@ def test_a_fixed_batch_session_scores_every_image(int8_run, fashion_small, tmp_p
     assert [reader.get_next()["input"].shape for _ in range(2)] == [(2, 1, 2, 2)] * 2 and reader.get_next() is None
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 @pytest.mark.parametrize(("data", "shape"), [({"image_size": 32}, "(1, 32, 32)"), ({"channels": 3}, "(3, 28, 28)")])
 def test_calibration_data_of_another_shape_is_a_one_line_error(checkpoint, fashion_root, data, shape):
     recipe = checkpoint.parent / "other.yaml"
@@ -142,6 +149,7 @@ def test_calibration_data_of_another_shape_is_a_one_line_error(checkpoint, fashi
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["model.pt", "other.yaml"]
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_a_classifier_is_not_calibrated_on_a_detection_data_yaml(checkpoint):
     data_yaml = checkpoint.parent / "detect.yaml"
     data_yaml.write_text(yaml.safe_dump({"path": ".", "train": "images", "val": "images", "names": {0: "item"}}))
@@ -155,11 +163,13 @@ def test_a_classifier_is_not_calibrated_on_a_detection_data_yaml(checkpoint):
     [(["--calibration", "fashion_mnist"], "--calibration names the data --int8 calibrates on: add --int8 or drop it"),
      (["--format", "torchscript", "--int8"], "--int8 is for --format onnx and this export is torchscript: drop it")],
 )
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_int8_options_out_of_place_are_refused(checkpoint, options, message):
     one_line_error(cli("export", str(checkpoint), *options), message)
     assert list(checkpoint.parent.iterdir()) == [checkpoint]
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_a_checkpoint_without_a_recipe_needs_calibration_data_named(checkpoint):
     """``export --int8`` refuses in one line; ``report --onnx`` gives FP32 latency alone and says why."""
     model, payload = load_with_metadata(checkpoint)
@@ -174,6 +184,7 @@ def test_a_checkpoint_without_a_recipe_needs_calibration_data_named(checkpoint):
     assert "no INT8 onnxruntime latency" in report.stderr and "name the data with --data" in report.stderr
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_report_onnx_adds_int8_latency_from_the_stored_recipe(checkpoint):
     report = cli("report", str(checkpoint), "--json", "--onnx")
     assert report.returncode == 0, report.stderr
@@ -183,12 +194,14 @@ def test_report_onnx_adds_int8_latency_from_the_stored_recipe(checkpoint):
     assert list(checkpoint.parent.iterdir()) == [checkpoint]  # its ONNX files were temporary
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_missing_onnxruntime_is_the_install_hint(checkpoint, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     one_line_error(cli("export", str(checkpoint), "--int8"), "pip install 'nam-prune[onnx]'")
     assert list(checkpoint.parent.iterdir()) == [checkpoint]
 
 
+@pytest.mark.slow  # needs the module's real run with export.int8 (10 s to set up)
 def test_a_quantization_that_fails_leaves_neither_file(checkpoint, monkeypatch):
     def fails(*args, **kwargs):
         raise RuntimeError("unsupported operator\nsecond line")

@@ -39,7 +39,7 @@ def _gated_resnet8() -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("runtime", ["torch", "torchscript"])
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("torchscript", marks=pytest.mark.slow)])
 def test_a_latency_target_records_its_search_and_cuts_what_it_timed(runtime):
     model = _gated_resnet8()
     dense_macs = count_macs_params(model, X)[0]
