@@ -10,8 +10,8 @@ weights (``reduce_range``), because x86 CPUs without VNNI multiply U8S8 with 16-
 weights can saturate (onnxruntime's quantization guide), and the file may run on one.
 
 nam-prune feeds the calibration images and checks what onnxruntime wrote. A task says which images
-and how a session is scored (``Task.int8_data``); a task that cannot score a session refuses there
-(detectors: mAP).
+and how a file is scored (``Task.int8_data``: top-1 for classifiers, mAP50-95 through ultralytics'
+validator for detectors); a task that cannot score a file refuses there.
 """
 
 from __future__ import annotations
@@ -46,20 +46,23 @@ CALIBRATION_IMAGES = 512
 
 @dataclass
 class Int8Data:
-    """What a task hands the INT8 step: the input shape of its images, the calibration images
-    (``calibration()``: a fresh pass over the same images in the same order, in batches), how many
-    there are, the score of an onnxruntime session on the test split (the task's ``score_key``)
-    and how many test images that reads."""
+    """What a task hands the INT8 step: the input shape of its images (None where the task sizes them
+    to the model's input, as a detector letterboxes), the calibration images (``calibration(shape)``
+    with the model's input shape: a fresh pass over the same images in the same order, in batches),
+    how many there are, the score of an ONNX file on the test split through onnxruntime (the task's
+    ``score_key``) and how many test images that reads."""
 
-    input_shape: tuple[int, ...]
-    calibration: Callable[[], Iterable[torch.Tensor]]
+    input_shape: tuple[int, ...] | None
+    calibration: Callable[[tuple[int, ...]], Iterable[torch.Tensor]]
     calibration_images: int
-    score: Callable[[Any], float]
+    score: Callable[[Path], float]
     test_images: int
+    files: Any = None
+    """What the data's files live in (a temporary folder of a built-in set), kept as long as the data."""
 
     def check_input(self, input_shape: tuple[int, ...]) -> None:
         """Images of another shape would fail deep inside onnxruntime's calibration: say so first."""
-        if tuple(self.input_shape) != tuple(input_shape):
+        if self.input_shape is not None and tuple(self.input_shape) != tuple(input_shape):
             raise NamPruneError(
                 f"the calibration data gives inputs {tuple(self.input_shape)} but the model takes {tuple(input_shape)}: "
                 "calibrate on the data it was trained on"
@@ -80,7 +83,7 @@ def fixed_batch(session: Any) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _parts(images: torch.Tensor, size: int | None) -> list[np.ndarray]:
+def fixed_batch_parts(images: torch.Tensor, size: int | None) -> list[np.ndarray]:
     """``images`` as arrays of a model's fixed batch ``size`` (None: one array), the last filled up with
     copies of the final image: their outputs are dropped, and they leave MinMax ranges as they are."""
     if size is None:
@@ -97,7 +100,7 @@ class CalibrationBatches:
     the model's batch size, one feed per call, then None."""
 
     def __init__(self, batches: Iterable[torch.Tensor], size: int | None) -> None:
-        self.arrays = (part for batch in batches for part in _parts(batch, size))
+        self.arrays = (part for batch in batches for part in fixed_batch_parts(batch, size))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         array = next(self.arrays, None)
@@ -108,7 +111,7 @@ def ort_top1(session: Any, test: Iterable[tuple[torch.Tensor, torch.Tensor]]) ->
     """Top-1 of an onnxruntime classifier session on labelled batches, whatever batch it is fixed to."""
     size, correct, total = fixed_batch(session), 0, 0
     for images, labels in test:
-        logits = np.concatenate([session.run(None, {"input": part})[0] for part in _parts(images, size)])
+        logits = np.concatenate([session.run(None, {"input": part})[0] for part in fixed_batch_parts(images, size)])
         correct += int((logits[: len(labels)].argmax(1) == labels.numpy()).sum())
         total += len(labels)
     return correct / total
@@ -119,18 +122,19 @@ def quantize_onnx(fp32: Path, path: Path, data: Int8Data) -> None:
     ``data``'s images. Before it takes ``path`` it must hold quantized operators and run in
     onnxruntime; else it is an error and leaves no file."""
     quantization = quantization_tools()
-    size = fixed_batch(ort_session(fp32))
+    session = ort_session(fp32)
+    size, shape = fixed_batch(session), tuple(session.get_inputs()[0].shape[1:])
 
     def write_checked(tmp: str) -> None:
         with tempfile.TemporaryDirectory() as folder:
             prepared = Path(folder) / "prepared.onnx"
             quantization.quant_pre_process(str(fp32), str(prepared))
             quantization.quantize_static(
-                str(prepared), tmp, CalibrationBatches(data.calibration(), size),
+                str(prepared), tmp, CalibrationBatches(data.calibration(shape), size),
                 quant_format=quantization.QuantFormat.QDQ, per_channel=True, reduce_range=True,
                 activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
             )
-        _check_int8(Path(tmp), np.zeros((size or 1, *data.input_shape), dtype=np.float32))
+        _check_int8(Path(tmp), np.zeros((size or 1, *shape), dtype=np.float32))
 
     with failure_named("INT8 quantization"):
         atomic_write(path, write_checked)
@@ -192,7 +196,7 @@ def export_int8(
 
     with failure_named("ONNX export"):
         diff = atomic_write(path, write_both)
-    scores = [data.score(ort_session(file)) for file in (path, target)]
+    scores = [data.score(file) for file in (path, target)]
     return Int8Export(ExportResult(path, diff, opset), target, *scores, data)
 
 

@@ -153,7 +153,7 @@ def _int8_data(recipe: Recipe, cls: type[Task]) -> Int8Data | None:
         raise NamPruneError("export.int8 runs in one process (--nproc 1); or quantize the run's model.pt "
                             "afterwards with nam-prune export MODEL --int8")
     quantization_tools()
-    return cls.int8_data(recipe.data, recipe.seed)
+    return cls.int8_data(cls.stored_data(recipe.to_dict()), recipe.seed)
 
 
 class _Run(PruneAndFinetune):

@@ -21,6 +21,7 @@ from nam_prune.checkpoint import is_nam_checkpoint, read_checkpoint
 from nam_prune.config import from_dict
 from nam_prune.data import DataConfig, load_data, random_subset
 from nam_prune.errors import NamPruneError
+from nam_prune.export import ort_session
 from nam_prune.int8 import CALIBRATION_IMAGES, Int8Data, ort_top1
 from nam_prune.measure import measure
 from nam_prune.models import ModelSpec, build_model, build_pretrained, check_input, family_for
@@ -138,12 +139,18 @@ class Task:
         raise NotImplementedError
 
     @classmethod
+    def stored_data(cls, recipe: dict[str, Any]) -> Any:
+        """The data ``int8_data`` takes, read off a recipe dict (``Recipe.to_dict``, a checkpoint's recipe)."""
+        return from_dict(DataConfig, recipe["data"], prefix="data.")
+
+    @classmethod
     def int8_data(cls, data: Any, seed: int = 0) -> Int8Data:
         """Images to calibrate an INT8 export on and its scorer through onnxruntime (``data`` as
-        ``evaluate_checkpoint`` takes it; ``seed`` draws subsets as a run with that seed did)."""
+        ``stored_data`` reads it, or as ``evaluate_checkpoint`` takes it; ``seed`` draws subsets as a
+        run with that seed did)."""
         raise NamPruneError(
-            f"INT8 export (--int8, export.int8) is for classifiers: a {cls.__name__} is scored by {cls.score_key}, "
-            "which nam-prune does not compute through onnxruntime; export FP32 ONNX instead"
+            f"INT8 export (--int8, export.int8) is not available for a {cls.__name__}: nam-prune does not "
+            f"compute its {cls.score_key} through onnxruntime; export FP32 ONNX instead"
         )
 
     @staticmethod
@@ -261,8 +268,8 @@ class ClassificationTask(Task):
         images = random_subset(bundle.train.dataset, CALIBRATION_IMAGES, seed)
         loader = DataLoader(images, batch_size=data.batch_size, num_workers=data.workers)
         return Int8Data(
-            bundle.input_shape, lambda: (x for x, _ in loader), len(images),  # type: ignore[arg-type]
-            lambda session: ort_top1(session, bundle.test), len(bundle.test.dataset),  # type: ignore[arg-type]
+            bundle.input_shape, lambda _shape: (x for x, _ in loader), len(images),  # type: ignore[arg-type]
+            lambda path: ort_top1(ort_session(path), bundle.test), len(bundle.test.dataset),  # type: ignore[arg-type]
         )
 
 
@@ -283,4 +290,4 @@ def int8_data_for(
     if not isinstance(recipe, dict) or not isinstance(recipe.get("data"), dict):
         raise NamPruneError(f"{source} stores no recipe to calibrate on: name the data with {option} "
                             "(a data set name or a recipe .yaml)")
-    return task.int8_data(from_dict(DataConfig, recipe["data"], prefix="data."), int(recipe.get("seed", 0)))
+    return task.int8_data(task.stored_data(recipe), int(recipe.get("seed", 0)))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from nam_prune.artifact import ModelRecord, load, save
 from nam_prune.errors import NamPruneError
-from nam_prune.export import export_torchscript, ort_session
+from nam_prune.export import export_torchscript, ort_session, write_onnx
 from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
 from nam_prune.gates import NAMGated, channel_gates
 from nam_prune.models import ModelSpec
@@ -31,7 +33,7 @@ from nam_prune.surgery import NAMConfig, insert_nam
 from nam_prune.yolo.data import DEMO_NAMES, build_demo_set, ultralytics_assets
 from nam_prune.yolo.models import C2fSplitFree, build_yolo, make_split_free, scope_prefixes
 from nam_prune.yolo.task import DetectionTask, detect_export_mode, protection, save_ultralytics
-from nam_prune.yolo.train import NAMDetectionTrainer
+from nam_prune.yolo.train import NAMDetectionTrainer, OnnxDetector
 
 SIZE = 128
 
@@ -311,3 +313,47 @@ def test_export_mode_restores_what_the_head_had() -> None:
             pass
         assert head.export is True
     assert head.export is False
+
+
+def test_an_onnx_detector_runs_any_batch_on_a_file_of_batch_one(tmp_path: Path) -> None:
+    """What ultralytics' validator sees of an exported file: the deployed model's outputs, batch for batch."""
+    model = _gated("yolov8n.yaml").eval()
+    write_onnx(model, torch.zeros(1, 3, 64, 64), tmp_path / "m.onnx", deploy_mode=detect_export_mode)
+    detector = OnnxDetector(tmp_path / "m.onnx", DEMO_NAMES)
+    x = torch.rand(3, 3, 64, 64)
+    assert detector.batch == 1 and copy.deepcopy(detector) is detector
+    torch.testing.assert_close(detector(x), _outputs(model, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_export_int8_of_a_pruned_detector_scores_both_files_by_map(tmp_path: Path, demo_yaml: Path) -> None:
+    """--int8 on a detector: calibrated on letterboxed training images, both files scored by mAP50-95
+    through ultralytics' validator, the same mAP as the torch model for the FP32 file."""
+    from nam_prune.yolo.config import YoloConfig
+    from nam_prune.yolo.train import validate_detector, validate_onnx_detector
+
+    model = _gated("yolov8n.yaml", "backbone+neck")
+    example = torch.zeros(1, 3, 64, 64)
+    result = prune_model(model, example, PruneConfig(macs_keep=0.6), protected=protection(model, "backbone+neck"))
+    nam = NAMConfig(include=scope_prefixes(model, "backbone+neck"))
+    record = ModelRecord(ModelSpec("yolov8n.yaml", 3, 3), (3, 64, 64), nam, result.history)
+    save(tmp_path / "model.pt", model, record)
+    out = cli("export", str(tmp_path / "model.pt"), "--int8", "--calibration", str(demo_yaml))
+    assert out.returncode == 0, out.stderr
+    assert "calibrated on 2 training images" in out.stderr
+    assert re.search(r"mAP50-95 on 2 test images: FP32 ONNX \d+\.\d\d%, INT8 \d+\.\d\d%", out.stderr)
+    int8 = onnx.load(str(tmp_path / "model.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
+    config = YoloConfig(data=str(demo_yaml), imgsz=64, batch=2)
+    onnx_map = validate_onnx_detector(tmp_path / "model.onnx", demo_yaml, config)
+    assert onnx_map == pytest.approx(validate_detector(load(tmp_path / "model.pt"), demo_yaml, config, torch.device("cpu")), abs=1e-3)
+
+
+def test_export_int8_in_a_detector_recipe_reads_its_yolo_data(demo_yaml: Path) -> None:
+    """A detector recipe with export.int8 calibrates on its yolo.data (letterboxed) and scores the val split."""
+    from nam_prune.pipeline import _int8_data
+
+    recipe = load_recipe(ROOT / "recipes" / "yolov8n_fashion_detect.yaml", ["export.int8=true", f"yolo.data={demo_yaml}"])
+    data = _int8_data(recipe, DetectionTask)
+    assert (data.input_shape, data.calibration_images, data.test_images) == (None, 2, 2)
+    assert [tuple(batch.shape) for batch in data.calibration((3, 96, 96))] == [(2, 3, 96, 96)]

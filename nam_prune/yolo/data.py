@@ -66,6 +66,19 @@ def build_demo_set(folder: Path) -> Path:
     return data_yaml
 
 
+BUILT_IN = ("demo", "fashion-detect")
+
+
+def built_in_data_yaml(name: str, folder: Path, imgsz: int) -> Path:
+    """Write the built-in set ``name`` (``demo`` or ``fashion-detect`` at ``imgsz``) under ``folder``; its yaml.
+    fashion-detect's images are the same whatever the recipe's seed: every arm sees the same data."""
+    if name == "demo":
+        return build_demo_set(folder / "demo_data")
+    from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
+
+    return make_fashion_detect(folder / "fashion_detect_data", FashionDetectConfig(imgsz=imgsz))
+
+
 def user_data_yaml(data: str) -> Path:
     """The user's ultralytics data yaml (``yolo.data``), checked to exist."""
     path = Path(data)

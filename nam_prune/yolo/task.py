@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import tempfile
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch.nn as nn
 
 from nam_prune.artifact import ModelRecord, from_payload, load_state, record_of, state_dict_of
 from nam_prune.checkpoint import atomic_write, is_nam_checkpoint, read_checkpoint
+from nam_prune.config import from_dict
 from nam_prune.console import console
 from nam_prune.data import FASHION_CLASSES
 from nam_prune.errors import NamPruneError
 from nam_prune.export import ort_latency_ms
-from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
+from nam_prune.int8 import CALIBRATION_IMAGES, Int8Data
 from nam_prune.measure import gflops, measure
 from nam_prune.models import ModelSpec
 from nam_prune.prune.graph import IntactBlock, Protected
@@ -32,7 +34,7 @@ from nam_prune.surgery import NAMConfig, insert_nam
 from nam_prune.tasks import Task
 from nam_prune.version import __version__
 from nam_prune.yolo.config import YoloConfig
-from nam_prune.yolo.data import DEMO_NAMES, build_demo_set, class_names, user_data_yaml
+from nam_prune.yolo.data import BUILT_IN, DEMO_NAMES, built_in_data_yaml, class_names, user_data_yaml
 from nam_prune.yolo.models import (
     YamlMarker,
     attention_stand_ins,
@@ -45,10 +47,13 @@ from nam_prune.yolo.models import (
 )
 from nam_prune.yolo.train import (
     calibration_batches,
+    letterboxed_images,
+    split_size,
     train_detector,
     trainer_overrides,
     ultralytics_output,
     validate_detector,
+    validate_onnx_detector,
 )
 
 DETECTION_COLUMNS = (
@@ -123,6 +128,10 @@ def detect_export_mode(model: nn.Module) -> Iterator[nn.Module]:
             head.export = export
 
 
+def built_in_names(name: str) -> dict[int, str]:
+    return DEMO_NAMES if name == "demo" else dict(enumerate(FASHION_CLASSES))
+
+
 class DetectionTask(Task):
     """ultralytics detectors: trained by ``NAMDetectionTrainer``, scored by mAP on a data yaml."""
 
@@ -143,9 +152,8 @@ class DetectionTask(Task):
             raise NamPruneError("nam.spatial is not available for YOLO models (their input size varies); set it to false")
         if recipe.nam.placement != "every_bn":
             raise NamPruneError("YOLO models take nam.placement: every_bn (a gate after every conv-BN-act)")
-        built_in = {"demo": DEMO_NAMES, "fashion-detect": dict(enumerate(FASHION_CLASSES))}
-        self.data_yaml = None if self.yolo.data in built_in else user_data_yaml(self.yolo.data)
-        self.names = built_in[self.yolo.data] if self.data_yaml is None else class_names(self.data_yaml)
+        self.data_yaml = None if self.yolo.data in BUILT_IN else user_data_yaml(self.yolo.data)
+        self.names = built_in_names(self.yolo.data) if self.data_yaml is None else class_names(self.data_yaml)
         self.folder = Path(".")
         self.blocks: list[IntactBlock] = []
         self.block_shapes: dict[str, list[tuple[int, ...]]] = {}
@@ -206,10 +214,8 @@ class DetectionTask(Task):
 
     def open(self, folder: Path) -> None:
         self.folder = folder
-        if self.data_yaml is None and self.yolo.data == "demo":
-            self.data_yaml = build_demo_set(folder / "demo_data")
-        elif self.data_yaml is None:  # the same images whatever the recipe's seed: every arm sees the same data
-            self.data_yaml = make_fashion_detect(folder / "fashion_detect_data", FashionDetectConfig(imgsz=self.yolo.imgsz))
+        if self.data_yaml is None:
+            self.data_yaml = built_in_data_yaml(self.yolo.data, folder, self.yolo.imgsz)
 
     def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None):
         if after_backward is not None:  # ultralytics' trainer runs the backward pass (exposes_gradients is False)
@@ -284,6 +290,34 @@ class DetectionTask(Task):
             raise NamPruneError("--data for a YOLO model is an ultralytics data yaml (path, train, val, names)")
         size = record.input_shape[-1]
         return validate_detector(model, data, YoloConfig(data=str(data), imgsz=size), torch.device("cpu"))
+
+    @classmethod
+    def stored_data(cls, recipe: dict[str, Any]) -> YoloConfig:
+        return from_dict(YoloConfig, recipe.get("yolo") or {}, prefix="yolo.")
+
+    @classmethod
+    def int8_data(cls, data: YoloConfig | Path, seed: int = 0) -> Int8Data:
+        """Training images letterboxed to the model's input, unaugmented (as the deployed detector sees
+        them), and mAP50-95 of an ONNX file on the val split, through ultralytics' validator."""
+        if isinstance(data, Path):  # --calibration names an ultralytics data yaml
+            data = YoloConfig(data=str(data))
+        if not isinstance(data, YoloConfig):
+            raise NamPruneError("a detector calibrates on an ultralytics data yaml (path, train, val, names), "
+                                "not a classification data set")
+        folder = tempfile.TemporaryDirectory(prefix="nam-prune-int8-")
+        log = Path(folder.name) / "ultralytics.log"
+        with ultralytics_output(log):
+            data_yaml = built_in_data_yaml(data.data, Path(folder.name), data.imgsz) if data.data in BUILT_IN else user_data_yaml(data.data)
+        count = min(CALIBRATION_IMAGES, split_size(data_yaml, "train", log))
+
+        def score(path: Path) -> float:
+            with ultralytics_output(log):
+                return validate_onnx_detector(path, data_yaml, data)["map50_95"]
+
+        return Int8Data(
+            None, lambda shape: letterboxed_images(data_yaml, "train", shape[-1], count, seed, data.batch, log),
+            count, score, split_size(data_yaml, "val", log), folder,
+        )
 
     @staticmethod
     def deploy_mode(model: nn.Module):

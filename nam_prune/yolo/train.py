@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from nam_prune.errors import NamPruneError
+from nam_prune.export import ort_session
+from nam_prune.int8 import fixed_batch, fixed_batch_parts
 from nam_prune.sparsity import Scales, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
 from nam_prune.train import TrainConfig
 from nam_prune.yolo.config import YoloConfig
@@ -185,3 +187,60 @@ def validate_detector(model: nn.Module, data_yaml: Path, yolo: YoloConfig, devic
     validator = DetectionValidator(args=args)
     results = validator(model=copy.deepcopy(model).eval())
     return {"map50_95": float(results["metrics/mAP50-95(B)"]), "map50": float(results["metrics/mAP50(B)"])}
+
+
+def _dataset(data_yaml: Path, split: str, imgsz: int, batch: int):
+    """ultralytics' dataset of a split as its validator reads it: letterboxed to ``imgsz``, unaugmented
+    (call it within ``ultralytics_output``: it reports its scan of the labels)."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(data_yaml))
+    overrides = {"data": str(data_yaml), "imgsz": imgsz, "batch": batch, "task": "detect", "mode": "val"}
+    return build_yolo_dataset(get_cfg(overrides=overrides), data[split], batch, data, mode="val")
+
+
+def split_size(data_yaml: Path, split: str, log_file: Path) -> int:
+    with ultralytics_output(log_file):
+        return len(_dataset(data_yaml, split, 32, 1))
+
+
+def letterboxed_images(
+    data_yaml: Path, split: str, imgsz: int, count: int, seed: int, batch: int, log_file: Path
+) -> Iterator[torch.Tensor]:
+    """``count`` images of ``split`` drawn with ``seed``, letterboxed to ``imgsz`` and scaled to [0, 1], in batches."""
+    with ultralytics_output(log_file):
+        dataset = _dataset(data_yaml, split, imgsz, batch)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    for part in order.split(batch):
+        yield torch.stack([dataset[int(i)]["img"] for i in part]).float() / 255
+
+
+class OnnxDetector(nn.Module):
+    """An onnxruntime session of an exported detector, shaped as ultralytics' validator takes a model:
+    ``names``, ``stride`` and a forward on a float image batch (run in the file's fixed batch size)."""
+
+    def __init__(self, path: Path, names: dict[int, str]) -> None:
+        super().__init__()
+        self.session = ort_session(path)
+        self.batch = fixed_batch(self.session)
+        self.names = names
+        self.stride = torch.tensor([32.0])
+
+    def __deepcopy__(self, memo: dict) -> "OnnxDetector":
+        return self  # the session holds no state between calls and cannot be copied
+
+    def forward(self, images: torch.Tensor, **_: Any) -> torch.Tensor:
+        parts = fixed_batch_parts(images.cpu(), self.batch)
+        outputs = np.concatenate([self.session.run(None, {"input": part})[0] for part in parts])
+        return torch.from_numpy(outputs[: len(images)])
+
+
+def validate_onnx_detector(path: Path, data_yaml: Path, yolo: YoloConfig) -> dict[str, float]:
+    """``validate_detector`` on an ONNX file (FP32 or INT8), run by onnxruntime at the file's input size."""
+    from nam_prune.yolo.data import class_names
+
+    model = OnnxDetector(path, class_names(data_yaml))
+    size = model.session.get_inputs()[0].shape[-1]
+    return validate_detector(model, data_yaml, YoloConfig(data=str(data_yaml), imgsz=size, batch=yolo.batch), torch.device("cpu"))
