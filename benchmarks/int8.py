@@ -1,11 +1,11 @@
-"""FP32 against INT8 onnxruntime: a saved model's latency at batch 1 and 32, paired, and each file's top-1.
+"""FP32 against INT8 onnxruntime: a saved model's latency at batch 1 and 32, paired, and each file's score.
 
 The FP32 ONNX file of a nam-prune checkpoint and onnxruntime's static INT8 form of it, made as
 ``nam-prune export MODEL --int8`` makes them (calibrated on the training images of the recipe the
 checkpoint stores, or of ``--data``), one fixed-shape pair per batch size. The two sessions are timed
 in alternating rounds (``benchmarks/timing.py``), so a slow spell hits both; the INT8 speed-up
-(FP32 ms / INT8 ms) is given per round with its median and quartiles. Top-1 of both batch-1 files
-on the recipe's test split.
+(FP32 ms / INT8 ms) is given per round with its median and quartiles. The score of both batch-1
+files on the recipe's test split: top-1, or mAP50-95 for a detector.
 
     python -m benchmarks int8 runs/fashion_quickstart/model.pt [--data SPEC] [--runs 40] [--rounds 5] [--threads N] [--json NAME.json]
 """
@@ -29,7 +29,7 @@ from benchmarks.timing import (
 from nam_prune.artifact import load_with_metadata, record_of
 from nam_prune.cli import parse_data_option
 from nam_prune.export import ort_session, write_onnx
-from nam_prune.int8 import int8_path, quantize_onnx
+from nam_prune.int8 import int8_path, quantize_onnx, scores_line
 from nam_prune.tasks import int8_data_for, task_class
 
 
@@ -60,16 +60,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 session, feed = ort_session(path), {"input": x.numpy()}
                 calls[kind][f"ort_{label}"] = lambda session=session, feed=feed: session.run(None, feed)
             if label == "bs1":
-                top1 = {kind: data.score(ort_session(path)) for kind, path in files.items()}
+                scores = {kind: data.score(path) for kind, path in files.items()}
         fp32, int8 = interleaved_rounds([calls["fp32"], calls["int8"]], {"bs1": args.runs, "bs32": max(args.runs // 8, 1)},
                                         args.rounds, warmup=3)
     fp32_ms, int8_ms = pooled_median_ms(fp32), pooled_median_ms(int8)
     speedup = {column: median_quartiles(round_speedups(fp32[column], int8[column])) for column in fp32}
-    print(f"{args.model}: top-1 on {data.test_images} test images: FP32 {100 * top1['fp32']:.2f}%, INT8 {100 * top1['int8']:.2f}%")
+    print(f"{args.model}: {scores_line(dict(task.columns)[task.score_key], scores['fp32'], scores['int8'], data.test_images)}")
     for column, ratio in speedup.items():
         low, high = ratio["quartiles"]
         print(f"  {column}: FP32 {fp32_ms[column]:.3f} ms, INT8 {int8_ms[column]:.3f} ms; "
               f"INT8 speed-up {ratio['median']:.2f}x (quartiles {low:.2f}-{high:.2f} over {args.rounds} rounds)")
     if args.json:
         write_result(args.json, parser, argv, model=str(args.model), calibration_images=data.calibration_images,
-                     test_images=data.test_images, top1=top1, fp32_ms=fp32_ms, int8_ms=int8_ms, int8_speedup=speedup)
+                     test_images=data.test_images, score_key=task.score_key, scores=scores,
+                     fp32_ms=fp32_ms, int8_ms=int8_ms, int8_speedup=speedup)

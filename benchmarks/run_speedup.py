@@ -5,16 +5,14 @@ had before compressing) against ``model.pt`` as the recipe produced it (gates ke
 widths as rounded), in torch (eager, inference mode), frozen channels-last TorchScript (what
 ``export --format torchscript`` writes) and onnxruntime on the CPU, batch 1 and 32.
 Prints ``latency speed-up / MACs speed-up`` (1.0 = the cut is fully realised), measured in one run,
-the two models timed in alternation (``benchmarks/timing.py``). For a run with a latency target
-(``prune.target: latency``) it also prints the latency share measured here, in a process of its own,
-on the target's runtime and batch, against the share the run aimed at.
+the two models timed in alternation (``benchmarks/timing.py``). Whether a run with a latency target
+met it: ``python -m benchmarks latency_target``.
 
     python -m benchmarks run_speedup runs/fashion_quickstart [more run folders] [--runs 40] [--threads N] [--json NAME.json]
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +22,6 @@ from nam_prune.artifact import load_with_metadata, record_of
 from nam_prune.prune import count_macs_params
 from nam_prune.surgery import strip_gates
 
-RUNTIME_COLUMNS = {"torch": "torch", "torchscript": "torchscript", "onnxruntime": "ort"}
-"""``prune.runtime`` -> the column ``timing.runners`` times it in."""
-
 
 def measure_run(folder: Path, runs: int) -> dict[str, object]:
     dense, payload = load_with_metadata(folder / "dense.pt")
@@ -34,17 +29,12 @@ def measure_run(folder: Path, runs: int) -> dict[str, object]:
     pruned, _ = load_with_metadata(folder / "model.pt")
     example = record_of(payload).example_input()
     dense_macs, pruned_macs = count_macs_params(dense, example)[0], count_macs_params(pruned, example)[0]
-    target = json.loads((folder / "results.json").read_text()).get("latency_target")
-    batches = {1, 32, *([target["batch"]] if target else [])}
-    examples = {f"bs{b}": example.expand(b, *example.shape[1:]).contiguous() for b in sorted(batches)}
+    examples = {f"bs{b}": example.expand(b, *example.shape[1:]).contiguous() for b in (1, 32)}
     with tempfile.TemporaryDirectory() as scratch:
         calls = [runners(model, examples, Path(scratch)) for model in (dense, pruned)]
         passes = {label: max(runs // (5 if label == "bs1" else 8), 1) for label in examples}
         slow, fast = interleaved_ms(calls, passes, rounds=5, warmup=3)
     macs_speedup = dense_macs / pruned_macs
-    if target:
-        column = f"{RUNTIME_COLUMNS[target['runtime']]}_bs{target['batch']}"
-        target = {**target, "measured_here": fast[column] / slow[column], "column": column}
     return {
         "run": str(folder),
         "recipe_prune": payload.get("recipe", {}).get("prune", {}),
@@ -52,7 +42,6 @@ def measure_run(folder: Path, runs: int) -> dict[str, object]:
         "dense_ms": slow,
         "pruned_ms": fast,
         "realised": {key: (slow[key] / fast[key]) / macs_speedup for key in slow},
-        "latency_target": target,
     }
 
 
@@ -66,10 +55,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     for row in rows:
         realised = "  ".join(f"{key} {value:.2f}" for key, value in row["realised"].items())
         print(f"{row['run']}: MACs speed-up {row['macs_speedup']:.2f}x; realised {realised}")
-        if row["latency_target"]:
-            target = row["latency_target"]
-            print(f"  latency target {target['target']:.3f} of dense on {target['column']}: the run timed "
-                  f"{target['ratio']:.3f}, measured here {target['measured_here']:.3f} "
-                  f"({target['measured_here'] / target['target'] - 1:+.1%} off the target)")
     if args.json:
         write_result(args.json, parser, argv, rows=rows)

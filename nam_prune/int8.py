@@ -59,6 +59,11 @@ class Int8Data:
     test_images: int
     files: Any = None
     """What the data's files live in (a temporary folder of a built-in set), kept as long as the data."""
+    convolutions_only: bool = False
+    """Quantize the convolutions only, and not those no other convolution follows (a detector's last
+    layers and box decoding stay float). One uint8 range per tensor cannot hold a detector's gate
+    and SiLU products, its box offsets and its class scores alike: quantizing every operator onnxruntime
+    can took a pruned yolov8n from 55.7 to 0.0 mAP50-95, convolutions only to 54.6, and this to 55.6."""
 
     def check_input(self, input_shape: tuple[int, ...]) -> None:
         """Images of another shape would fail deep inside onnxruntime's calibration: say so first."""
@@ -129,15 +134,32 @@ def quantize_onnx(fp32: Path, path: Path, data: Int8Data) -> None:
         with tempfile.TemporaryDirectory() as folder:
             prepared = Path(folder) / "prepared.onnx"
             quantization.quant_pre_process(str(fp32), str(prepared))
+            scope = {}
+            if data.convolutions_only:
+                scope = {"op_types_to_quantize": ["Conv"], "nodes_to_exclude": convolution_free_tail(prepared)}
             quantization.quantize_static(
                 str(prepared), tmp, CalibrationBatches(data.calibration(shape), size),
                 quant_format=quantization.QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8, **scope,
             )
         _check_int8(Path(tmp), np.zeros((size or 1, *shape), dtype=np.float32))
 
     with failure_named("INT8 quantization"):
         atomic_write(path, write_checked)
+
+
+def convolution_free_tail(path: Path) -> list[str]:
+    """Names of the nodes of an ONNX file that no convolution follows (the last convolutions included)."""
+    onnx, _ = onnx_modules()
+    nodes = list(onnx.load(str(path)).graph.node)
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(index)
+    followed = [False] * len(nodes)
+    for index in reversed(range(len(nodes))):  # ONNX lists nodes in topological order: readers come later
+        followed[index] = any(nodes[r].op_type == "Conv" or followed[r] for out in nodes[index].output for r in readers.get(out, []))
+    return [node.name for node, after in zip(nodes, followed) if not after and node.name]
 
 
 def _check_int8(path: Path, x: np.ndarray) -> None:

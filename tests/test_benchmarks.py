@@ -22,7 +22,7 @@ from nam_prune.pipeline import run
 from nam_prune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-KEPT = ["int8", "latency_floor", "nam_gate", "profile_ops", "prune_overhead", "run_speedup", "speedup", "train_overhead",
+KEPT = ["int8", "latency_floor", "latency_target", "nam_gate", "profile_ops", "prune_overhead", "run_speedup", "speedup", "train_overhead",
         "yolo_width_control"]
 RUNTIMES = [f"{runtime}_{batch}" for batch in ("bs1", "bs32") for runtime in ("torch", "torchscript", "ort")]
 
@@ -86,16 +86,37 @@ def test_speedup(tmp_path):
     assert sum(stripped["channels"].values()) < sum(dense["channels"].values())
 
 
-@pytest.fixture
-def tiny_run(tmp_path, fashion_root) -> Path:
+def _tiny_run(folder: Path, fashion_root: Path, overrides: tuple[str, ...] = ()) -> Path:
     """A quickstart run folder (dense.pt, model.pt) from 128 images and one epoch a stage, on one thread
     (the conftest restores the count)."""
     torch.set_num_threads(1)
     recipe = load_recipe(ROOT / "recipes" / "fashion_quickstart.yaml", [
         "data.train_subset=128", "data.test_subset=64", "data.batch_size=32", "sparsity.epochs=1", "finetune.epochs=1",
         "recalibrate.batches=1", "report.latency_runs=1", "report.warmup=0", "report.baseline=false",
-        f"data.root={fashion_root}", f"output={tmp_path / 'run'}"])
+        f"data.root={fashion_root}", f"output={folder}", *overrides])
     return run(recipe).folder
+
+
+@pytest.fixture
+def tiny_run(tmp_path, fashion_root) -> Path:
+    return _tiny_run(tmp_path / "run", fashion_root)
+
+
+@pytest.mark.slow
+def test_latency_target(tmp_path, fashion_root, monkeypatch):
+    from nam_prune.prune import latency
+
+    monkeypatch.setattr(latency, "TURN_SECONDS", 0.005)  # what is recorded, not how well it times
+    folder = _tiny_run(tmp_path / "run", fashion_root, ("prune.target=latency", "prune.latency_keep=0.7", "prune.runtime=torch"))
+    result = run_benchmark("latency_target", [str(folder), "--repeats", "2", "--threads", "1"], tmp_path)
+    (row,) = result["rows"]
+    assert (row["runtime"], row["batch"], row["target"]) == ("torch", 1, 0.7)
+    assert len(row["ratios_here"]) == len(row["dense_ms_here"]) == len(row["pruned_ms_here"]) == 2
+    assert positive(row["ratio_in_run"], *row["ratios_here"], *row["dense_ms_here"], *row["pruned_ms_here"])
+    assert row["off_target"] == pytest.approx(row["ratio_here"] / 0.7 - 1)
+    macs_run = _tiny_run(tmp_path / "macs", fashion_root)
+    with pytest.raises(SystemExit, match="the run has no latency target"):
+        run_benchmark("latency_target", [str(macs_run)], tmp_path)
 
 
 @pytest.mark.slow
@@ -113,7 +134,8 @@ def test_run_speedup(tiny_run, tmp_path):
 def test_int8(tiny_run, tmp_path):
     result = run_benchmark("int8", [str(tiny_run / "model.pt"), "--runs", "1", "--rounds", "2", "--threads", "1"], tmp_path)
     assert (result["model"], result["calibration_images"], result["test_images"]) == (str(tiny_run / "model.pt"), 128, 64)
-    assert all(0 <= score <= 1 for score in result["top1"].values()) and set(result["top1"]) == {"fp32", "int8"}
+    assert result["score_key"] == "accuracy"
+    assert all(0 <= score <= 1 for score in result["scores"].values()) and set(result["scores"]) == {"fp32", "int8"}
     assert list(result["fp32_ms"]) == list(result["int8_ms"]) == list(result["int8_speedup"]) == ["ort_bs1", "ort_bs32"]
     assert positive(*result["fp32_ms"].values(), *result["int8_ms"].values())
     for ratio in result["int8_speedup"].values():  # paired: one ratio per alternating round

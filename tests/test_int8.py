@@ -21,7 +21,7 @@ from nam_prune.artifact import load_with_metadata, record_of, save
 from nam_prune.compare import compare
 from nam_prune.errors import NamPruneError
 from nam_prune.export import write_onnx
-from nam_prune.int8 import CalibrationBatches, Int8Data, fixed_batch_parts, ort_top1, quantize_onnx
+from nam_prune.int8 import CalibrationBatches, Int8Data, convolution_free_tail, fixed_batch_parts, ort_top1, quantize_onnx
 from nam_prune.pipeline import _int8_data, run
 from nam_prune.recipe import load_recipe
 from nam_prune.tasks import ClassificationTask
@@ -247,3 +247,23 @@ def test_export_int8_is_refused_where_it_cannot_work(tmp_path, monkeypatch):
     with pytest.raises(NamPruneError, match=r"^export.int8 runs in one process \(--nproc 1\)"):
         _int8_data(recipe, ClassificationTask)
     assert list(tmp_path.iterdir()) == []
+
+
+class _ConvThenDecode(torch.nn.Module):
+    """Two convolutions, then what a detector does after its last one: float arithmetic on the outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.last = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.last(torch.relu(self.first(x)))
+        return torch.cat([y * 32.0, torch.sigmoid(y)], 1)
+
+
+def test_the_convolution_free_tail_is_what_follows_the_last_convolutions(tmp_path):
+    write_onnx(_ConvThenDecode().eval(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    nodes = {node.name: node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    tail = convolution_free_tail(tmp_path / "m.onnx")
+    assert sorted(nodes[name] for name in tail if nodes[name] != "Constant") == ["Concat", "Conv", "Mul", "Sigmoid"]
+    assert {nodes[name] for name in set(nodes) - set(tail)} == {"Conv", "Relu"}

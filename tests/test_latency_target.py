@@ -6,6 +6,7 @@ independent timing is ``python -m benchmarks latency_target``.
 """
 
 import importlib.util
+import statistics
 
 import pytest
 import torch
@@ -48,10 +49,11 @@ def test_a_latency_target_records_its_search_and_cuts_what_it_timed(runtime):
     assert (search.runtime, search.batch, search.target) == (runtime, 1, 0.6)
     assert search.threads == torch.get_num_threads() and search.dense_ms > 0
     fractions = [t["fraction"] for t in search.trials]
-    assert fractions[:2] == [1.0, 0.0] and len(fractions) >= 3  # the deepest cut, the dense model, then the search
+    assert fractions[0] == 1.0 and 0.0 not in fractions  # the deepest cut first; the uncut model runs at 1
     assert all(t["ratio"] > 0 and t["ms"] > 0 for t in search.trials)
-    last_timing = [t for t in search.trials if t["fraction"] == result.fraction][-1]
-    assert last_timing["ratio"] <= 0.6 * 1.02  # the cut handed back was last timed under its target
+    means = {f: statistics.mean(t["ratio"] for t in search.trials if t["fraction"] == f) for f in fractions}
+    assert result.fraction == min(means, key=lambda f: abs(means[f] - 0.6))  # the cut closest to its target, on means
+    assert fractions.count(result.fraction) >= 2  # timed again before it was taken
     assert search.ratio > 0 and search.ms > 0
     assert count_macs_params(model, X)[0] < dense_macs
 

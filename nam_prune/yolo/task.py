@@ -316,7 +316,7 @@ class DetectionTask(Task):
 
         return Int8Data(
             None, lambda shape: letterboxed_images(data_yaml, "train", shape[-1], count, seed, data.batch, log),
-            count, score, split_size(data_yaml, "val", log), folder,
+            count, score, split_size(data_yaml, "val", log), folder, convolutions_only=True,
         )
 
     @staticmethod
