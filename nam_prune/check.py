@@ -215,10 +215,16 @@ def _cap_memory() -> None:
         pass
 
 
+WORKER_SECONDS = 300
+"""A swept model still unchecked after this long is stopped and gets a row saying so (the slowest
+that finish take about two minutes on one core; torch-pruning's dependency groups can grow without
+bound on some channel reshapes, e.g. timm's efficientvit_m0 attention)."""
+
+
 class IsolatedChecks:
-    """Runs :func:`check_model` in a worker process, so a model that exhausts memory or crashes
-    the interpreter ends in its own row (the sweep goes on) instead of ending the sweep; the
-    worker is reused until one dies."""
+    """Runs :func:`check_model` in a worker process, so a model that exhausts memory, crashes the
+    interpreter or runs past ``WORKER_SECONDS`` ends in its own row (the sweep goes on) instead of
+    ending the sweep; the worker is reused until one dies or is stopped."""
 
     def __init__(self) -> None:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
@@ -237,15 +243,23 @@ class IsolatedChecks:
             )
         started = time.perf_counter()
         try:
-            return self._pool.submit(check_model, name, image_size, macs_keep, family=family, adapt_size=True).result()
+            future = self._pool.submit(check_model, name, image_size, macs_keep, family=family, adapt_size=True)
+            return future.result(timeout=WORKER_SECONDS)
+        except concurrent.futures.TimeoutError:
+            status = f"not checked in {WORKER_SECONDS} s at {image_size} px (stopped); not supported"
         except BrokenProcessPool:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-            return CheckResult(
-                name, image_size, family, seconds=round(time.perf_counter() - started, 2),
-                status=f"the check's process died (out of memory at {image_size} px, or a crash); "
-                "check it alone with a smaller --image-size",
-            )
+            status = (f"the check's process died (out of memory at {image_size} px, or a crash); "
+                      "check it alone with a smaller --image-size")
+        self._stop()
+        return CheckResult(name, image_size, family, seconds=round(time.perf_counter() - started, 2), status=status)
+
+    def _stop(self) -> None:
+        """End the worker, running or dead; the next check starts a fresh one. The executor cannot
+        kill a running task before Python 3.14, so its process is killed directly."""
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            process.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
 
 
 def markdown_table(results: list[CheckResult]) -> str:

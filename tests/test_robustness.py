@@ -406,6 +406,21 @@ def test_a_sweep_worker_that_dies_is_a_row_and_the_sweep_goes_on(monkeypatch):
     assert survived.status == "ok" and survived.macs_after["global"] <= 0.5 * survived.macs_before
 
 
+def test_a_sweep_model_that_runs_too_long_is_stopped_and_the_sweep_goes_on(monkeypatch):
+    """A model whose check does not end (torch-pruning's groups can grow without bound) is a row once
+    ``WORKER_SECONDS`` pass, its worker killed; the next model gets a fresh one."""
+    from nam_prune import check as check_module
+
+    monkeypatch.setattr(check_module, "WORKER_SECONDS", 0.01)
+    with check_module.IsolatedChecks() as isolated:
+        stopped = isolated.check("resnet18", 64, 0.5, "torchvision")
+        assert stopped.status == "not checked in 0.01 s at 64 px (stopped); not supported"
+        assert isolated._pool is None
+        monkeypatch.setattr(check_module, "WORKER_SECONDS", 300)
+        survived = isolated.check("resnet8", 32, 0.5, "cifar")
+    assert survived.status == "ok" and survived.macs_after["global"] <= 0.5 * survived.macs_before
+
+
 def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
     """A ``last.pt`` written before a recipe key existed (``export``, ``prune.latency_keep``) holds
     that key's default: it is the same recipe and resumes; a changed value still is not."""
