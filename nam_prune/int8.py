@@ -218,7 +218,12 @@ def export_int8(
 
     with failure_named("ONNX export"):
         diff = atomic_write(path, write_both)
-    scores = [data.score(file) for file in (path, target)]
+    try:
+        scores = [data.score(file) for file in (path, target)]
+    except NamPruneError:  # data that cannot score this model: no files that look exported and checked
+        for file in (path, target):
+            file.unlink(missing_ok=True)
+        raise
     return Int8Export(ExportResult(path, diff, opset), target, *scores, data)
 
 

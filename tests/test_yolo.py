@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 
 if not os.environ.get("CI"):  # in CI, where the test extra installs it, a missing ultralytics must fail
     pytest.importorskip("ultralytics")
@@ -344,6 +345,12 @@ def test_export_int8_of_a_pruned_detector_scores_both_files_by_map(tmp_path: Pat
     assert re.search(r"mAP50-95 on 2 test images: FP32 ONNX \d+\.\d\d%, INT8 \d+\.\d\d%", out.stderr)
     int8 = onnx.load(str(tmp_path / "model.int8.onnx"))
     assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
+    other_classes = tmp_path / "other.yaml"
+    other_classes.write_text(yaml.safe_dump({**yaml.safe_load(demo_yaml.read_text()), "names": {0: "a", 1: "b"}}))
+    wrong = cli("export", str(tmp_path / "model.pt"), "--int8", "--calibration", str(other_classes), "-o", str(tmp_path / "w.onnx"))
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1] == (
+        f"error: the model detects 3 classes but {other_classes} names 2: calibrate and score on the data it was trained on")
+    assert not list(tmp_path.glob("w*.onnx"))
     config = YoloConfig(data=str(demo_yaml), imgsz=64, batch=2)
     onnx_map = validate_onnx_detector(tmp_path / "model.onnx", demo_yaml, config)
     assert onnx_map == pytest.approx(validate_detector(load(tmp_path / "model.pt"), demo_yaml, config, torch.device("cpu")), abs=1e-3)

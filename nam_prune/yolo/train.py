@@ -241,6 +241,11 @@ def validate_onnx_detector(path: Path, data_yaml: Path, yolo: YoloConfig) -> dic
     """``validate_detector`` on an ONNX file (FP32 or INT8), run by onnxruntime at the file's input size."""
     from nam_prune.yolo.data import class_names
 
-    model = OnnxDetector(path, class_names(data_yaml))
+    names = class_names(data_yaml)
+    model = OnnxDetector(path, names)
+    classes = model.session.get_outputs()[0].shape[1] - 4  # (batch, 4 box coordinates + classes, anchors)
+    if classes != len(names):
+        raise NamPruneError(f"the model detects {classes} classes but {data_yaml} names {len(names)}: "
+                            "calibrate and score on the data it was trained on")
     size = model.session.get_inputs()[0].shape[-1]
     return validate_detector(model, data_yaml, YoloConfig(data=str(data_yaml), imgsz=size, batch=yolo.batch), torch.device("cpu"))
