@@ -22,8 +22,8 @@ from nam_prune.pipeline import run
 from nam_prune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-KEPT = ["int8", "latency_floor", "latency_target", "nam_gate", "profile_ops", "prune_overhead", "run_speedup", "speedup", "train_overhead",
-        "yolo_width_control"]
+KEPT = ["gate_cost", "int8", "latency_floor", "latency_target", "nam_gate", "profile_ops",
+        "prune_overhead", "run_speedup", "speedup", "train_overhead", "yolo_width_control"]
 RUNTIMES = [f"{runtime}_{batch}" for batch in ("bs1", "bs32") for runtime in ("torch", "torchscript", "ort")]
 
 
@@ -205,3 +205,13 @@ def test_yolo_width_control(tmp_path, fashion_root):
     assert positive(result["params"], result["gflops_at_160"])
     assert 0 <= result["map50_95"] <= result["map50"] <= 1
     assert (tmp_path / "out" / "train" / "weights" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_gate_cost(tmp_path, fashion_root):
+    args = ["--model", "resnet8", "--epochs", "1", "--train-images", "128", "--test-images", "64", "--seeds", "0",
+            "--except", r"layer\d\.0\.bn2", "--threads", "1"]
+    result = run_benchmark("gate_cost", args, tmp_path)
+    assert (result["model"], result["epochs"], result["seeds"]) == ("resnet8", 1, [0])
+    assert sorted(result["top1"]) == ["gated", "gated_except", "plain"]
+    assert all(len(v) == 1 and 0 < v[0] <= 1 for v in result["top1"].values())
