@@ -191,10 +191,12 @@ def check_model(
             result.reload_max_abs_diff = max(result.reload_max_abs_diff, difference)
     except NamPruneError as error:
         result.status = str(error)
-    except MemoryError:
-        result.status = f"ran out of memory checking it at {image_size} px; not supported"
     except Exception as error:  # a row per model: one bug must not hide the rest of the sweep
-        result.status = f"{INTERNAL_ERROR}: {type(error).__name__}: {first_line(error, 200)}"
+        # torch's allocator reports running out of memory as a RuntimeError, Python as a MemoryError
+        if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+            result.status = f"ran out of memory checking it at {image_size} px; not supported"
+        else:
+            result.status = f"{INTERNAL_ERROR}: {type(error).__name__}: {first_line(error, 200)}"
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
@@ -224,7 +226,7 @@ bound on some channel reshapes, e.g. timm's efficientvit_m0 attention)."""
 class IsolatedChecks:
     """Runs :func:`check_model` in a worker process, so a model that exhausts memory, crashes the
     interpreter or runs past ``WORKER_SECONDS`` ends in its own row (the sweep goes on) instead of
-    ending the sweep; the worker is reused until one dies or is stopped."""
+    ending the sweep; each model gets a fresh worker."""
 
     def __init__(self) -> None:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
@@ -238,8 +240,10 @@ class IsolatedChecks:
 
     def check(self, name: str, image_size: int, macs_keep: float, family: str = "") -> CheckResult:
         if self._pool is None:
+            # a fresh worker per model: memory one model leaves behind must not fail the next (reused, one
+            # worker's address space filled up and every later model of a sweep failed to allocate)
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_cap_memory
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_cap_memory, max_tasks_per_child=1
             )
         started = time.perf_counter()
         try:

@@ -406,6 +406,16 @@ def test_a_sweep_worker_that_dies_is_a_row_and_the_sweep_goes_on(monkeypatch):
     assert survived.status == "ok" and survived.macs_after["global"] <= 0.5 * survived.macs_before
 
 
+def test_torch_running_out_of_memory_is_a_reason_not_an_internal_error(monkeypatch):
+    from nam_prune import check as check_module
+
+    def exhausted(spec):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(check_module, "build_model", exhausted)
+    assert check_module.check_model("resnet8", 32).status == "ran out of memory checking it at 32 px; not supported"
+
+
 def test_a_sweep_model_that_runs_too_long_is_stopped_and_the_sweep_goes_on(monkeypatch):
     """A model whose check does not end (torch-pruning's groups can grow without bound) is a row once
     ``WORKER_SECONDS`` pass, its worker killed; the next model gets a fresh one."""
