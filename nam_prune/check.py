@@ -240,15 +240,18 @@ class IsolatedChecks:
 
     def check(self, name: str, image_size: int, macs_keep: float, family: str = "") -> CheckResult:
         if self._pool is None:
-            # a fresh worker per model: memory one model leaves behind must not fail the next (reused, one
-            # worker's address space filled up and every later model of a sweep failed to allocate)
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_cap_memory, max_tasks_per_child=1
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_cap_memory
             )
         started = time.perf_counter()
         try:
             future = self._pool.submit(check_model, name, image_size, macs_keep, family=family, adapt_size=True)
-            return future.result(timeout=WORKER_SECONDS)
+            result = future.result(timeout=WORKER_SECONDS)
+            # a fresh worker per model: memory one model leaves behind must not fail the next (reused, one
+            # worker's address space filled up and every later model of a sweep failed to allocate)
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            return result
         except concurrent.futures.TimeoutError:
             status = f"not checked in {WORKER_SECONDS} s at {image_size} px (stopped); not supported"
         except BrokenProcessPool:

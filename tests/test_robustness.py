@@ -428,6 +428,7 @@ def test_a_sweep_model_that_runs_too_long_is_stopped_and_the_sweep_goes_on(monke
         assert isolated._pool is None
         monkeypatch.setattr(check_module, "WORKER_SECONDS", 300)
         survived = isolated.check("resnet8", 32, 0.5, "cifar")
+        assert isolated._pool is None  # every model gets a fresh worker: one's leftovers cannot fail the next
     assert survived.status == "ok" and survived.macs_after["global"] <= 0.5 * survived.macs_before
 
 
