@@ -246,23 +246,21 @@ class IsolatedChecks:
         started = time.perf_counter()
         try:
             future = self._pool.submit(check_model, name, image_size, macs_keep, family=family, adapt_size=True)
-            result = future.result(timeout=WORKER_SECONDS)
-            # a fresh worker per model: memory one model leaves behind must not fail the next (reused, one
-            # worker's address space filled up and every later model of a sweep failed to allocate)
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            return result
+            return future.result(timeout=WORKER_SECONDS)
         except concurrent.futures.TimeoutError:
             status = f"not checked in {WORKER_SECONDS} s at {image_size} px (stopped); not supported"
         except BrokenProcessPool:
             status = (f"the check's process died (out of memory at {image_size} px, or a crash); "
                       "check it alone with a smaller --image-size")
-        self._stop()
+        finally:
+            self._stop()
         return CheckResult(name, image_size, family, seconds=round(time.perf_counter() - started, 2), status=status)
 
     def _stop(self) -> None:
-        """End the worker, running or dead; the next check starts a fresh one. The executor cannot
-        kill a running task before Python 3.14, so its process is killed directly."""
+        """End the worker, done, running or dead: every model gets a fresh one, so memory one model leaves
+        behind cannot fail the next (reused, one worker's address space filled up and every later model
+        of a sweep failed to allocate). The executor cannot kill a running task before Python 3.14, so
+        its process is killed directly."""
         for process in list(getattr(self._pool, "_processes", {}).values()):
             process.kill()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from nam_prune.data import FASHION_CLASSES
 from nam_prune.errors import NamPruneError
+from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
 
 DEMO_NAMES = {0: "person", 1: "bus", 2: "tie"}
 DEMO_BOXES: dict[str, list[tuple[int, int, int, int, int]]] = {
@@ -66,7 +68,8 @@ def build_demo_set(folder: Path) -> Path:
     return data_yaml
 
 
-BUILT_IN = ("demo", "fashion-detect")
+BUILT_IN_NAMES = {"demo": DEMO_NAMES, "fashion-detect": dict(enumerate(FASHION_CLASSES))}
+"""The built-in sets ``yolo.data`` can name, with their class names."""
 
 
 def built_in_data_yaml(name: str, folder: Path, imgsz: int) -> Path:
@@ -74,9 +77,12 @@ def built_in_data_yaml(name: str, folder: Path, imgsz: int) -> Path:
     fashion-detect's images are the same whatever the recipe's seed: every arm sees the same data."""
     if name == "demo":
         return build_demo_set(folder / "demo_data")
-    from nam_prune.fashion_detect import FashionDetectConfig, make_fashion_detect
-
     return make_fashion_detect(folder / "fashion_detect_data", FashionDetectConfig(imgsz=imgsz))
+
+
+def data_yaml_of(data: str, folder: Path, imgsz: int) -> Path:
+    """``yolo.data`` as a data yaml: a built-in set written under ``folder``, or the user's, checked to exist."""
+    return built_in_data_yaml(data, folder, imgsz) if data in BUILT_IN_NAMES else user_data_yaml(data)
 
 
 def user_data_yaml(data: str) -> Path:

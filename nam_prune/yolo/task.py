@@ -21,7 +21,6 @@ from nam_prune.artifact import ModelRecord, from_payload, load_state, record_of,
 from nam_prune.checkpoint import atomic_write, is_nam_checkpoint, read_checkpoint
 from nam_prune.config import from_dict
 from nam_prune.console import console
-from nam_prune.data import FASHION_CLASSES
 from nam_prune.errors import NamPruneError
 from nam_prune.export import ort_latency_ms
 from nam_prune.int8 import CALIBRATION_IMAGES, Int8Data
@@ -34,7 +33,7 @@ from nam_prune.surgery import NAMConfig, insert_nam
 from nam_prune.tasks import Task
 from nam_prune.version import __version__
 from nam_prune.yolo.config import YoloConfig
-from nam_prune.yolo.data import BUILT_IN, DEMO_NAMES, built_in_data_yaml, class_names, user_data_yaml
+from nam_prune.yolo.data import BUILT_IN_NAMES, built_in_data_yaml, class_names, data_yaml_of, user_data_yaml
 from nam_prune.yolo.models import (
     YamlMarker,
     attention_stand_ins,
@@ -128,10 +127,6 @@ def detect_export_mode(model: nn.Module) -> Iterator[nn.Module]:
             head.export = export
 
 
-def built_in_names(name: str) -> dict[int, str]:
-    return DEMO_NAMES if name == "demo" else dict(enumerate(FASHION_CLASSES))
-
-
 class DetectionTask(Task):
     """ultralytics detectors: trained by ``NAMDetectionTrainer``, scored by mAP on a data yaml."""
 
@@ -152,8 +147,8 @@ class DetectionTask(Task):
             raise NamPruneError("nam.spatial is not available for YOLO models (their input size varies); set it to false")
         if recipe.nam.placement != "every_bn":
             raise NamPruneError("YOLO models take nam.placement: every_bn (a gate after every conv-BN-act)")
-        self.data_yaml = None if self.yolo.data in BUILT_IN else user_data_yaml(self.yolo.data)
-        self.names = built_in_names(self.yolo.data) if self.data_yaml is None else class_names(self.data_yaml)
+        self.data_yaml = None if self.yolo.data in BUILT_IN_NAMES else user_data_yaml(self.yolo.data)
+        self.names = BUILT_IN_NAMES[self.yolo.data] if self.data_yaml is None else class_names(self.data_yaml)
         self.folder = Path(".")
         self.blocks: list[IntactBlock] = []
         self.block_shapes: dict[str, list[tuple[int, ...]]] = {}
@@ -307,7 +302,7 @@ class DetectionTask(Task):
         folder = tempfile.TemporaryDirectory(prefix="nam-prune-int8-")
         log = Path(folder.name) / "ultralytics.log"
         with ultralytics_output(log):
-            data_yaml = built_in_data_yaml(data.data, Path(folder.name), data.imgsz) if data.data in BUILT_IN else user_data_yaml(data.data)
+            data_yaml = data_yaml_of(data.data, Path(folder.name), data.imgsz)
         count = min(CALIBRATION_IMAGES, split_size(data_yaml, "train", log))
 
         def score(path: Path) -> float:
