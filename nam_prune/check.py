@@ -62,6 +62,10 @@ TIMM_SWEEP = (
     "skresnet18",  # selective kernels: paths stacked and weighted
     "res2net50_14w_8s",  # multi-scale splits at a stored width, chained by adds
     "dpn68",  # dual paths: a residual width sliced off a dense path
+    "res2next50",  # multi-scale splits of grouped convs: conv groups in every part
+    "inception_next_atto",  # an identity part and three bands split at stored sizes; layer scales
+    "swiftformer_xs",  # layer scales: bare parameters that follow the cut
+    "tresnet_m",  # blur pools with one filter copy per channel
 )
 
 

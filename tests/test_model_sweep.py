@@ -70,7 +70,7 @@ def test_model_without_batchnorm_is_a_one_line_error(name):
 
 
 TIMM_FAST = {  # regnetx_002: grouped convolutions (group width 8); resnest14d: split attention (split-and-merge)
-    "resnet18d", "ghostnet_100", "regnetx_002", "resnest14d",
+    "resnet18d", "ghostnet_100", "regnetx_002", "resnest14d", "inception_next_atto",
 }
 
 
@@ -81,3 +81,19 @@ TIMM_FAST = {  # regnetx_002: grouped convolutions (group width 8); resnest14d: 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in TIMM_FAST else pytest.mark.slow) for n in TIMM_SWEEP])
 def test_timm_model_prunes_to_half_its_macs(name):
     _assert_pruned(f"timm:{name}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm not installed")
+@pytest.mark.parametrize(
+    ("name", "size", "block"),
+    [
+        ("xcit_nano_12_p8_224", 64, "XCiT: attention and token width (12)"),
+        pytest.param("levit_128s", 224, "LeViT: attention heads (11)", marks=pytest.mark.slow),
+    ],
+)
+def test_attention_whose_heads_cannot_follow_a_cut_is_kept_whole_and_named(name, size, block):
+    """Their heads split at widths the forward reads off the input or stores: a cut inside would
+    break the model, so it stays, and a target out of reach says what was kept whole."""
+    result = check_model(f"timm:{name}", size)
+    assert result.status.startswith("cannot reach") and f"kept whole: {block}" in result.status, result.status
+    assert result.kept_whole == {block.rsplit(" (", 1)[0]: int(block.rsplit("(", 1)[1].rstrip(")"))}

@@ -112,6 +112,30 @@ def _is_mixed_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.ModuleDict) and isinstance(getattr(module, "splits", None), list)
 
 
+def _is_inception_mixer_block(module: nn.Module) -> bool:
+    """timm's InceptionNeXt ``MetaNeXtBlock``: its token mixer splits the input at stored
+    ``split_indexes`` into an identity part and three depthwise bands; its MLP reads the whole."""
+    mixer = getattr(module, "token_mixer", None)
+    return hasattr(mixer, "split_indexes") and all(hasattr(mixer, a) for a in ("dwconv_hw", "dwconv_w", "dwconv_h"))
+
+
+def _is_fixed_width_blur(module: nn.Module) -> bool:
+    """timm's ``BlurPool2d`` built for a channel count: one copy of its fixed filter per channel."""
+    return all(hasattr(module, a) for a in ("filt", "filt_size", "channels")) and module.channels is not None
+
+
+def _is_cross_covariance_attention(module: nn.Module) -> bool:
+    """timm's XCiT ``XCA``: it splits ``qkv`` into heads of (token width / heads) channels, so the
+    token width and ``qkv`` are tied by a reshape torch-pruning does not see."""
+    return all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "temperature"))
+
+
+def _is_head_split_attention(module: nn.Module) -> bool:
+    """timm's LeViT attention: it splits its projections per head at stored ``key_dim`` /
+    ``val_attn_dim`` widths and adds a learned per-head bias, none of which follows a cut."""
+    return all(hasattr(module, a) for a in ("attention_biases", "num_heads", "key_dim", "val_attn_dim"))
+
+
 def _is_dual_path(module: nn.Module) -> bool:
     """timm's DPN ``DualPathBlock``: a residual path of ``num_1x1_c`` channels beside a dense one."""
     return all(hasattr(module, a) for a in ("num_1x1_c", "c1x1_a", "c3x3_b", "c1x1_c"))
@@ -165,6 +189,20 @@ def _dual_path(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([residual + out1, dense, out2], dim=1)
 
 
+def _is_token_subsample(module: nn.Module) -> bool:
+    """timm's LeViT ``Downsample``: tokens laid out (batch, height, width, channels), subsampled by slicing."""
+    return all(hasattr(module, a) for a in ("resolution", "stride", "pool")) and not list(module.parameters())
+
+
+def _token_subsample(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The same subsample with the channels in dim 1: torch-pruning reads a slice of a 4-d
+    tensor's dim 1 as a channel slice (half the channels, for LeViT's stride 2)."""
+    batch, _, channels = x.shape
+    x = x.view(batch, *module.resolution, channels).permute(0, 3, 1, 2)
+    x = module.pool(x) if module.pool is not None else x[:, :, :: module.stride, :: module.stride]
+    return x.permute(0, 2, 3, 1).reshape(batch, -1, channels)
+
+
 def _maxvit_types() -> tuple[type, type]:
     from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
 
@@ -191,6 +229,8 @@ def stand_ins(model: nn.Module) -> StandIns:
             found[type(module)] = _selective_kernel
         elif _is_dual_path(module):
             found[type(module)] = _dual_path
+        elif _is_token_subsample(module):
+            found[type(module)] = _token_subsample
     return found
 
 
@@ -258,6 +298,12 @@ def kept_whole(model: nn.Module) -> dict[str, list[tuple[nn.Module, Frozen]]]:
             keep("split attention (cardinality > 1): radix outputs", module, {(module.conv, True), (module.fc2, True)})
         elif _is_selective_kernel(module) and module.split_input:
             keep("selective kernel: split inputs", module, {(_first_conv(path), False) for path in module.paths})
+        elif _is_cross_covariance_attention(module):
+            keep("XCiT: attention and token width", module, {(module.qkv, None), (module.proj, None)})
+        elif _is_head_split_attention(module):  # the token width outside the heads still follows cuts
+            *projections, output = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            pairs = {(layer, True) for layer in projections} | {(output, False), (module.attention_biases, None)}
+            keep("LeViT: attention heads", module, pairs)
         elif _is_dual_path(module):  # in DPN-b blocks c1x1_c is a BN alone and c1x1_c1/c2 make the two paths
             ends = [module.c1x1_c, module.c1x1_c1, module.c1x1_c2, module.c1x1_w_s1, module.c1x1_w_s2]
             convs = [_first_conv(end) for end in ends if end is not None and _has_conv(end)]
@@ -311,7 +357,8 @@ def tied_copies(model: nn.Module) -> dict[nn.Module, tuple[int, int]]:
 
 def sync_widths(model: nn.Module) -> None:
     """Set the widths blocks store for their forward to what a cut left (Ghost ``out_chs``,
-    Res2Net ``width``, mixed-conv ``splits``)."""
+    Res2Net ``width``, mixed-conv ``splits``, InceptionNeXt ``split_indexes``); a blur pool's
+    per-channel copies of one filter become that filter spread over whatever width comes in."""
     for module in model.modules():
         if _is_ghost(module):
             module.out_chs = min(module.out_chs, _ghost_width(module))
@@ -321,3 +368,9 @@ def sync_widths(model: nn.Module) -> None:
             module.splits = [conv.in_channels for conv in module.values()]
             module.in_channels = sum(module.splits)
             module.out_channels = sum(conv.out_channels for conv in module.values())
+        elif _is_inception_mixer_block(module):
+            mixer = module.token_mixer
+            bands = [mixer.dwconv_hw.in_channels, mixer.dwconv_w.in_channels, mixer.dwconv_h.in_channels]
+            mixer.split_indexes = (_first_conv(module.mlp).in_channels - sum(bands), *bands)
+        elif _is_fixed_width_blur(module):
+            module.channels, module.filt = None, module.filt[:1]

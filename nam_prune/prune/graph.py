@@ -108,6 +108,35 @@ def _explicit_splits():
 
 
 @contextlib.contextmanager
+def _vector_broadcasts():
+    """Run a vector reshaped to broadcast over a feature map (``gamma.reshape(1, -1, 1, 1)``,
+    a layer scale) as unsqueezes while tracing: torch-pruning maps a reshape by comparing the
+    widths it infers on either side, gets the block's hidden width on the far side, and maps the
+    scale's channel i to 4i..4i+3 (InceptionNeXt); an unsqueeze keeps channel i as i."""
+    reshape, view = torch.Tensor.reshape, torch.Tensor.view
+
+    def broadcast_as_unsqueezes(original):
+        def reshaped(tensor: torch.Tensor, *shape):
+            shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+            wide = [d for d, size in enumerate(shape) if size != 1]
+            if tensor.dim() != 1 or len(wide) != 1 or shape[wide[0]] not in (-1, tensor.shape[0]):
+                return original(tensor, *shape)
+            for _ in range(wide[0]):
+                tensor = tensor.unsqueeze(0)
+            for _ in range(len(shape) - wide[0] - 1):
+                tensor = tensor.unsqueeze(-1)
+            return tensor
+
+        return reshaped
+
+    torch.Tensor.reshape, torch.Tensor.view = broadcast_as_unsqueezes(reshape), broadcast_as_unsqueezes(view)
+    try:
+        yield
+    finally:
+        torch.Tensor.reshape, torch.Tensor.view = reshape, view
+
+
+@contextlib.contextmanager
 def tracing(model: nn.Module, stand_ins: StandIns | None = None):
     """What torch-pruning traces ``model`` under: eval mode, the gates in ``tracing_mode``, the
     family's and the sealed blocks' stand-ins, explicit splits, autograd on even when the caller
@@ -120,7 +149,7 @@ def tracing(model: nn.Module, stand_ins: StandIns | None = None):
     try:
         with warnings.catch_warnings(), tracing_mode(model), torch.inference_mode(False), torch.enable_grad():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            with _stand_ins(model, stand_ins), _explicit_splits():
+            with _stand_ins(model, stand_ins), _explicit_splits(), _vector_broadcasts():
                 yield
     except NamPruneError:
         raise
@@ -140,17 +169,23 @@ def pixel_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def _split_output_index(split: tp.dependency.Node, consumer: tp.dependency.Node) -> int | None:
     """Which output of ``split`` feeds ``consumer``, from autograd's edges (``next_functions``
-    pairs each input with its producer's output number); ``None`` if not exactly one."""
-    found, seen, frontier = set(), set(), [consumer.grad_fn]
+    pairs each input with its producer's output number): the outputs found nearest ``consumer``,
+    so a concat that takes one part as is and others through convs reads the part it takes
+    directly (InceptionNeXt's identity branch); ``None`` if not exactly one."""
+    seen, frontier = set(), [consumer.grad_fn]
     while frontier and len(seen) < 64:
-        fn = frontier.pop()
-        for producer, output in getattr(fn, "next_functions", ()):
-            if producer is split.grad_fn:
-                found.add(output)
-            elif producer is not None and producer not in seen:
-                seen.add(producer)
-                frontier.append(producer)
-    return found.pop() if len(found) == 1 else None
+        found, next_frontier = set(), []
+        for fn in frontier:
+            for producer, output in getattr(fn, "next_functions", ()):
+                if producer is split.grad_fn:
+                    found.add(output)
+                elif producer is not None and producer not in seen:
+                    seen.add(producer)
+                    next_frontier.append(producer)
+        if found:
+            return found.pop() if len(found) == 1 else None
+        frontier = next_frontier
+    return None
 
 
 def _order_split_outputs(graph: tp.DependencyGraph) -> None:
@@ -207,6 +242,23 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
+def layer_names(model: nn.Module) -> dict[nn.Module | nn.Parameter, str]:
+    """The name of every module and parameter: a group's members are modules, or bare parameters
+    (layer scales, which torch-pruning finds as "unwrapped parameters") that follow its cut."""
+    return {**{m: n for n, m in model.named_modules()}, **{p: n for n, p in model.named_parameters()}}
+
+
+def _cut_parameter(model: nn.Module, name: str, channels: list[int]) -> None:
+    """Cut a bare parameter along the dim torch-pruning prunes it on: its last one wider than 1."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    parameter = getattr(owner, attribute)
+    dims = [d for d, size in enumerate(parameter.shape) if size > 1]
+    if not dims or len(channels) >= parameter.shape[dims[-1]]:
+        raise NamPruneError(f"pruning would empty {name}; lower prune.max_pruning_ratio")
+    setattr(owner, attribute, tp.pruner.function.ParameterPruner(dims[-1]).prune_out_channels(parameter, channels))
+
+
 def cut_layers(model: nn.Module, cuts: LayerCuts) -> None:
     """Make one step's ``cuts`` (from ``planning.layer_cuts``) with torch-pruning's layer pruners.
 
@@ -218,8 +270,11 @@ def cut_layers(model: nn.Module, cuts: LayerCuts) -> None:
     """
     modules = dict(model.named_modules())
     registry = tp.DependencyGraph()  # only its pruner registry: which function cuts which layer type
-    pruners = {name: registry.get_pruner_of_module(modules[name]) for name, _, _ in cuts}
+    pruners = {name: registry.get_pruner_of_module(modules[name]) for name, _, _ in cuts if name in modules}
     for name, out, channels in cuts:
+        if name not in modules:
+            _cut_parameter(model, name, channels)
+            continue
         module, pruner = modules[name], pruners[name]
         width = pruner.get_out_channels(module) if out else pruner.get_in_channels(module)
         if width is not None and len(channels) >= width:

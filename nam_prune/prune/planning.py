@@ -31,6 +31,7 @@ from nam_prune.prune.graph import (
     count_macs_params,
     cut_layers,
     head_layers,
+    layer_names,
     reaches_into,
 )
 from nam_prune.prune.importance import NAMImportance, Normalizer
@@ -107,7 +108,7 @@ class Member:
 
 
 def _members(
-    group: tp.Group, graph: tp.DependencyGraph, names: dict[nn.Module, str], size: int, max_ratio: float
+    group: tp.Group, graph: tp.DependencyGraph, names: dict[nn.Module | nn.Parameter, str], size: int, max_ratio: float
 ) -> list[Member]:
     members = []
     for item in group:
@@ -166,7 +167,8 @@ def channel_groups(
     group: tp.Group, graph: tp.DependencyGraph, tied: dict[nn.Module, tuple[int, int]] | None = None
 ) -> int:
     """The blocks a cut of ``group`` must respect: conv groups (depthwise convs excepted, they
-    follow any cut channel by channel) and GroupNorm groups of every member, combined, and
+    follow any cut channel by channel) and GroupNorm groups of every member, in the root's
+    numbering (a member on one part of the root has its groups in every part), combined, and
     the copies of a ``tied`` layer when the root's channels are laid out as those copies."""
     blocks = 1
     size = len(group[0].idxs)
@@ -181,10 +183,13 @@ def channel_groups(
         if pruner is None:
             continue
         if graph.is_out_channel_pruning_fn(item.dep.handler):
-            count = pruner.get_out_channel_groups(module)
+            count = int(pruner.get_out_channel_groups(module))
         else:
-            count = pruner.get_in_channel_groups(module)
-        blocks = math.lcm(blocks, int(count))
+            count = int(pruner.get_in_channel_groups(module))
+        covered = len(item.idxs)
+        if count > 1 and covered < size and size % covered == 0:
+            count *= size // covered  # a grouped layer on one part of the root (Res2NeXt's scale parts)
+        blocks = math.lcm(blocks, count)
     return blocks
 
 
@@ -217,7 +222,7 @@ def score_groups(
     ``compare`` command passes L1-norm and random ones). Only :func:`prunable_groups` are scored.
     """
     importance = importance or NAMImportance(model, config.normalizer, config.fallback)
-    names = {m: n for n, m in model.named_modules()}
+    names = layer_names(model)
     tied = blocks.tied_copies(model)
     scored = []
     for group in prunable_groups(model, graph, config, protected):
@@ -394,9 +399,11 @@ def least_macs(
     floor = _trial_macs(model, example_input, groups, plan_cut(groups, 1.0, config))
     if floor > target_macs:
         rounding = f" and prune.round_to={config.round_to}" if config.round_to > 1 else ""
+        kept = ", ".join(f"{kind} ({count})" for kind, count in blocks.kept_whole_counts(model).items())
         raise NamPruneError(
             f"cannot reach {target_macs / 1e6:.2f}M MACs: with prune.max_pruning_ratio={config.max_pruning_ratio}"
-            f"{rounding} the least this model can keep is {floor / 1e6:.2f}M; raise max_pruning_ratio"
+            f"{rounding}{f' and kept whole: {kept},' if kept else ''} the least this model can keep is "
+            f"{floor / 1e6:.2f}M; raise max_pruning_ratio"
             f"{' or lower round_to' if config.round_to > 1 else ''} or raise {keep_option}"
         )
     return floor
