@@ -16,6 +16,10 @@ from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMSpatialGate, tracing_mode
 from nam_prune.prune import blocks
 
+# torch-pruning warns each time its shape inference gives up on a deep branch (YOLO heads, timm attention); it
+# then maps no index through it; the model checks after a cut catch a wrong map, the warning gives a user nothing to act on
+warnings.filterwarnings("ignore", message="Maximum recursive depth reached", module=r"torch_pruning\.")
+
 LayerCuts = list[tuple[str, bool, list[int]]]
 """One pruning step: (layer name, output channels?, channels removed), each layer and side once."""
 PruningHistory = list[LayerCuts]
