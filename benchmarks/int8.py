@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                         args.rounds, warmup=3)
     fp32_ms, int8_ms = pooled_median_ms(fp32), pooled_median_ms(int8)
     speedup = {column: median_quartiles(round_speedups(fp32[column], int8[column])) for column in fp32}
-    print(f"{args.model}: {scores_line(dict(task.columns)[task.score_key], scores['fp32'], scores['int8'], data.test_images)}")
+    print(f"{args.model}: {scores_line(task.score_label(), scores['fp32'], scores['int8'], data.test_images)}")
     for column, ratio in speedup.items():
         low, high = ratio["quartiles"]
         print(f"  {column}: FP32 {fp32_ms[column]:.3f} ms, INT8 {int8_ms[column]:.3f} ms; "

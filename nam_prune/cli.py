@@ -264,7 +264,7 @@ def export(
     console.print(f"wrote {target} (opset {opset}, max |torch - onnxruntime| = {done.fp32.max_abs_diff:.1e})", soft_wrap=True)
     console.print(f"wrote {done.path} (onnxruntime static INT8: QDQ, uint8 activations, per-channel int8 weights; "
                   f"calibrated on {data.calibration_images} training images)", soft_wrap=True)
-    console.print(done.scores_line(dict(task.columns)[task.score_key]), soft_wrap=True)
+    console.print(done.scores_line(task.score_label()), soft_wrap=True)
 
 
 @cli.command()

@@ -281,7 +281,7 @@ class _Run(PruneAndFinetune):
                 f"{len(search['trials'])} candidate cuts timed)"
             )
         if "int8" in final:
-            console.print(int8_summary(final["int8"], task.score_key, dict(task.columns)[task.score_key]), soft_wrap=True)
+            console.print(int8_summary(final["int8"], task.score_key, task.score_label()), soft_wrap=True)
         console.print(layer_table(final["layers"], only_changed=True))
         console.print(f"saved [bold]{folder / 'model.pt'}[/] and [bold]{folder / 'results.json'}[/]", soft_wrap=True)
 

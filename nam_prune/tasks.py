@@ -65,6 +65,11 @@ class Task:
     def __init__(self, recipe: "Recipe", device: torch.device) -> None:
         self.recipe, self.device = recipe, device
 
+    @classmethod
+    def score_label(cls) -> str:
+        """How reports name the score: the header of ``score_key``'s column."""
+        return dict(cls.columns)[cls.score_key]
+
     def prepare(self) -> tuple[nn.Module, ModelRecord]:
         """Build or load the model with its NAM gates (before the run folder exists)."""
         raise NotImplementedError
