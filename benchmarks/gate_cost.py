@@ -5,10 +5,11 @@ quickstart's sparsity settings (SGD, cosine, polarization penalty 5e-3): ``plain
 gammas and has no gates (BN-slimming with polarization); ``gated`` has a closing gate on every BN;
 ``gated_except`` has one on every BN whose name does not match ``--except`` (by default the
 projection BNs of torchvision's MobileNetV2 inverted residuals, which no activation follows: a
-gate there puts a non-linearity on the linear bottleneck). Top-1 on the test subset after the last
-epoch, per seed, and each gated arm's mean difference to ``plain``.
+gate there puts a non-linearity on the linear bottleneck). ``--gate-bias`` sets the gated arms'
+``nam.gate_bias``. Top-1 on the test subset after the last epoch, per seed, and each gated arm's
+mean difference to ``plain``.
 
-    python -m benchmarks gate_cost [--model mobilenet_v2] [--image-size 32] [--epochs 6] [--seeds 0,1,2] [--json NAME.json]
+    python -m benchmarks gate_cost [--model mobilenet_v2] [--image-size 32] [--epochs 6] [--seeds 0,1,2] [--gate-bias B] [--json NAME.json]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def train_arm(arm: str, seed: int, args) -> float:
         gated = norms if arm == "gated" else [name for name in norms if not re.fullmatch(args.except_, name)]
         if len(gated) == len(norms) and arm == "gated_except":
             raise SystemExit(f"--except {args.except_!r} matches no BatchNorm2d of {args.model}")
-        insert_nam(model, NAMConfig(include=gated), example)
+        insert_nam(model, NAMConfig(include=gated, gate_bias=args.gate_bias), example)
         penalised = gate_scales
     config = TrainConfig(epochs=args.epochs, penalty=5e-3, regularizer="polarization", optimizer="sgd", lr=0.1,
                          momentum=0.9, weight_decay=5e-4, schedule="cosine")
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--except", dest="except_", default=LINEAR_BOTTLENECKS,
                         help="gated_except: BN names (full match) left without a gate")
+    parser.add_argument("--gate-bias", type=float, default=0.0, help="nam.gate_bias of the gated arms")
     add_options(parser, image_size=32)
     args = parse(parser, argv)
     seeds, arms = [int(s) for s in args.seeds.split(",")], args.arms.split(",")
@@ -74,4 +76,5 @@ def main(argv: Sequence[str] | None = None) -> None:
             line += f"; {100 * statistics.mean(a - p for a, p in zip(values, top1['plain'])):+.2f} points against plain"
         print(line)
     if args.json:
-        write_result(args.json, parser, argv, model=args.model, epochs=args.epochs, seeds=seeds, top1=top1)
+        write_result(args.json, parser, argv, model=args.model, epochs=args.epochs, seeds=seeds, gate_bias=args.gate_bias,
+                     top1=top1)

@@ -242,9 +242,10 @@ class NAMChannelGate(nn.Module):
     torch-pruning's tracing always sees the plain path (it must see ``self.bn``).
     """
 
-    def __init__(self, channels: int, grad_through_weights: bool = False, closing: bool = False) -> None:
+    def __init__(self, channels: int, grad_through_weights: bool = False, closing: bool = False, bias: float = 0.0) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(channels, affine=True)
+        nn.init.constant_(self.bn.bias, bias)
         self.grad_through_weights = grad_through_weights
         self.closing = closing
         self.tracing = False

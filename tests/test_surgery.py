@@ -59,3 +59,21 @@ def test_model_without_batchnorm_is_refused():
 def test_block_end_needs_residual_blocks():
     with pytest.raises(NamPruneError, match="every_bn"):
         insert_nam(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), NAMConfig(placement="block_end"))
+
+
+def test_gate_bias_starts_a_closing_gate_near_the_identity():
+    """nam.gate_bias: at 0 a closing gate starts as sigmoid(x_hat) * x, about halving its input (a SiLU on
+    every gated layer); a bias of 6 starts it within a few percent of x, and a zero gamma still closes it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6)
+    change = {}
+    for bias in (0.0, 6.0):
+        gated = insert_nam(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)), NAMConfig(gate_bias=bias))
+        gate = next(m for m in gated.modules() if isinstance(m, NAMChannelGate))
+        assert torch.equal(gate.bn.bias, torch.full((8,), bias))
+        factor = gate.train()(x) / x  # what the gate multiplies each value by
+        change[bias] = (1 - factor).abs().median().item()
+    assert change[0.0] > 0.3 and change[6.0] < 0.03, change
+    with torch.no_grad():
+        gate.bn.weight.zero_()
+    assert gate(x).abs().max() == 0
