@@ -351,6 +351,18 @@ def fashion_detect(out: Path, images: int, imgsz: int, seed: int) -> None:
     console.print(f"wrote {data_yaml} ({images} images of {imgsz} px); train a YOLO recipe with yolo.data={data_yaml}")
 
 
+def _add_family_commands() -> None:
+    """Commands installed model families bring (YOLO's ``train-detector``)."""
+    from nam_prune.models import plugin_families
+
+    for family in plugin_families():
+        for command in family.commands() if family.commands else ():
+            cli.add_command(command)
+
+
+_add_family_commands()
+
+
 def _print_line(label: str, message: str) -> None:
     """One line on stderr, ``error:`` or ``warning:`` first (and the rank under torchrun)."""
     rank = os.environ.get("RANK", "0")

@@ -179,7 +179,8 @@ class ModelFamily:
     family reads. trace_stand_ins: block types torch-pruning should trace through a simpler
     forward with the same convs and shapes (it cannot map some reshapes), loaded on use.
     task: the run-time adapter class (see ``nam_prune.tasks.Task``), loaded on use; ``None``
-    means image classification.
+    means image classification. commands: click commands the family adds to ``nam-prune``
+    (YOLO's ``train-detector``).
     """
 
     name: str
@@ -188,6 +189,7 @@ class ModelFamily:
     section: tuple[str, type] | None = None
     trace_stand_ins: Callable[[], dict[type, Callable[[nn.Module, Any], Any]]] | None = None
     task: Callable[[], type] | None = None
+    commands: Callable[[], list[Any]] | None = None
 
 
 BUILTIN_FAMILIES = (

@@ -101,3 +101,17 @@ def test_epoch_summary_names_gates_and_penalty_only_where_they_exist(tiny_nam_re
     assert finetune.startswith("finetune epoch 1/1: loss ") and "penalty" not in finetune and "gamma" not in finetune
     channels = sum(g.gamma.numel() for g in tiny_nam_resnet.modules() if isinstance(g, NAMChannelGate))
     assert ", penalty " in sparsity and sparsity.endswith(f"/{channels} NAM gamma < 0.01")
+
+
+def test_scale_lr_moves_only_the_penalised_scales_faster() -> None:
+    from nam_prune.surgery import NAMConfig, insert_nam
+    from nam_prune.train import TrainConfig, make_optimizer
+
+    model = insert_nam(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), NAMConfig())
+    gammas = {id(g.gamma) for g in model.modules() if isinstance(g, NAMChannelGate)}
+    config = TrainConfig(epochs=1, optimizer="adamw", lr=1e-3, penalty=0.1, scale_lr=20.0)
+    groups = make_optimizer(model, config).param_groups
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(2e-2)]
+    assert {id(p) for p in groups[1]["params"]} == gammas and not gammas & {id(p) for p in groups[0]["params"]}
+    plain = make_optimizer(model, TrainConfig(epochs=1, optimizer="adamw", lr=1e-3, scale_lr=20.0)).param_groups
+    assert len(plain) == 1  # no penalty: nothing to move faster

@@ -364,3 +364,47 @@ def test_export_int8_in_a_detector_recipe_reads_its_yolo_data(demo_yaml: Path) -
     data = _int8_data(recipe, DetectionTask)
     assert (data.input_shape, data.calibration_images, data.test_images) == (None, 2, 2)
     assert [tuple(batch.shape) for batch in data.calibration((3, 96, 96))] == [(2, 3, 96, 96)]
+
+
+def test_plateau_gain_is_what_the_last_epochs_add_to_the_best() -> None:
+    from nam_prune.yolo.baseline import plateau_gain
+
+    assert plateau_gain([10.0, 20.0, 30.0], 3) is None  # too short to tell
+    assert plateau_gain([10.0, 40.0, 40.2, 39.0], 2) == pytest.approx(0.2)
+    assert plateau_gain([10.0, 40.0, 39.0, 38.0], 2) == 0.0  # no new best: a plateau
+
+
+def test_train_detector_errors_are_one_line_and_write_nothing(tmp_path: Path, demo_yaml: Path) -> None:
+    cases = {
+        ("yolov8n.pt", "--out", str(tmp_path / "a")): "builds a model from its ultralytics yaml",
+        ("yolov8n.yaml", "--out", str(tmp_path / "b"), "--data", str(tmp_path / "none.yaml")): "not found",
+        ("yolov8n.yaml", "--out", str(tmp_path / "c"), "--epochs", "0"): "--epochs",
+    }
+    for args, message in cases.items():
+        done = cli("train-detector", *args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stdout[-1000:])
+        assert message in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "d/weights").mkdir(parents=True)
+    (tmp_path / "d/weights/best.pt").write_bytes(b"trained")
+    done = cli("train-detector", "yolov8n.yaml", "--out", str(tmp_path / "d"), "--data", str(demo_yaml), cwd=tmp_path)
+    assert done.returncode == 2 and "already holds a trained detector" in done.stdout + done.stderr
+    assert (tmp_path / "d/weights/best.pt").read_bytes() == b"trained"
+
+
+@pytest.mark.slow
+def test_train_detector_stops_at_a_plateau_and_its_best_pt_starts_a_recipe(tmp_path: Path, demo_yaml: Path) -> None:
+    out = tmp_path / "trained"
+    done = cli("train-detector", "yolov8n.yaml", "--out", str(out), "--data", str(demo_yaml), "--epochs", "4",
+               "--min-epochs", "2", "--plateau", "1", "--imgsz", "64", "--batch", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((out / "training.json").read_text())
+    history = summary["map50_95"]
+    stops = [e for e in range(2, 5) if max(history[:e]) - max(history[: e - 1]) < 0.5]  # the rule, by hand
+    assert summary["epochs_run"] == len(history) == (stops[0] if stops else 4)
+    assert summary["plateaued"] == bool(stops)
+    assert summary["command"].startswith("nam-prune train-detector yolov8n.yaml --out")
+    recipe = load_recipe(ROOT / "recipes/yolov8n_backbone_neck.yaml",
+                         [f"model.name={summary['best_pt']}", "model.trust_pickle=true", f"yolo.data={demo_yaml}"])
+    model, record = DetectionTask(recipe, torch.device("cpu")).prepare()
+    assert record.spec.config["backbone"][0][2] == "Conv" and len(channel_gates(model)) > 0

@@ -35,6 +35,13 @@ def _task() -> type:
     return DetectionTask
 
 
+def _commands() -> list:
+    from nam_prune.yolo.commands import train_detector
+
+    return [train_detector]
+
+
 FAMILY = ModelFamily(
-    "yolo", is_yolo_name, _build, section=("yolo", YoloConfig), trace_stand_ins=_stand_ins, task=_task
+    "yolo", is_yolo_name, _build, section=("yolo", YoloConfig), trace_stand_ins=_stand_ins, task=_task,
+    commands=_commands,
 )

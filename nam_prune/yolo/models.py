@@ -148,7 +148,10 @@ def load_ultralytics_checkpoint(path: str | Path, trust_pickle: bool) -> nn.Modu
     """The model inside a user's ultralytics ``.pt`` (a pickle: allowed only with ``trust_pickle``)."""
     path = Path(path)
     if not path.is_file():
-        raise NamPruneError(f"YOLO checkpoint {path} does not exist")
+        raise NamPruneError(
+            f"YOLO checkpoint {path} does not exist: train one with 'nam-prune train-detector yolov8n.yaml --out DIR' "
+            "(then model.name: DIR/weights/best.pt) or name a model yaml"
+        )
     if not trust_pickle:
         raise NamPruneError(
             f"{path} is an ultralytics checkpoint, a pickle that can run code when loaded; set "

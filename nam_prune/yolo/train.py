@@ -60,6 +60,21 @@ class NAMDetectionTrainer(DetectionTrainer):
             return weights
         return super().get_model(cfg, weights, verbose)
 
+    def build_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """ultralytics' optimizer, with the penalised scales in a group of their own at ``scale_lr`` times its rate."""
+        optimizer = super().build_optimizer(*args, **kwargs)
+        sparsity = self.sparsity
+        if sparsity is None or not sparsity.penalty or sparsity.scale_lr == 1.0:
+            return optimizer
+        scales = self.penalised(_unwrap(self.model))
+        ids = {id(scale) for scale in scales}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        bn_group = next(g for g in optimizer.param_groups if g.get("param_group") == "bn")
+        optimizer.add_param_group({**{k: v for k, v in bn_group.items() if k != "params"}, "params": scales,
+                                   "lr": bn_group["lr"] * sparsity.scale_lr, "param_group": "penalised scales"})
+        return optimizer
+
     def optimizer_step(self):
         """ultralytics' step (unscale, clip, step, EMA) with the NAM penalty added after unscaling."""
         self.scaler.unscale_(self.optimizer)

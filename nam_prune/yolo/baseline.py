@@ -1,0 +1,120 @@
+"""The trained detector a pruning run starts from, made with ultralytics' own trainer.
+
+Users prune a trained ``best.pt``, not a random detector, and published YOLO pruning results
+start from one too. ``nam-prune train-detector yolov8n.yaml --data fashion-detect --out DIR``
+trains a plain model (no gates, no penalty) until its mAP50-95 stops rising: the best over the
+last ``plateau`` epochs is less than ``min_gain`` points above the best before them. The
+learning rate follows a cosine over ``epochs``, the cap. ``DIR/weights/best.pt`` is what a
+recipe's ``model.name`` then names; ``DIR/training.json`` keeps the per-epoch mAP and why it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from nam_prune.checkpoint import atomic_write
+from nam_prune.config import bounded
+from nam_prune.errors import NamPruneError
+from nam_prune.yolo.data import data_yaml_of
+from nam_prune.yolo.models import ultralytics_module
+from nam_prune.yolo.train import ultralytics_device, ultralytics_output
+
+ultralytics_module()  # a one-line error, not an ImportError, when ultralytics is missing
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+
+MAP_KEY = "metrics/mAP50-95(B)"
+
+
+@dataclass
+class DetectorTraining:
+    """How ``train-detector`` trains: ultralytics' arguments plus the plateau rule that stops it."""
+
+    model: str
+    data: str = "fashion-detect"
+    epochs: int = bounded(100, low=1)
+    plateau: int = bounded(10, low=1)
+    min_gain: float = bounded(0.5, low=0.0)
+    min_epochs: int = bounded(30, low=1)
+    imgsz: int = bounded(160, low=32)
+    batch: int = bounded(32, low=1)
+    lr: float = 0.001
+    weight_decay: float = 5.0e-4
+    workers: int = bounded(0, low=0)
+    seed: int = 0
+
+    def command(self, out: Path) -> str:
+        """The command line that runs this training into ``out``."""
+        flags = {k: v for k, v in asdict(self).items() if k != "model" and v != getattr(DetectorTraining, k)}
+        options = [f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
+        return " ".join(["nam-prune train-detector", self.model, f"--out {out}", *options])
+
+
+@dataclass
+class TrainingResult:
+    best_pt: str
+    epochs_run: int
+    plateaued: bool
+    gain_last_epochs: float
+    best_map50_95: float
+    best_epoch: int
+    seconds: float
+    map50_95: list[float] = field(default_factory=list)
+
+
+def plateau_gain(history: list[float], window: int) -> float | None:
+    """Points the best mAP of the last ``window`` epochs adds to the best before them (None while too short)."""
+    if len(history) <= window:
+        return None
+    return max(history) - max(history[:-window])
+
+
+def train_plain_detector(config: DetectorTraining, out: Path, device: torch.device) -> TrainingResult:
+    """Train ``config.model`` (an ultralytics yaml) plainly into ``out`` until mAP50-95 plateaus."""
+    if not config.model.endswith((".yaml", ".yml")):
+        raise NamPruneError(f"train-detector builds a model from its ultralytics yaml (yolov8n.yaml), not {config.model!r}")
+    if (out / "weights" / "best.pt").exists():
+        raise NamPruneError(f"{out} already holds a trained detector; choose another --out or delete it")
+    data_yaml = data_yaml_of(config.data, out, config.imgsz)  # a missing user yaml stops here, before out is made
+    overrides = {
+        "model": config.model, "data": str(data_yaml), "epochs": config.epochs, "imgsz": config.imgsz,
+        "batch": config.batch, "workers": config.workers, "device": ultralytics_device(device),
+        "optimizer": "AdamW", "lr0": config.lr, "lrf": 0.01, "cos_lr": True, "weight_decay": config.weight_decay,
+        "seed": config.seed, "deterministic": True, "project": str(out.parent.resolve()), "name": out.name,
+        "exist_ok": True, "plots": False, "verbose": False, "patience": config.epochs,
+    }
+    history: list[float] = []
+    shown = Console(file=sys.stderr)  # ultralytics' own output goes to the log; these lines stay on screen
+
+    trained_epochs: list[int] = []
+
+    def on_epoch_end(trainer: DetectionTrainer) -> None:
+        if len(history) == len(trained_epochs):
+            return  # ultralytics' final validation of best.pt calls this once more, with no epoch trained
+        history.append(100 * float(trainer.metrics.get(MAP_KEY, 0.0)))
+        gain = plateau_gain(history, config.plateau)
+        shown.print(f"epoch {len(history)}/{config.epochs}: mAP50-95 {history[-1]:.1f}% (best {max(history):.1f}%)")
+        if len(history) >= config.min_epochs and gain is not None and gain < config.min_gain:
+            trainer.stop = True
+
+    tick = time.perf_counter()
+    with ultralytics_output(out / "ultralytics.log"):
+        trainer = DetectionTrainer(overrides=overrides)
+        trainer.add_callback("on_train_epoch_end", lambda trainer: trained_epochs.append(trainer.epoch))
+        trainer.add_callback("on_fit_epoch_end", on_epoch_end)
+        trainer.train()
+    gain = plateau_gain(history, config.plateau)
+    result = TrainingResult(
+        best_pt=str(Path(trainer.best)), epochs_run=len(history), plateaued=gain is not None and gain < config.min_gain,
+        gain_last_epochs=round(gain, 2) if gain is not None else float("nan"), best_map50_95=round(max(history), 2),
+        best_epoch=history.index(max(history)) + 1, seconds=round(time.perf_counter() - tick, 1), map50_95=[round(m, 2) for m in history],
+    )
+    summary = {"command": config.command(out), "config": asdict(config), **asdict(result)}
+    atomic_write(out / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    return result
