@@ -156,17 +156,9 @@ class DetectionTask(Task):
 
     def prepare(self) -> tuple[nn.Module, ModelRecord]:
         """Build (yaml) or load (trusted ultralytics .pt) the detector, split-free, with NAM gates in scope."""
-        recipe, names = self.recipe, self.names
-        name = recipe.model.name
-        if recipe.model.weights:
-            return self._from_weights(recipe.model.weights)
-        if not name.endswith(".pt"):
-            return self.build(recipe.nam)
-        model = load_ultralytics_checkpoint(name, recipe.model.trust_pickle)
-        if model.model[-1].nc != len(names):
-            raise NamPruneError(f"{name} detects {model.model[-1].nc} classes but yolo.data has {len(names)}; use its own data yaml")
-        spec = ModelSpec(name=name, num_classes=len(names), in_channels=3, config=copy.deepcopy(model.yaml))
-        return self._gated(model, spec, recipe.nam)
+        if self.recipe.model.weights:
+            return self._from_weights(self.recipe.model.weights)
+        return self.build(self.recipe.nam)
 
     def _from_weights(self, weights: str) -> tuple[nn.Module, ModelRecord]:
         """The detector of ``model.weights``: a nam-prune checkpoint (a run's ``dense.pt``, to prune it
@@ -196,8 +188,17 @@ class DetectionTask(Task):
         return model, replace(record, input_shape=(3, size, size))
 
     def build(self, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
-        spec = ModelSpec(name=self.recipe.model.name, num_classes=len(self.names), in_channels=3)
-        return self._gated(build_yolo(spec.name, spec.num_classes, spec.in_channels), spec, gates)
+        """``model.name``'s detector with ``gates``: a yaml's, randomly initialised, or a trusted
+        ultralytics ``.pt``'s trained one (so every compare arm starts from the user's trained model)."""
+        name, names = self.recipe.model.name, self.names
+        if not name.endswith(".pt"):
+            spec = ModelSpec(name=name, num_classes=len(names), in_channels=3)
+            return self._gated(build_yolo(spec.name, spec.num_classes, spec.in_channels), spec, gates)
+        model = load_ultralytics_checkpoint(name, self.recipe.model.trust_pickle)
+        if model.model[-1].nc != len(names):
+            raise NamPruneError(f"{name} detects {model.model[-1].nc} classes but yolo.data has {len(names)}; use its own data yaml")
+        spec = ModelSpec(name=name, num_classes=len(names), in_channels=3, config=copy.deepcopy(model.yaml))
+        return self._gated(model, spec, gates)
 
     def _gated(self, model: nn.Module, spec: ModelSpec, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
         if gates is not None:
