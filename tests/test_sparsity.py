@@ -115,3 +115,13 @@ def test_scale_lr_moves_only_the_penalised_scales_faster() -> None:
     assert {id(p) for p in groups[1]["params"]} == gammas and not gammas & {id(p) for p in groups[0]["params"]}
     plain = make_optimizer(model, TrainConfig(epochs=1, optimizer="adamw", lr=1e-3, scale_lr=20.0)).param_groups
     assert len(plain) == 1  # no penalty: nothing to move faster
+
+
+@pytest.mark.parametrize("tie, advice", [(0.0, "lower sparsity.penalty"), (0.5, "train with sparsity.epochs > 0")])
+def test_tied_scores_warning_says_which_fix_applies(caplog, tie: float, advice: str) -> None:
+    from nam_prune.prune.planning import ScoredGroup, warn_if_untrained
+
+    scores = torch.tensor([tie] * 6 + [0.9, 0.8])
+    with caplog.at_level("WARNING", logger="nam_prune"):
+        warn_if_untrained([ScoredGroup("conv", True, scores, min_keep=1)])
+    assert advice in caplog.text

@@ -408,3 +408,15 @@ def test_train_detector_stops_at_a_plateau_and_its_best_pt_starts_a_recipe(tmp_p
                          [f"model.name={summary['best_pt']}", "model.trust_pickle=true", f"yolo.data={demo_yaml}"])
     model, record = DetectionTask(recipe, torch.device("cpu")).prepare()
     assert record.spec.config["backbone"][0][2] == "Conv" and len(channel_gates(model)) > 0
+
+
+def test_stripping_the_gates_inside_an_intact_attention_block_keeps_it_intact() -> None:
+    from nam_prune.surgery import strip_gates
+    from nam_prune.yolo.task import _parameter_shapes, intact_report
+
+    model = _gated("yolo11n.yaml", "backbone+neck")
+    blocks = protection(model, "backbone+neck").blocks
+    assert any(isinstance(m, NAMGated) for b in blocks for m in b.module.modules())  # C2PSA's own convs carry gates
+    before = {b.name: _parameter_shapes(b.module) for b in blocks}
+    strip_gates(model)
+    assert set(intact_report(blocks, before).values()) == {"intact"}

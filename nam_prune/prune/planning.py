@@ -464,6 +464,12 @@ def warn_if_untrained(groups: list[ScoredGroup]) -> None:
     scores = torch.cat([g.scores for g in groups])
     finite = scores[torch.isfinite(scores)]
     if finite.numel() and float((finite == finite.median()).float().mean()) > 0.5:
+        if float(finite.median()) == 0.0:
+            log.warning(
+                "the sparsity penalty drove most NAM scores to 0: ties are cut evenly across layers and the "
+                "trained model has lost those channels already; lower sparsity.penalty (or sparsity.scale_lr)"
+            )
+            return
         log.warning(
             "most NAM scores are equal (an untrained NAM model?): ties are cut evenly across layers; "
             "train with sparsity.epochs > 0 for a meaningful ranking"

@@ -111,7 +111,8 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
         trainer.train()
     gain = plateau_gain(history, config.plateau)
     result = TrainingResult(
-        best_pt=str(Path(trainer.best)), epochs_run=len(history), plateaued=gain is not None and gain < config.min_gain,
+        best_pt=str(out / "weights" / Path(trainer.best).name), epochs_run=len(history),
+        plateaued=gain is not None and gain < config.min_gain,
         gain_last_epochs=round(gain, 2) if gain is not None else float("nan"), best_map50_95=round(max(history), 2),
         best_epoch=history.index(max(history)) + 1, seconds=round(time.perf_counter() - tick, 1), map50_95=[round(m, 2) for m in history],
     )

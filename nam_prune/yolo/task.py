@@ -23,6 +23,7 @@ from nam_prune.config import from_dict
 from nam_prune.console import console
 from nam_prune.errors import NamPruneError
 from nam_prune.export import ort_latency_ms
+from nam_prune.gates import NAMChannelGate
 from nam_prune.int8 import CALIBRATION_IMAGES, Int8Data
 from nam_prune.measure import gflops, measure
 from nam_prune.models import ModelSpec
@@ -66,7 +67,9 @@ DETECTION_COLUMNS = (
 
 
 def _parameter_shapes(module: nn.Module) -> list[tuple[int, ...]]:
-    return [tuple(p.shape) for p in module.parameters()]
+    """The shapes of ``module``'s own parameters, not its NAM gates' (``prune.strip_gates`` removes those)."""
+    gates = {id(p) for m in module.modules() if isinstance(m, NAMChannelGate) for p in m.parameters()}
+    return [tuple(p.shape) for p in module.parameters() if id(p) not in gates]
 
 
 def protection(model: nn.Module, scope: str) -> Protected:
