@@ -379,6 +379,7 @@ def test_train_detector_errors_are_one_line_and_write_nothing(tmp_path: Path, de
         ("yolov8n.pt", "--out", str(tmp_path / "a")): "builds a model from its ultralytics yaml",
         ("yolov8n.yaml", "--out", str(tmp_path / "b"), "--data", str(tmp_path / "none.yaml")): "not found",
         ("yolov8n.yaml", "--out", str(tmp_path / "c"), "--epochs", "0"): "--epochs",
+        ("yolov8q.yaml", "--out", str(tmp_path / "e"), "--data", str(demo_yaml)): "no model yaml",
     }
     for args, message in cases.items():
         done = cli("train-detector", *args, cwd=tmp_path)

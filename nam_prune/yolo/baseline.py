@@ -23,7 +23,7 @@ from nam_prune.checkpoint import atomic_write
 from nam_prune.config import bounded
 from nam_prune.errors import NamPruneError
 from nam_prune.yolo.data import data_yaml_of
-from nam_prune.yolo.models import ultralytics_module
+from nam_prune.yolo.models import build_yolo, ultralytics_module
 from nam_prune.yolo.train import ultralytics_device, ultralytics_output
 
 ultralytics_module()  # a one-line error, not an ImportError, when ultralytics is missing
@@ -79,6 +79,7 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
     """Train ``config.model`` (an ultralytics yaml) plainly into ``out`` until mAP50-95 plateaus."""
     if not config.model.endswith((".yaml", ".yml")):
         raise NamPruneError(f"train-detector builds a model from its ultralytics yaml (yolov8n.yaml), not {config.model!r}")
+    build_yolo(config.model, num_classes=1, in_channels=3)  # an unknown yaml is a one-line error before out is made
     if (out / "weights" / "best.pt").exists():
         raise NamPruneError(f"{out} already holds a trained detector; choose another --out or delete it")
     data_yaml = data_yaml_of(config.data, out, config.imgsz)  # a missing user yaml stops here, before out is made
