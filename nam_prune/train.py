@@ -54,6 +54,11 @@ class TrainConfig:
     polarization_t: float = bounded(1.2, low=1)
     scale_lr: float = bounded(1.0, low=0, low_open=True)
 
+    @property
+    def scales_own_lr(self) -> bool:
+        """Whether the penalised scales need an optimizer group of their own (a penalty at another rate)."""
+        return self.penalty > 0 and self.scale_lr != 1.0
+
 
 def require_cpp_compiler(device: torch.device) -> None:
     """``torch.compile`` builds its CPU kernels with a C++ compiler: say so before a run starts,
@@ -99,7 +104,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, penalised: Scales = ga
     """The stage's optimizer; the penalised scales get their own group at ``scale_lr`` times the rate."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": params}]
-    if config.scale_lr != 1.0 and config.penalty > 0:
+    if config.scales_own_lr:
         scales = {id(scale) for scale in penalised(model)}
         groups = [
             {"params": [p for p in params if id(p) not in scales]},

@@ -64,7 +64,7 @@ class NAMDetectionTrainer(DetectionTrainer):
         """ultralytics' optimizer, with the penalised scales in a group of their own at ``scale_lr`` times its rate."""
         optimizer = super().build_optimizer(*args, **kwargs)
         sparsity = self.sparsity
-        if sparsity is None or not sparsity.penalty or sparsity.scale_lr == 1.0:
+        if sparsity is None or not sparsity.scales_own_lr:
             return optimizer
         scales = self.penalised(_unwrap(self.model))
         ids = {id(scale) for scale in scales}
