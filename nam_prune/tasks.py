@@ -96,6 +96,17 @@ class Task:
         log entry per epoch (or stage)."""
         raise NotImplementedError
 
+    def load_teacher(self, path: str, section: str) -> nn.Module:
+        """``section.teacher``, checked to fit this task's model and data (see :class:`TrainConfig`)."""
+        raise NamPruneError(f"{section}.teacher: {type(self).__name__} has no knowledge distillation; remove the key")
+
+    def check_teachers(self) -> None:
+        """Every stage's teacher loads and fits: a one-line error before training, not after sparsity."""
+        for section in ("sparsity", "finetune"):
+            path = getattr(self.recipe, section).teacher
+            if path:
+                self.load_teacher(path, section)
+
     def accumulate_gradients(self, model: nn.Module, batches: int) -> int:
         """The task loss's mean gradient over ``batches`` training batches in ``.grad`` (where
         ``exposes_gradients``); returns the batches used."""
@@ -172,6 +183,8 @@ class ClassificationTask(Task):
     def __init__(self, recipe: "Recipe", device: torch.device) -> None:
         super().__init__(recipe, device)
         self.data = load_data(recipe.data, recipe.seed)
+        self.teachers: dict[str, nn.Module] = {}
+        self.check_teachers()
 
     def prepare(self) -> tuple[nn.Module, ModelRecord]:
         """Build (or load) the model and insert NAM gates unless the weights already have them."""
@@ -212,11 +225,32 @@ class ClassificationTask(Task):
         return model.to(self.device), record
 
     def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None):
+        teacher = self.teachers.get(config.teacher) if config.teacher else None
         history = fit(
             model, self.data.train, config, self.device, stage, on_epoch_end=on_epoch_end, resume=resume,
-            penalised=penalised, compiled=self.recipe.nam.compile, after_backward=after_backward,
+            penalised=penalised, compiled=self.recipe.nam.compile, after_backward=after_backward, teacher=teacher,
         )
         return [asdict(entry) for entry in history]
+
+    def load_teacher(self, path: str, section: str) -> nn.Module:
+        """A nam-prune checkpoint trained on this data, or a state dict of ``model.name``."""
+        if path in self.teachers:
+            return self.teachers[path]
+        data, model_config = self.data, self.recipe.model
+        payload = read_checkpoint(path, model_config.trust_pickle)
+        if is_nam_checkpoint(payload):
+            record = record_of(payload)
+            if record.spec.num_classes != data.num_classes or tuple(record.input_shape) != tuple(data.input_shape):
+                raise NamPruneError(
+                    f"{section}.teacher {path} takes inputs {tuple(record.input_shape)} into {record.spec.num_classes} "
+                    f"classes, this data {tuple(data.input_shape)} into {data.num_classes}; use a model trained on this data"
+                )
+            teacher = from_payload(payload, path)
+        else:
+            teacher = build_model(ModelSpec(model_config.name, data.num_classes, data.input_shape[0], model_config.width))
+            load_state(teacher, state_dict_of(payload, f"{section}.teacher {path}"), path)
+        self.teachers[path] = teacher.eval().requires_grad_(False)
+        return self.teachers[path]
 
     def accumulate_gradients(self, model: nn.Module, batches: int) -> int:
         """Over the batches recalibration uses."""

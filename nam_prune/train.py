@@ -40,6 +40,12 @@ class TrainConfig:
     rate by 10. scale_lr: the penalised scales' learning rate as a multiple of ``lr``. AdamW
     moves a parameter about ``lr`` per step whatever the penalty's size, so at lr 1e-3 a gamma
     at 1 needs 1,000 steps to reach 0: a short sparsity stage on a detector needs a larger one.
+    teacher: a trained model this stage also learns from (knowledge distillation, the usual way
+    to win back a pruned model's last points): for classifiers a nam-prune ``.pt`` or a state
+    dict of ``model.name``, learnt through Hinton's soft targets; for detectors a trusted
+    ultralytics ``.pt``, through ultralytics' own distillation. distill: the distillation loss's
+    weight as a multiple of its trainer's default (the soft targets weigh as the cross-entropy
+    does; ultralytics' ``dis`` is 6).
     """
 
     epochs: int = bounded(0, low=0)
@@ -53,6 +59,8 @@ class TrainConfig:
     regularizer: Regularizer = "polarization"
     polarization_t: float = bounded(1.2, low=1)
     scale_lr: float = bounded(1.0, low=0, low_open=True)
+    teacher: str | None = None
+    distill: float = bounded(1.0, low=0, low_open=True)
 
     @property
     def scales_own_lr(self) -> bool:
@@ -98,6 +106,18 @@ def _penalty_and_gates(config: TrainConfig, penalty: float, stats: GammaStats) -
     if stats.channels:
         parts.append(str(stats))
     return "".join(f", {part}" for part in parts)
+
+
+DISTILL_TEMPERATURE = 4.0  # Hinton et al.'s soft targets: enough to show the teacher's ranking of the wrong classes
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the softened class distributions, times T² so its gradients
+    keep the cross-entropy's scale whatever the temperature."""
+    t = DISTILL_TEMPERATURE
+    soft_student = torch.log_softmax(student / t, dim=1)
+    soft_teacher = torch.log_softmax(teacher / t, dim=1)
+    return nn.functional.kl_div(soft_student, soft_teacher, log_target=True, reduction="batchmean") * t * t
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, penalised: Scales = gate_scales) -> torch.optim.Optimizer:
@@ -157,6 +177,7 @@ def fit(
     penalised: Callable[[nn.Module], list[torch.Tensor]] = gate_scales,
     compiled: bool = False,
     after_backward: AfterBackward | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[EpochLog]:
     """Train ``model`` for ``config.epochs``; the NAM penalty is applied when ``config.penalty > 0``.
 
@@ -167,7 +188,8 @@ def fit(
     optimizer step (a regularizer that adds to the gradients: torch-pruning's group sparsity);
     ``compiled`` trains through ``torch.compile`` of the whole model, so each BN, its gate and
     the activation after them run as fused kernels (``nam.compile``; compiled anew per stage,
-    as pruning changes the shapes).
+    as pruning changes the shapes); ``teacher`` (in eval mode, frozen) adds ``config.distill`` times
+    the distillation loss to its outputs.
     """
     if config.epochs == 0:
         return []
@@ -184,6 +206,8 @@ def fit(
         scheduler.load_state_dict(resume.scheduler)
         history = list(resume.history)
     criterion = nn.CrossEntropyLoss()
+    if teacher is not None:
+        teacher.to(device).eval()
     with progress_bar() as bar:
         for epoch in range(len(history) + 1, config.epochs + 1):
             trained.train()
@@ -196,6 +220,10 @@ def fit(
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 logits = trained(images)
                 loss = criterion(logits, labels)
+                if teacher is not None:
+                    with torch.no_grad():
+                        targets = teacher(images)
+                    loss = loss + config.distill * distillation_loss(logits, targets)
                 if not math.isfinite(loss.item()):
                     raise NamPruneError(
                         f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; "

@@ -186,3 +186,56 @@ def test_spatial_lambda_maps_are_plotted(tmp_path):
                        torch.zeros(1, 1, 28, 28))
     written = gamma_plots(model, {"metrics": {"prune_threshold": 0.8}}, tmp_path)
     assert len([p for p in written if p.name.startswith("lambda_")]) == 9
+
+
+def test_a_teacher_pulls_the_student_towards_its_outputs(fashion_small):
+    """Distillation through ``fit``: a teacher that always says class 3, weighted far above the labels,
+    makes a student trained on real images answer 3 (its labels alone give 10 balanced classes)."""
+    from nam_prune.models import ModelSpec, build_model
+    from nam_prune.train import TrainConfig, distillation_loss, fit
+
+    logits = torch.randn(4, 10)
+    assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, -logits).item() > 0.1
+
+    class SaysThree(torch.nn.Module):
+        def forward(self, images):
+            return torch.nn.functional.one_hot(torch.full((len(images),), 3), 10).float() * 10
+
+    config = TrainConfig(epochs=1, optimizer="adamw", lr=0.005, distill=50.0)
+    answers = []
+    for teacher in (SaysThree(), None):
+        model = build_model(ModelSpec("resnet8", num_classes=10, in_channels=1, width=8))
+        fit(model, fashion_small.train, config, torch.device("cpu"), "distil", teacher=teacher)
+        model.eval()
+        with torch.no_grad():
+            predicted = torch.cat([model(images).argmax(1) for images, _ in fashion_small.test])
+        answers.append(float((predicted == 3).float().mean()))
+    assert answers[0] > 0.7 and answers[1] < 0.3, answers  # a tenth of the images are 3s
+
+
+def test_finetune_distils_from_a_teacher_checkpoint(quick_run, tmp_path):
+    run_dir, _ = quick_run
+    dense = str(run_dir / "dense.pt")
+    overrides = [*TINY, f"model.weights={dense}", "sparsity.epochs=0", "finetune.epochs=1", f"finetune.teacher={dense}",
+                 "report.baseline=false", f"output={tmp_path / 'kd'}"]
+    done = cli("run", QUICKSTART, *overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "kd" / "results.json").read_text())
+    assert results["recipe"]["finetune"]["teacher"] == dense
+    assert results["after"]["accuracy"] > 0.4
+    assert results["after"]["macs"] <= 0.5 * results["before"]["macs"]
+
+
+def test_a_teacher_that_does_not_fit_is_one_line_before_the_run(quick_run, tmp_path):
+    run_dir, _ = quick_run
+    cases = {
+        f"finetune.teacher={tmp_path / 'nothing.pt'}": "does not exist",
+        f"sparsity.teacher={run_dir / 'dense.pt'}": "use a model trained on this data",  # Fashion-MNIST's, on digits
+    }
+    for override, message in cases.items():
+        done = cli("run", QUICKSTART, "data.name=digits", override, f"output={tmp_path / 'r'}", cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], done.stderr
+        assert not (tmp_path / "r").exists()

@@ -250,12 +250,35 @@ def test_yolo_recipe_errors_are_one_line(tmp_path: Path) -> None:
         ("nam.spatial=true",): "nam.spatial",
         ("yolo.scope=neck",): "yolo.scope",
         ("finetune.schedule=multistep",): "finetune.schedule: multistep is not available",  # a recipe key, not 'step1'
+        ("finetune.teacher=/nowhere/best.pt",): "finetune.teacher /nowhere/best.pt does not exist",
     }
     for overrides, message in cases.items():
         done = cli("run", str(ROOT / "recipes/yolov8n_backbone_neck.yaml"), *overrides, f"output={tmp_path / 'r'}", cwd=tmp_path)
         assert done.returncode == 2, (overrides, done.stderr[-1000:])
         assert message in done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_finetuning_distils_from_a_trained_detector(tmp_path: Path) -> None:
+    """finetune.teacher hands a trusted ultralytics .pt to ultralytics' own distillation: its loss is
+    logged, and the model handed back is the pruned student alone."""
+    data = make_fashion_detect(tmp_path / "set", FashionDetectConfig(images=20, imgsz=64))
+    teacher = DetectionModel("yolov8n.yaml", nc=len(yaml.safe_load(data.read_text())["names"]), verbose=False)
+    torch.save({"model": teacher}, tmp_path / "teacher.pt")  # as a user's trained best.pt holds it
+    overrides = ["yolo.imgsz=64", "yolo.report_imgsz=64", "yolo.batch=8", "report.latency_runs=1", "report.warmup=0",
+                 "sparsity.epochs=1", "finetune.epochs=1", "report.baseline=false", "recalibrate.batches=2",
+                 f"yolo.data={data}", "model.trust_pickle=true", f"finetune.teacher={tmp_path / 'teacher.pt'}",
+                 f"output={tmp_path / 'run'}"]
+    done = cli("run", str(ROOT / "recipes/yolov8n_fashion_detect.yaml"), *overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    for stage, distilled in (("sparsity", False), ("finetune", True)):  # ultralytics' per-epoch log of each stage
+        columns = (tmp_path / "run" / stage / "results.csv").read_text().splitlines()[0].split(",")
+        assert ("train/dis_loss" in [c.strip() for c in columns]) == distilled, columns
+    assert results["after"]["gflops"] <= 0.56 * results["before"]["gflops"]
+    report = cli("report", str(tmp_path / "run/model.pt"), "--json", cwd=tmp_path)
+    assert json.loads(report.stdout)["params"] == results["after"]["params"]  # no teacher or projector inside
 
 
 @pytest.mark.parametrize("images", [20, pytest.param("all", marks=pytest.mark.slow)])

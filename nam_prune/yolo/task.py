@@ -156,6 +156,7 @@ class DetectionTask(Task):
         self.blocks: list[IntactBlock] = []
         self.block_shapes: dict[str, list[tuple[int, ...]]] = {}
         self.intact: dict[str, str] = {}
+        self.check_teachers()
 
     def prepare(self) -> tuple[nn.Module, ModelRecord]:
         """Build (yaml) or load (trusted ultralytics .pt) the detector, split-free, with NAM gates in scope."""
@@ -210,6 +211,19 @@ class DetectionTask(Task):
         model.names = self.names
         size = self.yolo.report_imgsz
         return model, ModelRecord(spec=spec, input_shape=(3, size, size), nam=gates)
+
+    def load_teacher(self, path: str, section: str) -> nn.Module:
+        """A trusted ultralytics ``.pt`` for this data (ultralytics loads it again to distil from it)."""
+        if not Path(path).is_file():
+            raise NamPruneError(f"{section}.teacher {path} does not exist: name a trained detector's .pt "
+                                "(nam-prune train-detector writes DIR/weights/best.pt)")
+        teacher = load_ultralytics_checkpoint(path, self.recipe.model.trust_pickle)
+        if teacher.model[-1].nc != len(self.names):
+            raise NamPruneError(
+                f"{section}.teacher {path} detects {teacher.model[-1].nc} classes but yolo.data has {len(self.names)}; "
+                "use a detector trained on this data"
+            )
+        return teacher
 
     def open(self, folder: Path) -> None:
         self.folder = folder

@@ -40,7 +40,10 @@ from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator 
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The detector being trained: out of DDP, and out of ultralytics' distillation wrapper (whose
+    teacher is neither penalised nor kept)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "student_model", model)
 
 
 class NAMDetectionTrainer(DetectionTrainer):
@@ -118,6 +121,9 @@ def ultralytics_output(log_file: Path) -> Iterator[None]:
             logger.handlers = handlers
 
 
+ULTRALYTICS_DISTILL_WEIGHT = 6.0  # ultralytics' default ``dis``
+
+
 def trainer_overrides(
     config: TrainConfig, yolo: YoloConfig, data_yaml: Path, device: torch.device, folder: Path, stage: str, seed: int
 ) -> dict[str, Any]:
@@ -137,6 +143,9 @@ def trainer_overrides(
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
         "warmup_epochs": yolo.warmup_epochs if stage == "sparsity" else 0.0,  # a trained model needs no warm-up
+        # ultralytics' own distillation: the head's inputs and outputs, weighted by the teacher's scores
+        "distill_model": str(Path(config.teacher).resolve()) if config.teacher else None,
+        "dis": ULTRALYTICS_DISTILL_WEIGHT * config.distill,
         "amp": yolo.amp,
         "seed": seed,
         "deterministic": True,
@@ -164,7 +173,10 @@ def train_detector(
     trainer.penalised = penalised
     trainer.model = model
     trainer.train()
-    trained = trainer.ema.ema if trainer.ema is not None else _unwrap(trainer.model)
+    for wrapper in (trainer.model, trainer.ema.ema if trainer.ema is not None else None):
+        if hasattr(wrapper, "_remove_feature_hooks"):  # distillation's hooks hold the last batch's graph
+            wrapper._remove_feature_hooks()
+    trained = _unwrap(trainer.ema.ema if trainer.ema is not None else trainer.model)
     model.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
     return StageLog(overrides["epochs"], metrics, gamma_stats(model).near_zero)
