@@ -72,7 +72,7 @@ def run(ctx: click.Context, recipe: Path, overrides: tuple[str, ...], overwrite:
 
 
 def parse_data_option(text: str):
-    """``report --data``: a data set name, a recipe (its ``data:`` section) or an ultralytics data yaml."""
+    """``report --data``: a data set name, a recipe (its ``data:`` section, or a detector's ``yolo:``) or an ultralytics data yaml."""
     import yaml
 
     from nam_prune.config import from_dict
@@ -88,7 +88,8 @@ def parse_data_option(text: str):
         tree = None
     if isinstance(tree, dict) and "names" in tree:  # ultralytics data yaml (path, train, val, names)
         return path
-    return load_recipe(path).data
+    recipe = load_recipe(path)
+    return recipe.sections.get("yolo") or recipe.data  # a detector recipe's data is its yolo section
 
 
 @cli.command()

@@ -444,3 +444,13 @@ def test_stripping_the_gates_inside_an_intact_attention_block_keeps_it_intact() 
     before = {b.name: _parameter_shapes(b.module) for b in blocks}
     strip_gates(model)
     assert set(intact_report(blocks, before).values()) == {"intact"}
+
+
+def test_a_detector_recipe_names_its_yolo_data_for_calibration() -> None:
+    """--data / --calibration with a detector's recipe reads its yolo: section (it read the classifiers'
+    data: default, which the detector then refused as 'a classification data set')."""
+    from nam_prune.cli import parse_data_option
+    from nam_prune.yolo.config import YoloConfig
+
+    data = parse_data_option(str(ROOT / "recipes/yolov8n_fashion_detect_trained.yaml"))
+    assert isinstance(data, YoloConfig) and (data.data, data.imgsz) == ("fashion-detect", 160)
