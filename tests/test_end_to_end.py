@@ -214,6 +214,7 @@ def test_a_teacher_pulls_the_student_towards_its_outputs(fashion_small):
     assert answers[0] > 0.7 and answers[1] < 0.3, answers  # a tenth of the images are 3s
 
 
+@pytest.mark.slow
 def test_finetune_distils_from_a_teacher_checkpoint(quick_run, tmp_path):
     run_dir, _ = quick_run
     dense = str(run_dir / "dense.pt")
