@@ -89,7 +89,7 @@ def parse_data_option(text: str):
     if isinstance(tree, dict) and "names" in tree:  # ultralytics data yaml (path, train, val, names)
         return path
     recipe = load_recipe(path)
-    return recipe.sections.get("yolo") or recipe.data  # a detector recipe's data is its yolo section
+    return recipe.sections["yolo"] if isinstance(tree, dict) and "yolo" in tree else recipe.data  # a detector's data
 
 
 @cli.command()

@@ -452,5 +452,8 @@ def test_a_detector_recipe_names_its_yolo_data_for_calibration() -> None:
     from nam_prune.cli import parse_data_option
     from nam_prune.yolo.config import YoloConfig
 
+    from nam_prune.data import DataConfig
+
     data = parse_data_option(str(ROOT / "recipes/yolov8n_fashion_detect_trained.yaml"))
     assert isinstance(data, YoloConfig) and (data.data, data.imgsz) == ("fashion-detect", 160)
+    assert isinstance(parse_data_option(str(ROOT / "recipes/fashion_quickstart.yaml")), DataConfig)  # no yolo: section
