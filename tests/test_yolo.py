@@ -450,9 +450,8 @@ def test_a_detector_recipe_names_its_yolo_data_for_calibration() -> None:
     """--data / --calibration with a detector's recipe reads its yolo: section (it read the classifiers'
     data: default, which the detector then refused as 'a classification data set')."""
     from nam_prune.cli import parse_data_option
-    from nam_prune.yolo.config import YoloConfig
-
     from nam_prune.data import DataConfig
+    from nam_prune.yolo.config import YoloConfig
 
     data = parse_data_option(str(ROOT / "recipes/yolov8n_fashion_detect_trained.yaml"))
     assert isinstance(data, YoloConfig) and (data.data, data.imgsz) == ("fashion-detect", 160)
