@@ -225,7 +225,7 @@ class ClassificationTask(Task):
         return model.to(self.device), record
 
     def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None):
-        teacher = self.teachers.get(config.teacher) if config.teacher else None
+        teacher = self.load_teacher(config.teacher, stage) if config.teacher else None  # loaded once, at start
         history = fit(
             model, self.data.train, config, self.device, stage, on_epoch_end=on_epoch_end, resume=resume,
             penalised=penalised, compiled=self.recipe.nam.compile, after_backward=after_backward, teacher=teacher,

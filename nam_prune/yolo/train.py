@@ -173,10 +173,11 @@ def train_detector(
     trainer.penalised = penalised
     trainer.model = model
     trainer.train()
-    for wrapper in (trainer.model, trainer.ema.ema if trainer.ema is not None else None):
+    trained = trainer.ema.ema if trainer.ema is not None else trainer.model
+    for wrapper in (trainer.model, trained):
         if hasattr(wrapper, "_remove_feature_hooks"):  # distillation's hooks hold the last batch's graph
             wrapper._remove_feature_hooks()
-    trained = _unwrap(trainer.ema.ema if trainer.ema is not None else trainer.model)
+    trained = _unwrap(trained)
     model.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
     return StageLog(overrides["epochs"], metrics, gamma_stats(model).near_zero)
