@@ -360,8 +360,24 @@ def summarize(arms: list[dict], criteria: list[str], macs_keep: list[float], see
             for key in SUMMARY_KEYS:
                 if key in runs[0]:
                     row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
+            row.update(_paired_with_nam(arms, runs, keep))
             rows.append(row)
     return rows
+
+
+def _paired_with_nam(arms: list[dict], runs: list[dict], keep: float) -> dict[str, float]:
+    """NAM's final score minus this criterion's, seed by seed at the same share kept, as mean and std
+    (``nam_minus``, ``nam_minus_std``): seeds move every arm together, so the paired difference is
+    what says whether NAM is ahead. Empty where no seed has both (and for NAM and the uncut model)."""
+    if runs[0]["criterion"] in ("nam", "dense"):
+        return {}
+    key = next(k for k in SCORES if k in runs[0])
+    nam = {a["seed"]: a[key] for a in arms if a["criterion"] == "nam" and a["macs_keep"] == keep}
+    differences = [nam[r["seed"]] - r[key] for r in runs if r["seed"] in nam]
+    if not differences:
+        return {}
+    mean, std = _mean_std(differences)
+    return {"nam_minus": mean, "nam_minus_std": std, "nam_minus_seeds": len(differences)}
 
 
 def _pct(row: dict, key: str) -> str:
@@ -372,7 +388,8 @@ def summary_table(rows: list[dict], key: str = "accuracy", tolerance: float | No
     title = "top-1 %" if key == "accuracy" else "mAP50-95 %"
     matched = f"; MACs kept within ±{100 * tolerance:.1f}% of the target" if tolerance is not None else ""
     table = Table(title=f"criteria at matched MACs ({title}, mean ± std over seeds{matched})")
-    columns = ("criterion", "MACs kept", "trained", "pruned", "pruned + recal", "fine-tuned", "params", "MACs", "latency ms")
+    columns = ("criterion", "MACs kept", "trained", "pruned", "pruned + recal", "fine-tuned", "NAM − this (paired)",
+               "params", "MACs", "latency ms")
     for column in columns:
         table.add_column(column, justify="left" if column == "criterion" else "right")
     for r in rows:
@@ -384,6 +401,7 @@ def summary_table(rows: list[dict], key: str = "accuracy", tolerance: float | No
             _pct(r, f"{key}_pruned"),
             _pct(r, f"{key}_recalibrated"),
             _pct(r, key),
+            f"{100 * r['nam_minus']:+.2f} ± {100 * r['nam_minus_std']:.2f}" if "nam_minus" in r else "-",
             f"{r['params'] / 1e6:.3f}M",
             f"{r['macs'] / 1e6:.2f}M",
             f"{r['latency_ms']:.2f}",

@@ -271,3 +271,20 @@ def test_taylor_ranks_on_the_task_gradients_and_leaves_none_behind(fashion_root)
     graph = build_graph(probe, record.example_input())
     group = next(iter(prunable_groups(probe, graph, _prune_config(recipe, 0.5))))
     assert float(tp.importance.GroupTaylorImportance(normalizer=None)(group).abs().sum()) == 0.0
+
+
+def test_summary_pairs_each_criterion_with_nam_seed_by_seed():
+    """Seeds move all arms together (seed 1 is 10 points worse for both): the paired difference keeps
+    NAM's 2-point lead with no spread, where the unpaired means' spreads would swamp it."""
+    from nam_prune.compare import summarize
+
+    def arm(criterion, keep, seed, accuracy):
+        return {"criterion": criterion, "macs_keep": keep, "seed": seed, "accuracy": accuracy}
+
+    arms = [arm("nam", 0.5, 0, 0.80), arm("nam", 0.5, 1, 0.70), arm("random", 0.5, 0, 0.78),
+            arm("random", 0.5, 1, 0.68), arm("random", 0.5, 2, 0.50), arm("dense", 1.0, 0, 0.81)]
+    rows = {row["criterion"]: row for row in summarize(arms, ["nam", "random", "dense"], [0.5], [0, 1, 2])}
+    assert rows["random"]["nam_minus"] == pytest.approx(0.02) and rows["random"]["nam_minus_std"] == pytest.approx(0.0)
+    assert rows["random"]["nam_minus_seeds"] == 2  # seed 2 has no NAM arm to pair with
+    assert rows["random"]["accuracy_std"] > 0.1
+    assert "nam_minus" not in rows["nam"] and "nam_minus" not in rows["dense"]
