@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,10 +60,14 @@ class Int8Data:
     files: Any = None
     """What the data's files live in (a temporary folder of a built-in set), kept as long as the data."""
     convolutions_only: bool = False
-    """Quantize the convolutions only, and not those no other convolution follows (a detector's last
-    layers and box decoding stay float). One uint8 range per tensor cannot hold a detector's gate
-    and SiLU products, its box offsets and its class scores alike: quantizing every operator onnxruntime
-    can took a pruned yolov8n from 55.7 to 0.0 mAP50-95, convolutions only to 54.6, and this to 55.6."""
+    """Quantize the convolutions only, and neither those no other convolution follows (a detector's
+    last layers and box decoding stay float) nor the first two (the full-resolution stem). One uint8
+    range per tensor cannot hold a detector's gate and SiLU products, its box offsets and its class
+    scores alike: quantizing every operator onnxruntime can took a pruned yolov8n from 55.7 to 0.0
+    mAP50-95, convolutions only to 54.6, and without the tail to 55.6. The stem: where most of an image
+    is one flat colour, each of its channels is rounded by the same amount over that whole area, a
+    bias the network sees everywhere; the yolov8n pruned from a trained detector went from 69.6 to
+    23.6 with its stem quantized and to 68.7 without (``python -m benchmarks int8_sensitivity``)."""
 
     def check_input(self, input_shape: tuple[int, ...]) -> None:
         """Images of another shape would fail deep inside onnxruntime's calibration: say so first."""
@@ -122,10 +126,10 @@ def ort_top1(session: Any, test: Iterable[tuple[torch.Tensor, torch.Tensor]]) ->
     return correct / total
 
 
-def quantize_onnx(fp32: Path, path: Path, data: Int8Data) -> None:
+def quantize_onnx(fp32: Path, path: Path, data: Int8Data, keep_float: Sequence[str] = ()) -> None:
     """Write ``path``: onnxruntime's static INT8 form of the FP32 ONNX file ``fp32``, calibrated on
-    ``data``'s images. Before it takes ``path`` it must hold quantized operators and run in
-    onnxruntime; else it is an error and leaves no file."""
+    ``data``'s images, with the nodes named in ``keep_float`` left in float. Before it takes ``path``
+    it must hold quantized operators and run in onnxruntime; else it is an error and leaves no file."""
     quantization = quantization_tools()
     session = ort_session(fp32)
     size, shape = fixed_batch(session), tuple(session.get_inputs()[0].shape[1:])
@@ -134,9 +138,10 @@ def quantize_onnx(fp32: Path, path: Path, data: Int8Data) -> None:
         with tempfile.TemporaryDirectory() as folder:
             prepared = Path(folder) / "prepared.onnx"
             quantization.quant_pre_process(str(fp32), str(prepared))
-            scope = {}
+            scope = {"nodes_to_exclude": list(keep_float)}
             if data.convolutions_only:
-                scope = {"op_types_to_quantize": ["Conv"], "nodes_to_exclude": convolution_free_tail(prepared)}
+                kept = convolution_free_tail(prepared) + leading_convolutions(prepared, STEM_CONVOLUTIONS)
+                scope = {"op_types_to_quantize": ["Conv"], "nodes_to_exclude": kept + list(keep_float)}
             quantization.quantize_static(
                 str(prepared), tmp, CalibrationBatches(data.calibration(shape), size),
                 quant_format=quantization.QuantFormat.QDQ, per_channel=True, reduce_range=True,
@@ -146,6 +151,16 @@ def quantize_onnx(fp32: Path, path: Path, data: Int8Data) -> None:
 
     with failure_named("INT8 quantization"):
         atomic_write(path, write_checked)
+
+
+STEM_CONVOLUTIONS = 2
+"""The first convolutions a ``convolutions_only`` INT8 file keeps in float (``Int8Data.convolutions_only``)."""
+
+
+def leading_convolutions(path: Path, count: int) -> list[str]:
+    """Names of the first ``count`` convolutions of an ONNX file, in its (topological) node order."""
+    onnx, _ = onnx_modules()
+    return [node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"][:count]
 
 
 def convolution_free_tail(path: Path) -> list[str]:

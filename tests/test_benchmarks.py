@@ -22,7 +22,7 @@ from nam_prune.pipeline import run
 from nam_prune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-KEPT = ["gate_cost", "int8", "latency_floor", "latency_target", "nam_gate", "profile_ops",
+KEPT = ["gate_cost", "int8", "int8_sensitivity", "latency_floor", "latency_target", "nam_gate", "profile_ops",
         "prune_overhead", "run_speedup", "speedup", "train_overhead", "yolo_width_control"]
 RUNTIMES = [f"{runtime}_{batch}" for batch in ("bs1", "bs32") for runtime in ("torch", "torchscript", "ort")]
 
@@ -128,6 +128,17 @@ def test_run_speedup(tiny_run, tmp_path):
     assert list(row["realised"]) == list(row["dense_ms"]) == list(row["pruned_ms"])
     assert sorted(row["realised"]) == sorted(RUNTIMES)
     assert positive(*row["realised"].values(), *row["dense_ms"].values(), *row["pruned_ms"].values())
+
+
+@pytest.mark.slow
+def test_int8_sensitivity(tiny_run, tmp_path):
+    """Every top-level module of the run's ResNet-8 gets a score with its convolutions in float; keeping
+    all of them in float is the FP32 file, so the module scores lie around the INT8 one."""
+    result = run_benchmark("int8_sensitivity", [str(tiny_run / "model.pt"), "--threads", "1"], tmp_path)
+    assert result["mode"] == "float" and result["score_key"] == "accuracy" and result["test_images"] == 64
+    assert set(result["modules"]) == set(result["convolutions"]) and len(result["modules"]) >= 3
+    assert sum(result["convolutions"].values()) >= 7  # ResNet-8: stem, 3 blocks of 2, 2 downsampling shortcuts
+    assert all(0 < score <= 1 for score in [result["fp32"], result["int8"], *result["modules"].values()])
 
 
 @pytest.mark.slow

@@ -21,7 +21,15 @@ from nam_prune.artifact import load_with_metadata, record_of, save
 from nam_prune.compare import compare
 from nam_prune.errors import NamPruneError
 from nam_prune.export import write_onnx
-from nam_prune.int8 import CalibrationBatches, Int8Data, convolution_free_tail, fixed_batch_parts, ort_top1, quantize_onnx
+from nam_prune.int8 import (
+    CalibrationBatches,
+    Int8Data,
+    convolution_free_tail,
+    fixed_batch_parts,
+    leading_convolutions,
+    ort_top1,
+    quantize_onnx,
+)
 from nam_prune.pipeline import _int8_data, run
 from nam_prune.recipe import load_recipe
 from nam_prune.tasks import ClassificationTask
@@ -267,3 +275,23 @@ def test_the_convolution_free_tail_is_what_follows_the_last_convolutions(tmp_pat
     tail = convolution_free_tail(tmp_path / "m.onnx")
     assert sorted(nodes[name] for name in tail if nodes[name] != "Constant") == ["Concat", "Conv", "Mul", "Sigmoid"]
     assert {nodes[name] for name in set(nodes) - set(tail)} == {"Conv", "Relu"}
+
+
+def test_a_detector_int8_file_keeps_its_stem_and_tail_convolutions_in_float(tmp_path):
+    """``convolutions_only``: of five chained convolutions the first two (the stem, which sees the image's
+    flat areas) and the last stay float; the two between read int8 weights. ``keep_float`` adds more."""
+    chain = torch.nn.Sequential(*[layer for c in range(5) for layer in (torch.nn.Conv2d(1 if c == 0 else 4, 4, 3, padding=1),
+                                                                         torch.nn.ReLU())])
+    write_onnx(chain.eval(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    convolutions = [n.name for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Conv"]
+    assert leading_convolutions(tmp_path / "m.onnx", 2) == convolutions[:2] and len(convolutions) == 5
+
+    def int8_weights(keep_float=()):
+        data = Int8Data((1, 8, 8), lambda _shape: [torch.rand(8, 1, 8, 8)], 8, lambda path: 0.0, 0, convolutions_only=True)
+        quantize_onnx(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", data, keep_float)
+        graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
+        dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        return [n.name for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantized]
+
+    assert int8_weights() == convolutions[2:4]
+    assert int8_weights([convolutions[3]]) == convolutions[2:3]
