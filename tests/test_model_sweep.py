@@ -17,12 +17,11 @@ from nam_prune.check import LEAST_MACS_KEEP, SMALLEST_SIZE, TIMM_SWEEP, TOO_BIG,
 MACS_KEEP = 0.5
 FAST = {
     "resnet18",  # residual adds
-    "regnet_y_400mf",  # grouped convolutions that leave few channels per group, squeeze-excitation
     "mobilenet_v3_small",  # depthwise, squeeze-excitation, hard-swish
     "shufflenet_v2_x0_5",  # channel split and shuffle (traced through a stand-in)
     "mnasnet0_5",  # depthwise, narrow layers
     "googlenet",  # inception branches concatenated
-}
+}  # grouped convolutions: timm's regnetx_002 below (regnet_y_400mf, 11 s, runs under -m slow)
 WITHOUT_BN = {"alexnet", "squeezenet1_0"}  # fast representatives of the LayerNorm / no-norm designs
 
 TORCHVISION = torchvision.models.list_models(torchvision.models)
