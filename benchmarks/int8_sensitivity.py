@@ -5,10 +5,13 @@ The FP32 ONNX file of a nam-prune checkpoint is quantized as ``nam-prune export 
 module (``model.0``, ``layer1``, ...: the first part of onnxruntime's node names) with that
 module's convolutions left in float (``--mode float``: how much of the loss that module's
 quantization causes) or with only that module's convolutions quantized (``--mode alone``: how
-much it loses by itself). Each file is scored on the recipe's test split, as ``benchmarks int8``
-scores it; the modules come out ordered by how much they change the score.
+much it loses by itself). A quantized input tensor is quantized for every module that reads it, and
+what is not a convolution is quantized as ``export --int8`` does (a classifier's adds and pools stay
+quantized). A detector's stem is quantized here too unless ``--float-stem`` keeps it float as
+``export`` does. Each file is scored on the recipe's test split, as ``benchmarks int8`` scores it; the
+modules come out ordered by how much they change the score.
 
-    python -m benchmarks int8_sensitivity runs/NAME/model.pt [--mode float|alone] [--data SPEC] [--json NAME.json]
+    python -m benchmarks int8_sensitivity runs/NAME/model.pt [--mode float|alone] [--float-stem] [--data SPEC] [--json NAME.json]
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("model", type=Path, help="a nam-prune checkpoint (a run's model.pt)")
     parser.add_argument("--mode", choices=("float", "alone"), default="float",
                         help="float: each module kept in float, the rest quantized; alone: each module quantized alone")
+    parser.add_argument("--float-stem", action="store_true",
+                        help="keep a detector's first two convolutions float, as export --int8 does (default: measure them too)")
     parser.add_argument("--data", help="calibrate and score on this data set name or recipe .yaml "
                                        "(default: the recipe the checkpoint stores)")
     add_options(parser)
@@ -55,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         every = [name for names in modules.values() for name in names]
 
         def score(keep_float: list[str]) -> float:
-            quantize_onnx(fp32, int8, data, keep_float)
+            quantize_onnx(fp32, int8, data, keep_float, float_stem=args.float_stem)
             return data.score(int8)
 
         fp32_score, int8_score = data.score(fp32), score([])
@@ -69,6 +74,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ranked = sorted(scores, key=lambda m: abs(scores[m] - reference), reverse=True)
     print("most sensitive first: " + ", ".join(f"{m} ({100 * (scores[m] - reference):+.2f} pt)" for m in ranked[:5]))
     if args.json:
-        write_result(args.json, parser, argv, model=str(args.model), mode=args.mode, score_key=task.score_key,
+        write_result(args.json, parser, argv, model=str(args.model), mode=args.mode, float_stem=args.float_stem, score_key=task.score_key,
                      fp32=fp32_score, int8=int8_score, modules={m: scores[m] for m in ranked},
                      convolutions={m: len(modules[m]) for m in ranked}, test_images=data.test_images)

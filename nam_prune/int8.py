@@ -126,10 +126,14 @@ def ort_top1(session: Any, test: Iterable[tuple[torch.Tensor, torch.Tensor]]) ->
     return correct / total
 
 
-def quantize_onnx(fp32: Path, path: Path, data: Int8Data, keep_float: Sequence[str] = ()) -> None:
+def quantize_onnx(
+    fp32: Path, path: Path, data: Int8Data, keep_float: Sequence[str] = (), float_stem: bool = True
+) -> None:
     """Write ``path``: onnxruntime's static INT8 form of the FP32 ONNX file ``fp32``, calibrated on
-    ``data``'s images, with the nodes named in ``keep_float`` left in float. Before it takes ``path``
-    it must hold quantized operators and run in onnxruntime; else it is an error and leaves no file."""
+    ``data``'s images, with the nodes named in ``keep_float`` left in float (and, for
+    ``convolutions_only`` data, the stem unless ``float_stem`` is off: the benchmark that measures it
+    turns it off). Before it takes ``path`` it must hold quantized operators and run in onnxruntime;
+    else it is an error and leaves no file."""
     quantization = quantization_tools()
     session = ort_session(fp32)
     size, shape = fixed_batch(session), tuple(session.get_inputs()[0].shape[1:])
@@ -138,9 +142,10 @@ def quantize_onnx(fp32: Path, path: Path, data: Int8Data, keep_float: Sequence[s
         with tempfile.TemporaryDirectory() as folder:
             prepared = Path(folder) / "prepared.onnx"
             quantization.quant_pre_process(str(fp32), str(prepared))
+            _check_node_names(prepared, keep_float)
             scope = {"nodes_to_exclude": list(keep_float)}
             if data.convolutions_only:
-                kept = convolution_free_tail(prepared) + leading_convolutions(prepared, STEM_CONVOLUTIONS)
+                kept = convolution_free_tail(prepared) + leading_convolutions(prepared, STEM_CONVOLUTIONS if float_stem else 0)
                 scope = {"op_types_to_quantize": ["Conv"], "nodes_to_exclude": kept + list(keep_float)}
             quantization.quantize_static(
                 str(prepared), tmp, CalibrationBatches(data.calibration(shape), size),
@@ -155,6 +160,17 @@ def quantize_onnx(fp32: Path, path: Path, data: Int8Data, keep_float: Sequence[s
 
 STEM_CONVOLUTIONS = 2
 """The first convolutions a ``convolutions_only`` INT8 file keeps in float (``Int8Data.convolutions_only``)."""
+
+
+def _check_node_names(path: Path, names: Sequence[str]) -> None:
+    """onnxruntime skips a node name it does not find without a word: say which are missing instead."""
+    if not names:
+        return
+    onnx, _ = onnx_modules()
+    missing = sorted(set(names) - {node.name for node in onnx.load(str(path)).graph.node})
+    if missing:
+        raise NamPruneError(f"no node named {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} in the model "
+                            "onnxruntime prepared for quantization: name nodes of the exported ONNX file")
 
 
 def leading_convolutions(path: Path, count: int) -> list[str]:

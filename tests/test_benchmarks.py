@@ -135,7 +135,8 @@ def test_int8_sensitivity(tiny_run, tmp_path):
     """Every top-level module of the run's ResNet-8 gets a score with its convolutions in float; keeping
     all of them in float is the FP32 file, so the module scores lie around the INT8 one."""
     result = run_benchmark("int8_sensitivity", [str(tiny_run / "model.pt"), "--threads", "1"], tmp_path)
-    assert result["mode"] == "float" and result["score_key"] == "accuracy" and result["test_images"] == 64
+    assert result["mode"] == "float" and not result["float_stem"] and result["score_key"] == "accuracy"
+    assert result["test_images"] == 64
     assert set(result["modules"]) == set(result["convolutions"]) and len(result["modules"]) >= 3
     assert sum(result["convolutions"].values()) >= 7  # ResNet-8: stem, 3 blocks of 2, 2 downsampling shortcuts
     assert all(0 < score <= 1 for score in [result["fp32"], result["int8"], *result["modules"].values()])

@@ -295,3 +295,7 @@ def test_a_detector_int8_file_keeps_its_stem_and_tail_convolutions_in_float(tmp_
 
     assert int8_weights() == convolutions[2:4]
     assert int8_weights([convolutions[3]]) == convolutions[2:3]
+    (tmp_path / "m.int8.onnx").unlink()
+    with pytest.raises(NamPruneError, match=r"^no node named /nowhere/Conv in the model onnxruntime prepared") as error:
+        int8_weights(["/nowhere/Conv"])
+    assert "\n" not in str(error.value) and not (tmp_path / "m.int8.onnx").exists()
