@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch.nn as nn
+
 from benchmarks.timing import (
     add_options,
     benchmark_parser,
@@ -26,11 +28,20 @@ from benchmarks.timing import (
     round_speedups,
     write_result,
 )
-from nam_prune.artifact import load_with_metadata, record_of
+from nam_prune.artifact import ModelRecord, load_with_metadata, record_of
 from nam_prune.cli import parse_data_option
 from nam_prune.export import ort_session, write_onnx
-from nam_prune.int8 import int8_path, quantize_onnx, scores_line
-from nam_prune.tasks import int8_data_for, task_class
+from nam_prune.int8 import Int8Data, int8_path, quantize_onnx, scores_line
+from nam_prune.tasks import Task, int8_data_for, task_class
+
+
+def load_for_int8(path: Path, data: str | None) -> tuple[nn.Module, ModelRecord, type[Task], Int8Data]:
+    """A checkpoint's model, record and task, and what calibrates and scores its INT8 file: the recipe
+    it stores, or ``data`` (a data set name or recipe, ``--data``)."""
+    model, payload = load_with_metadata(path)
+    record = record_of(payload)
+    task = task_class(record.spec.name)
+    return model, record, task, int8_data_for(task, payload, str(path), parse_data_option(data) if data else None, option="--data")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -44,10 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(parser, argv)
     if args.runs < 1 or args.rounds < 2:
         parser.error("--runs must be at least 1 and --rounds at least 2")
-    model, payload = load_with_metadata(args.model)
-    record = record_of(payload)
-    task = task_class(record.spec.name)
-    data = int8_data_for(task, payload, str(args.model), parse_data_option(args.data) if args.data else None, option="--data")
+    model, record, task, data = load_for_int8(args.model, args.data)
     example = record.example_input()
     examples = {"bs1": example, "bs32": example.expand(32, *example.shape[1:]).contiguous()}
     calls: dict[str, dict[str, Callable[[], object]]] = {"fp32": {}, "int8": {}}

@@ -20,19 +20,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.int8 import load_for_int8
 from benchmarks.timing import add_options, benchmark_parser, parse, write_result
-from nam_prune.artifact import load_with_metadata, record_of
-from nam_prune.cli import parse_data_option
-from nam_prune.export import onnx_modules, write_onnx
-from nam_prune.int8 import quantize_onnx
-from nam_prune.tasks import int8_data_for, task_class
+from nam_prune.export import write_onnx
+from nam_prune.int8 import graph_nodes, quantize_onnx
 
 
 def convolutions_by_module(path: Path) -> dict[str, list[str]]:
     """The convolution nodes of an ONNX file by the top-level module their name starts with."""
-    onnx, _ = onnx_modules()
     modules: dict[str, list[str]] = {}
-    for node in onnx.load(str(path)).graph.node:
+    for node in graph_nodes(path):
         if node.op_type == "Conv" and node.name.startswith("/"):
             modules.setdefault(node.name.split("/")[1], []).append(node.name)
     return modules
@@ -49,10 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        "(default: the recipe the checkpoint stores)")
     add_options(parser)
     args = parse(parser, argv)
-    model, payload = load_with_metadata(args.model)
-    record = record_of(payload)
-    task = task_class(record.spec.name)
-    data = int8_data_for(task, payload, str(args.model), parse_data_option(args.data) if args.data else None, option="--data")
+    model, record, task, data = load_for_int8(args.model, args.data)
     with tempfile.TemporaryDirectory() as scratch:
         fp32, int8 = Path(scratch) / "model.onnx", Path(scratch) / "model.int8.onnx"
         write_onnx(model, record.example_input(), fp32, deploy_mode=task.deploy_mode)

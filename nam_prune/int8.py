@@ -142,10 +142,11 @@ def quantize_onnx(
         with tempfile.TemporaryDirectory() as folder:
             prepared = Path(folder) / "prepared.onnx"
             quantization.quant_pre_process(str(fp32), str(prepared))
-            _check_node_names(prepared, keep_float)
+            nodes = graph_nodes(prepared)
+            _check_node_names(nodes, keep_float)
             scope = {"nodes_to_exclude": list(keep_float)}
             if data.convolutions_only:
-                kept = convolution_free_tail(prepared) + leading_convolutions(prepared, STEM_CONVOLUTIONS if float_stem else 0)
+                kept = convolution_free_tail(nodes) + leading_convolutions(nodes, STEM_CONVOLUTIONS if float_stem else 0)
                 scope = {"op_types_to_quantize": ["Conv"], "nodes_to_exclude": kept + list(keep_float)}
             quantization.quantize_static(
                 str(prepared), tmp, CalibrationBatches(data.calibration(shape), size),
@@ -162,27 +163,27 @@ STEM_CONVOLUTIONS = 2
 """The first convolutions a ``convolutions_only`` INT8 file keeps in float (``Int8Data.convolutions_only``)."""
 
 
-def _check_node_names(path: Path, names: Sequence[str]) -> None:
-    """onnxruntime skips a node name it does not find without a word: say which are missing instead."""
-    if not names:
-        return
+def graph_nodes(path: Path) -> list:
+    """The nodes of an ONNX file, in its (topological) order."""
     onnx, _ = onnx_modules()
-    missing = sorted(set(names) - {node.name for node in onnx.load(str(path)).graph.node})
+    return list(onnx.load(str(path)).graph.node)
+
+
+def _check_node_names(nodes: list, names: Sequence[str]) -> None:
+    """onnxruntime skips a node name it does not find without a word: say which are missing instead."""
+    missing = sorted(set(names) - {node.name for node in nodes})
     if missing:
         raise NamPruneError(f"no node named {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} in the model "
                             "onnxruntime prepared for quantization: name nodes of the exported ONNX file")
 
 
-def leading_convolutions(path: Path, count: int) -> list[str]:
-    """Names of the first ``count`` convolutions of an ONNX file, in its (topological) node order."""
-    onnx, _ = onnx_modules()
-    return [node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"][:count]
+def leading_convolutions(nodes: list, count: int) -> list[str]:
+    """Names of the first ``count`` convolutions among ``nodes`` (:func:`graph_nodes`)."""
+    return [node.name for node in nodes if node.op_type == "Conv"][:count]
 
 
-def convolution_free_tail(path: Path) -> list[str]:
-    """Names of the nodes of an ONNX file that no convolution follows (the last convolutions included)."""
-    onnx, _ = onnx_modules()
-    nodes = list(onnx.load(str(path)).graph.node)
+def convolution_free_tail(nodes: list) -> list[str]:
+    """Names of the ``nodes`` (:func:`graph_nodes`) that no convolution follows (the last convolutions included)."""
     readers: dict[str, list[int]] = {}
     for index, node in enumerate(nodes):
         for name in node.input:
@@ -195,8 +196,7 @@ def convolution_free_tail(path: Path) -> list[str]:
 
 def _check_int8(path: Path, x: np.ndarray) -> None:
     """Quantized operators in the file, and one run of it on ``x``."""
-    onnx, _ = onnx_modules()
-    if not any(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node):
+    if not any(node.op_type == "QuantizeLinear" for node in graph_nodes(path)):
         raise NamPruneError("onnxruntime quantized nothing in this model (no operator it quantizes, such as Conv, "
                             "MatMul or Gemm): deploy the FP32 file")
     ort_session(path).run(None, {"input": x})

@@ -26,6 +26,7 @@ from nam_prune.int8 import (
     Int8Data,
     convolution_free_tail,
     fixed_batch_parts,
+    graph_nodes,
     leading_convolutions,
     ort_top1,
     quantize_onnx,
@@ -272,7 +273,7 @@ class _ConvThenDecode(torch.nn.Module):
 def test_the_convolution_free_tail_is_what_follows_the_last_convolutions(tmp_path):
     write_onnx(_ConvThenDecode().eval(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
     nodes = {node.name: node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
-    tail = convolution_free_tail(tmp_path / "m.onnx")
+    tail = convolution_free_tail(graph_nodes(tmp_path / "m.onnx"))
     assert sorted(nodes[name] for name in tail if nodes[name] != "Constant") == ["Concat", "Conv", "Mul", "Sigmoid"]
     assert {nodes[name] for name in set(nodes) - set(tail)} == {"Conv", "Relu"}
 
@@ -284,7 +285,7 @@ def test_a_detector_int8_file_keeps_its_stem_and_tail_convolutions_in_float(tmp_
                                                                          torch.nn.ReLU())])
     write_onnx(chain.eval(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
     convolutions = [n.name for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Conv"]
-    assert leading_convolutions(tmp_path / "m.onnx", 2) == convolutions[:2] and len(convolutions) == 5
+    assert leading_convolutions(graph_nodes(tmp_path / "m.onnx"), 2) == convolutions[:2] and len(convolutions) == 5
 
     def int8_weights(keep_float=()):
         data = Int8Data((1, 8, 8), lambda _shape: [torch.rand(8, 1, 8, 8)], 8, lambda path: 0.0, 0, convolutions_only=True)
