@@ -6,6 +6,7 @@ Each config dataclass states its types with annotations and its ranges with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -70,7 +71,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(key, value, options[0])
+        if value is None or len(options) == 1:
+            return None if value is None else _coerce(key, value, options[0])
+        for option in options:
+            with contextlib.suppress(NamPruneError):
+                return _coerce(key, value, option)
+        raise NamPruneError(f"{key} must be {' or '.join(_type_name(o) for o in options)}, got {printable(repr(value))}")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, prefix=f"{key}.")
     if origin is Literal:

@@ -27,6 +27,20 @@ Gate = Literal["closing", "reference"]
 RESIDUAL_BLOCK_LAST_NORM = {BasicBlock: "bn2", Bottleneck: "bn3"}
 """Where the reference puts NAM in a residual block: on the last BN, before the addition."""
 
+OPEN_GATE_BIAS = 6.0
+"""``nam.gate_bias: auto`` outside ResNets: the gate starts at ``|gamma| * 0.998 * x``, nearly the plain layer.
+It won on every seed on MobileNetV2 and CSPDarknet and lost, inside the seeds' spread, on ResNets
+(docs/ranking.md has the figures)."""
+
+
+def resolved_gate_bias(model: nn.Module, config: NAMConfig) -> float:
+    """``config.gate_bias``, with ``auto`` made a number: 0 for the paper's gate and for models built of
+    torchvision's residual blocks (ResNets, where the SiLU-shaped start helped), ``OPEN_GATE_BIAS`` otherwise."""
+    if config.gate_bias != "auto":
+        return float(config.gate_bias)
+    residual = any(isinstance(m, tuple(RESIDUAL_BLOCK_LAST_NORM)) for m in model.modules())
+    return 0.0 if config.gate == "reference" or residual else OPEN_GATE_BIAS
+
 
 @dataclass
 class NAMConfig:
@@ -41,7 +55,8 @@ class NAMConfig:
     gate_bias: each gate BN's initial bias. At 0 a closing gate starts as ``|gamma| * sigmoid(x_hat) * x``, a
         SiLU-like non-linearity on every gated layer, linear bottlenecks included, which slows learning
         (MobileNetV2: 10.6 points of top-1 after 6 epochs, ``benchmarks/gate_cost``); a positive bias starts
-        it near ``|gamma| * x`` and the penalty still closes a channel by driving its gamma to 0.
+        it near ``|gamma| * x`` and the penalty still closes a channel by driving its gamma to 0. ``auto``
+        (:func:`resolved_gate_bias`) picks per family: 0 for ResNets, ``OPEN_GATE_BIAS`` otherwise.
     spatial: add the pixel gate too (off by default, as in the reference code).
     grad_through_weights: let the gradient flow through ``w = |gamma|/sum|gamma|``
         (the reference detaches it).
@@ -53,7 +68,7 @@ class NAMConfig:
 
     gate: Gate = "closing"
     placement: Placement = "every_bn"
-    gate_bias: float = 0.0
+    gate_bias: float | Literal["auto"] = "auto"
     spatial: bool = False
     grad_through_weights: bool = False
     compile: bool = False
@@ -142,6 +157,7 @@ def insert_nam(
     wanted = _block_end_norms(model) if config.placement == "block_end" else None
     sizes = _bn_output_sizes(model, example_input) if config.spatial else {}
     names = {m: n for n, m in model.named_modules()}
+    bias = resolved_gate_bias(model, config)
     inserted = 0
     for parent in list(model.modules()):
         if isinstance(parent, (NAMGated, NAMChannelGate)):
@@ -158,7 +174,7 @@ def insert_nam(
                 spatial = NAMSpatialGate(*sizes[child], grad_through_weights=config.grad_through_weights)
             gate = NAMChannelGate(
                 child.num_features, grad_through_weights=config.grad_through_weights, closing=config.gate == "closing",
-                bias=config.gate_bias,
+                bias=bias,
             )
             if _fusable(parent) and parent.bn is child:
                 parent.act = NAMGated(parent.act, gate, spatial).to(child.weight.device)
@@ -168,7 +184,7 @@ def insert_nam(
     if inserted == 0 and not taken:
         require_batchnorm(model)
         raise NamPruneError("no BatchNorm2d matches nam.placement / nam.include: widen them so some layers get gates")
-    log.info("inserted %d NAM gate(s) (placement=%s, spatial=%s)", inserted, config.placement, config.spatial)
+    log.info("inserted %d NAM gate(s) (placement=%s, spatial=%s, gate_bias=%g)", inserted, config.placement, config.spatial, bias)
     return model
 
 

@@ -32,6 +32,7 @@ def test_resnet50_cifar_recipe_settings():
         ({"sparsity": {"penalty": -1e-4}}, r"sparsity.penalty = -0.0001 is out of range: expected 0 <= value"),
         ({"sparsity": {"epochs": 2.5}}, "sparsity.epochs must be an integer"),
         ({"nam": {"spatial": "yes"}}, "nam.spatial must be true or false"),
+        ({"nam": {"gate_bias": "open"}}, "^nam.gate_bias must be a number or one of 'auto', got 'open'$"),
         (
             {"prune": {"scope": "globl"}},
             "prune.scope = 'globl' is not allowed: expected one of 'global', 'local' \\(did you mean 'global'\\?\\)",
@@ -43,6 +44,12 @@ def test_resnet50_cifar_recipe_settings():
 def test_bad_recipes(tree, message):
     with pytest.raises(NamPruneError, match=message):
         recipe_from_dict(tree)
+
+
+def test_gate_bias_is_a_number_or_auto():
+    assert recipe_from_dict({}).nam.gate_bias == "auto"
+    assert recipe_from_dict({"nam": {"gate_bias": "auto"}}).nam.gate_bias == "auto"
+    assert recipe_from_dict({"nam": {"gate_bias": 3}}).nam.gate_bias == 3.0
 
 
 def test_yaml_exponent_without_dot_is_a_number():

@@ -61,6 +61,21 @@ def test_block_end_needs_residual_blocks():
         insert_nam(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), NAMConfig(placement="block_end"))
 
 
+def test_auto_gate_bias_is_zero_for_resnets_and_the_papers_gate_and_open_elsewhere():
+    """nam.gate_bias: auto picks what measured best per family (docs/ranking.md)."""
+    from nam_prune.surgery import OPEN_GATE_BIAS
+
+    def biases(model: nn.Module, gate: str = "closing") -> set[float]:
+        insert_nam(model, NAMConfig(gate=gate))
+        return {float(b) for m in model.modules() if isinstance(m, NAMChannelGate) for b in m.bn.bias.detach().unique()}
+
+    resnet = ModelSpec("resnet8", num_classes=10, in_channels=1, width=8)
+    assert biases(build_model(resnet)) == {0.0}
+    assert biases(torchvision.models.mobilenet_v2(num_classes=10)) == {OPEN_GATE_BIAS} == {6.0}
+    assert biases(torchvision.models.mobilenet_v2(num_classes=10), gate="reference") == {0.0}
+    assert biases(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))) == {6.0}
+
+
 def test_gate_bias_starts_a_closing_gate_near_the_identity():
     """nam.gate_bias: at 0 a closing gate starts as sigmoid(x_hat) * x, about halving its input (a SiLU on
     every gated layer); a bias of 6 starts it within a few percent of x, and a zero gamma still closes it."""
