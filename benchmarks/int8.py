@@ -12,6 +12,7 @@ files on the recipe's test split: top-1, or mAP50-95 for a detector.
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +36,12 @@ from nam_prune.int8 import Int8Data, int8_path, quantize_onnx, scores_line
 from nam_prune.tasks import Task, int8_data_for, task_class
 
 
+def add_data_option(parser: argparse.ArgumentParser) -> None:
+    """``--data``, which :func:`load_for_int8` reads."""
+    parser.add_argument("--data", help="calibrate and score on this data set name or recipe .yaml "
+                                       "(default: the recipe the checkpoint stores)")
+
+
 def load_for_int8(path: Path, data: str | None) -> tuple[nn.Module, ModelRecord, type[Task], Int8Data]:
     """A checkpoint's model, record and task, and what calibrates and scores its INT8 file: the recipe
     it stores, or ``data`` (a data set name or recipe, ``--data``)."""
@@ -47,8 +54,7 @@ def load_for_int8(path: Path, data: str | None) -> tuple[nn.Module, ModelRecord,
 def main(argv: Sequence[str] | None = None) -> None:
     parser = benchmark_parser("int8", __doc__)
     parser.add_argument("model", type=Path, help="a nam-prune checkpoint (a run's model.pt)")
-    parser.add_argument("--data", help="calibrate and score on this data set name or recipe .yaml "
-                                       "(default: the recipe the checkpoint stores)")
+    add_data_option(parser)
     parser.add_argument("--runs", type=int, default=40, help="timed calls per round at batch 1 (an eighth of it at batch 32)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (at least 2, for quartiles)")
     add_options(parser)

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.int8 import load_for_int8
+from benchmarks.int8 import add_data_option, load_for_int8
 from benchmarks.timing import add_options, benchmark_parser, parse, write_result
 from nam_prune.export import write_onnx
 from nam_prune.int8 import graph_nodes, quantize_onnx
@@ -42,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="float: each module kept in float, the rest quantized; alone: each module quantized alone")
     parser.add_argument("--float-stem", action="store_true",
                         help="keep a detector's first two convolutions float, as export --int8 does (default: measure them too)")
-    parser.add_argument("--data", help="calibrate and score on this data set name or recipe .yaml "
-                                       "(default: the recipe the checkpoint stores)")
+    add_data_option(parser)
     add_options(parser)
     args = parse(parser, argv)
     model, record, task, data = load_for_int8(args.model, args.data)

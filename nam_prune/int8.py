@@ -142,7 +142,7 @@ def quantize_onnx(
         with tempfile.TemporaryDirectory() as folder:
             prepared = Path(folder) / "prepared.onnx"
             quantization.quant_pre_process(str(fp32), str(prepared))
-            nodes = graph_nodes(prepared)
+            nodes = graph_nodes(prepared) if keep_float or data.convolutions_only else []
             _check_node_names(nodes, keep_float)
             scope = {"nodes_to_exclude": list(keep_float)}
             if data.convolutions_only:

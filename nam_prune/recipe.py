@@ -155,6 +155,19 @@ def _with_defaults(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str
     return merged
 
 
+def recipe_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``section.key: A there, B here`` for every key where two recipe dicts differ: what an error about a
+    stored recipe names, so the user knows which override brings it back."""
+    found = []
+    for key in sorted(set(stored) | set(current)):
+        there, here = stored.get(key), current.get(key)
+        if isinstance(there, dict) and isinstance(here, dict):
+            found += recipe_differences(there, here, f"{prefix}{key}.")
+        elif there != here:
+            found.append(f"{prefix}{key}: {printable(repr(there))} there, {printable(repr(here))} here")
+    return found
+
+
 def as_stored_today(stored: dict[str, Any]) -> dict[str, Any]:
     """A recipe dict saved by an earlier version (in ``last.pt``, ``compare.json``) as ``to_dict``
     writes it today: keys added since take their defaults, and the ``sections`` copy older files

@@ -8,7 +8,7 @@ model's own ``forward`` keeps working unchanged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -28,18 +28,18 @@ RESIDUAL_BLOCK_LAST_NORM = {BasicBlock: "bn2", Bottleneck: "bn3"}
 """Where the reference puts NAM in a residual block: on the last BN, before the addition."""
 
 OPEN_GATE_BIAS = 6.0
-"""``nam.gate_bias: auto`` outside ResNets: the gate starts at ``|gamma| * 0.998 * x``, nearly the plain layer.
-It won on every seed on MobileNetV2 and CSPDarknet and lost, inside the seeds' spread, on ResNets
-(docs/ranking.md has the figures)."""
+"""``nam.gate_bias: auto`` outside ResNets: the gate starts at ``|gamma| * 0.998 * x``, nearly the plain layer
+(why: docs/ranking.md)."""
 
 
-def resolved_gate_bias(model: nn.Module, config: NAMConfig) -> float:
-    """``config.gate_bias``, with ``auto`` made a number: 0 for the paper's gate and for models built of
-    torchvision's residual blocks (ResNets, where the SiLU-shaped start helped), ``OPEN_GATE_BIAS`` otherwise."""
+def resolved(model: nn.Module, config: NAMConfig) -> NAMConfig:
+    """``config`` with ``gate_bias: auto`` made the number it means for ``model``: 0 for the paper's gate and
+    for models built of torchvision's residual blocks (ResNets), ``OPEN_GATE_BIAS`` otherwise. Records store
+    this, so a run's files say which bias it trained with."""
     if config.gate_bias != "auto":
-        return float(config.gate_bias)
+        return config
     residual = any(isinstance(m, tuple(RESIDUAL_BLOCK_LAST_NORM)) for m in model.modules())
-    return 0.0 if config.gate == "reference" or residual else OPEN_GATE_BIAS
+    return replace(config, gate_bias=0.0 if config.gate == "reference" or residual else OPEN_GATE_BIAS)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class NAMConfig:
         SiLU-like non-linearity on every gated layer, linear bottlenecks included, which slows learning
         (MobileNetV2: 10.6 points of top-1 after 6 epochs, ``benchmarks/gate_cost``); a positive bias starts
         it near ``|gamma| * x`` and the penalty still closes a channel by driving its gamma to 0. ``auto``
-        (:func:`resolved_gate_bias`) picks per family: 0 for ResNets, ``OPEN_GATE_BIAS`` otherwise.
+        (:func:`resolved`) is 0 for torchvision ResNets and the paper's gate, ``OPEN_GATE_BIAS`` otherwise.
     spatial: add the pixel gate too (off by default, as in the reference code).
     grad_through_weights: let the gradient flow through ``w = |gamma|/sum|gamma|``
         (the reference detaches it).
@@ -150,14 +150,13 @@ def insert_nam(
     ``example_input`` is needed only for spatial gates, which record the H x W they see.
     BatchNorms that already carry a gate are left alone, so calling it twice is harmless.
     """
-    config = config or NAMConfig()
+    config = resolved(model, config or NAMConfig())
     if config.spatial and example_input is None:
         raise NamPruneError("spatial NAM gates need an example input to record their H x W")
     taken = _gated_norms(model)
     wanted = _block_end_norms(model) if config.placement == "block_end" else None
     sizes = _bn_output_sizes(model, example_input) if config.spatial else {}
     names = {m: n for n, m in model.named_modules()}
-    bias = resolved_gate_bias(model, config)
     inserted = 0
     for parent in list(model.modules()):
         if isinstance(parent, (NAMGated, NAMChannelGate)):
@@ -174,7 +173,7 @@ def insert_nam(
                 spatial = NAMSpatialGate(*sizes[child], grad_through_weights=config.grad_through_weights)
             gate = NAMChannelGate(
                 child.num_features, grad_through_weights=config.grad_through_weights, closing=config.gate == "closing",
-                bias=bias,
+                bias=config.gate_bias,
             )
             if _fusable(parent) and parent.bn is child:
                 parent.act = NAMGated(parent.act, gate, spatial).to(child.weight.device)
@@ -184,7 +183,8 @@ def insert_nam(
     if inserted == 0 and not taken:
         require_batchnorm(model)
         raise NamPruneError("no BatchNorm2d matches nam.placement / nam.include: widen them so some layers get gates")
-    log.info("inserted %d NAM gate(s) (placement=%s, spatial=%s, gate_bias=%g)", inserted, config.placement, config.spatial, bias)
+    log.info("inserted %d NAM gate(s) (placement=%s, spatial=%s, gate_bias=%g)", inserted, config.placement, config.spatial,
+             config.gate_bias)
     return model
 
 

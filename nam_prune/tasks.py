@@ -28,7 +28,7 @@ from nam_prune.models import ModelSpec, build_model, build_pretrained, check_inp
 from nam_prune.prune.graph import Protected
 from nam_prune.recalibrate import recalibrate_bn
 from nam_prune.sparsity import Scales, gate_scales
-from nam_prune.surgery import NAMConfig, insert_nam, require_batchnorm
+from nam_prune.surgery import NAMConfig, insert_nam, require_batchnorm, resolved
 from nam_prune.train import AfterBackward, TrainConfig, TrainState, accumulate_gradients, evaluate, fit
 
 if TYPE_CHECKING:
@@ -202,8 +202,9 @@ class ClassificationTask(Task):
                 )
             model = from_payload(payload, weights).train()
             if record.nam is None:
-                insert_nam(model, recipe.nam, record.example_input())
-                record = replace(record, nam=recipe.nam)
+                gates = resolved(model, recipe.nam)
+                insert_nam(model, gates, record.example_input())
+                record = replace(record, nam=gates)
             return model, record
         if recipe.model.pretrained and weights:
             raise NamPruneError("set model.weights or model.pretrained, not both")
@@ -212,14 +213,16 @@ class ClassificationTask(Task):
         check_input(model, spec.name, data.input_shape)
         if payload is not None:  # a state dict, or a whole saved model allowed by model.trust_pickle
             load_state(model, state_dict_of(payload, f"model.weights {weights}"), weights)
-        insert_nam(model, recipe.nam, record.example_input())
+        record = replace(record, nam=resolved(model, recipe.nam))
+        insert_nam(model, record.nam, record.example_input())
         return model, record
 
     def build(self, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
         data, model_config = self.data, self.recipe.model
         spec = ModelSpec(model_config.name, data.num_classes, data.input_shape[0], model_config.width)
-        record = ModelRecord(spec, data.input_shape, gates)
         model = build_model(spec)
+        gates = resolved(model, gates) if gates is not None else None
+        record = ModelRecord(spec, data.input_shape, gates)
         if gates is not None:
             insert_nam(model, gates, record.example_input())
         return model.to(self.device), record

@@ -447,5 +447,5 @@ def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
     folder, _ = _resume_point(recipe, recipe.to_dict())
     assert folder == tmp_path / "run"
     changed = load_recipe(RECIPE, [*TINY, "finetune.lr=0.001", f"output={tmp_path / 'run'}"])
-    with pytest.raises(NamPruneError, match="different recipe"):
+    with pytest.raises(NamPruneError, match=r"different recipe \(finetune.lr: 0.005 there, 0.001 here\); resume with"):
         _resume_point(changed, changed.to_dict())

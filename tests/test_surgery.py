@@ -63,7 +63,7 @@ def test_block_end_needs_residual_blocks():
 
 def test_auto_gate_bias_is_zero_for_resnets_and_the_papers_gate_and_open_elsewhere():
     """nam.gate_bias: auto picks what measured best per family (docs/ranking.md)."""
-    from nam_prune.surgery import OPEN_GATE_BIAS
+    from nam_prune.surgery import OPEN_GATE_BIAS, resolved
 
     def biases(model: nn.Module, gate: str = "closing") -> set[float]:
         insert_nam(model, NAMConfig(gate=gate))
@@ -74,6 +74,8 @@ def test_auto_gate_bias_is_zero_for_resnets_and_the_papers_gate_and_open_elsewhe
     assert biases(torchvision.models.mobilenet_v2(num_classes=10)) == {OPEN_GATE_BIAS} == {6.0}
     assert biases(torchvision.models.mobilenet_v2(num_classes=10), gate="reference") == {0.0}
     assert biases(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))) == {6.0}
+    assert resolved(build_model(resnet), NAMConfig()).gate_bias == 0.0  # what records store: the number used
+    assert resolved(build_model(resnet), NAMConfig(gate_bias=3)).gate_bias == 3
 
 
 def test_gate_bias_starts_a_closing_gate_near_the_identity():

@@ -30,7 +30,7 @@ from nam_prune.models import ModelSpec
 from nam_prune.prune.graph import IntactBlock, Protected
 from nam_prune.recalibrate import recalibrate_bn
 from nam_prune.sparsity import gate_scales
-from nam_prune.surgery import NAMConfig, insert_nam
+from nam_prune.surgery import NAMConfig, insert_nam, resolved
 from nam_prune.tasks import Task
 from nam_prune.version import __version__
 from nam_prune.yolo.config import YoloConfig
@@ -206,7 +206,7 @@ class DetectionTask(Task):
 
     def _gated(self, model: nn.Module, spec: ModelSpec, gates: NAMConfig | None) -> tuple[nn.Module, ModelRecord]:
         if gates is not None:
-            gates = replace(gates, include=scope_prefixes(model, self.yolo.scope))
+            gates = resolved(model, replace(gates, include=scope_prefixes(model, self.yolo.scope)))
             insert_nam(model, gates)
         model.names = self.names
         size = self.yolo.report_imgsz
