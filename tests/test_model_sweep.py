@@ -2,7 +2,7 @@
 its MACs in both scopes, runs and reloads weights-only with identical outputs.
 
 A fast subset covers each hard structure (grouped convs, depthwise + squeeze-excitation,
-channel shuffle, concatenation, inception branches); the rest runs under ``-m slow``.
+channel shuffle, branches split and concatenated); the rest runs under ``-m slow``.
 """
 
 import importlib.util
@@ -20,8 +20,7 @@ FAST = {
     "mobilenet_v3_small",  # depthwise, squeeze-excitation, hard-swish
     "shufflenet_v2_x0_5",  # channel split and shuffle (traced through a stand-in)
     "mnasnet0_5",  # depthwise, narrow layers
-    "googlenet",  # inception branches concatenated
-}  # grouped convolutions: timm's regnetx_002 below (regnet_y_400mf, 11 s, runs under -m slow)
+}  # grouped convolutions: timm's regnetx_002 below; googlenet (inception concat, 8 s) and regnet_y_400mf (11 s) run under -m slow
 WITHOUT_BN = {"alexnet", "squeezenet1_0"}  # fast representatives of the LayerNorm / no-norm designs
 
 TORCHVISION = torchvision.models.list_models(torchvision.models)
@@ -68,8 +67,8 @@ def test_model_without_batchnorm_is_a_one_line_error(name):
     assert "no BatchNorm2d found" in result.status and "\n" not in result.status
 
 
-TIMM_FAST = {  # regnetx_002: grouped convolutions (group width 8); resnest14d: split attention (split-and-merge)
-    "resnet18d", "ghostnet_100", "regnetx_002", "resnest14d", "inception_next_atto",
+TIMM_FAST = {  # regnetx_002: grouped convolutions (group width 8); resnest14d: split attention (split-and-merge);
+    "resnet18d", "regnetx_002", "resnest14d", "inception_next_atto",  # ghostnet_100 (8 s) runs under -m slow
 }
 
 
