@@ -69,7 +69,7 @@ from nam_prune.prune import (
     check_macs_keeps,
     count_macs_params,
 )
-from nam_prune.recipe import Recipe, as_stored_today, recipe_differences
+from nam_prune.recipe import Recipe, changed_keys
 from nam_prune.sparsity import Scales, batchnorm_scales, gate_scales
 from nam_prune.stages import PruneAndFinetune
 from nam_prune.surgery import NAMConfig
@@ -314,9 +314,9 @@ def compare(
     task.open(folder)
     path = folder / "compare.json"
     state = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe.to_dict(), "arms": []}
-    differences = recipe_differences(as_stored_today(state["recipe"]), recipe.to_dict())
-    if differences:
-        raise NamPruneError(f"{path} holds a comparison of another recipe ({'; '.join(differences[:3])}); "
+    changed = changed_keys(state["recipe"], recipe.to_dict())
+    if changed:
+        raise NamPruneError(f"{path} holds a comparison of another recipe ({changed}); "
                             "use the same overrides, another --output, or delete it")
     state["arms"] = [_upgraded(arm) for arm in state["arms"]]
     state["score_key"], state["macs_tolerance"] = task.score_key, tolerance

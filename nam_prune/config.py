@@ -71,8 +71,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(hint) if a is not type(None)]
-        if value is None or len(options) == 1:
-            return None if value is None else _coerce(key, value, options[0])
+        if value is None:
+            return None
+        if len(options) == 1:
+            return _coerce(key, value, options[0])
         for option in options:
             with contextlib.suppress(NamPruneError):
                 return _coerce(key, value, option)

@@ -29,7 +29,7 @@ from nam_prune.console import console
 from nam_prune.errors import NamPruneError
 from nam_prune.int8 import Int8Data, export_int8, int8_results, int8_summary, quantization_tools
 from nam_prune.prune import PruneResult, channel_counts, check_prunable, kept_whole_counts
-from nam_prune.recipe import Recipe, as_stored_today, recipe_differences
+from nam_prune.recipe import Recipe, changed_keys
 from nam_prune.report import layer_changes, layer_table, summary_table
 from nam_prune.stages import PruneAndFinetune, train_stage
 from nam_prune.tasks import Task, task_class
@@ -108,10 +108,10 @@ def _resume_point(recipe: Recipe, recipe_dict: dict[str, Any]) -> tuple[Path, di
         )
     path = interrupted[-1] / LAST
     payload = read_checkpoint(path)
-    differences = recipe_differences(as_stored_today(payload.get("recipe") or {}), recipe_dict)
-    if differences:
+    changed = changed_keys(payload.get("recipe") or {}, recipe_dict)
+    if changed:
         raise NamPruneError(
-            f"{path} was written by a different recipe ({'; '.join(differences[:3])}); "
+            f"{path} was written by a different recipe ({changed}); "
             "resume with the same recipe file and overrides"
         )
     return interrupted[-1], payload

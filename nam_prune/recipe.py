@@ -155,17 +155,22 @@ def _with_defaults(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str
     return merged
 
 
-def recipe_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """``section.key: A there, B here`` for every key where two recipe dicts differ: what an error about a
-    stored recipe names, so the user knows which override brings it back."""
+def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     found = []
     for key in sorted(set(stored) | set(current)):
         there, here = stored.get(key), current.get(key)
         if isinstance(there, dict) and isinstance(here, dict):
-            found += recipe_differences(there, here, f"{prefix}{key}.")
+            found += _differences(there, here, f"{prefix}{key}.")
         elif there != here:
             found.append(f"{prefix}{key}: {printable(repr(there))} there, {printable(repr(here))} here")
     return found
+
+
+def changed_keys(stored: dict[str, Any], current: dict[str, Any]) -> str:
+    """Where a recipe dict saved earlier (read :func:`as_stored_today`) differs from ``current``, as
+    ``section.key: A there, B here`` for up to three keys, or ``""``: what an error about a stored
+    recipe names, so the user knows which override brings it back."""
+    return "; ".join(_differences(as_stored_today(stored), current)[:3])
 
 
 def as_stored_today(stored: dict[str, Any]) -> dict[str, Any]:
