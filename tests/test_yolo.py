@@ -389,12 +389,27 @@ def test_export_int8_in_a_detector_recipe_reads_its_yolo_data(demo_yaml: Path) -
     assert [tuple(batch.shape) for batch in data.calibration((3, 96, 96))] == [(2, 3, 96, 96)]
 
 
-def test_plateau_gain_is_what_the_last_epochs_add_to_the_best() -> None:
+def test_plateau_gain_compares_the_means_of_the_last_two_windows() -> None:
     from nam_prune.yolo.baseline import plateau_gain
 
-    assert plateau_gain([10.0, 20.0, 30.0], 3) is None  # too short to tell
-    assert plateau_gain([10.0, 40.0, 40.2, 39.0], 2) == pytest.approx(0.2)
-    assert plateau_gain([10.0, 40.0, 39.0, 38.0], 2) == 0.0  # no new best: a plateau
+    assert plateau_gain([10.0, 20.0, 30.0], 2) is None  # too short to tell
+    assert plateau_gain([10.0, 40.0, 40.2, 39.0], 2) == pytest.approx(14.6)
+    # one lucky peak early on does not stop a curve whose mean still rises (a rule on the best would)
+    assert plateau_gain([30.0, 60.0, 40.0, 50.0, 55.0, 50.0], 3) == pytest.approx(25 / 3)
+    assert plateau_gain([50.0, 56.0, 52.0, 54.0, 51.0, 53.0], 3) == pytest.approx(0.0)
+
+
+def test_annealing_takes_the_learning_rate_from_where_it_is_to_its_floor() -> None:
+    from ultralytics.utils.torch_utils import one_cycle
+
+    from nam_prune.yolo.baseline import annealed
+
+    cosine = one_cycle(1, 0.01, 100)
+    factor = annealed(cosine, start=60, epochs=10, floor=0.01)
+    assert [factor(e) for e in (0, 30, 60)] == [cosine(e) for e in (0, 30, 60)]
+    steps = [factor(e) for e in range(60, 75)]
+    assert all(a > b for a, b in zip(steps[:11], steps[1:11]))  # falls every epoch of the ten
+    assert steps[10] == pytest.approx(0.01) and steps[14] == pytest.approx(0.01)  # and stays at the floor
 
 
 def test_train_detector_errors_are_one_line_and_write_nothing(tmp_path: Path, demo_yaml: Path) -> None:
@@ -416,17 +431,17 @@ def test_train_detector_errors_are_one_line_and_write_nothing(tmp_path: Path, de
     assert (tmp_path / "d/weights/best.pt").read_bytes() == b"trained"
 
 
-@pytest.mark.slow
-def test_train_detector_stops_at_a_plateau_and_its_best_pt_starts_a_recipe(tmp_path: Path, demo_yaml: Path) -> None:
+def test_train_detector_anneals_after_a_plateau_and_its_best_pt_starts_a_recipe(tmp_path: Path, demo_yaml: Path) -> None:
     out = tmp_path / "trained"
-    done = cli("train-detector", "yolov8n.yaml", "--out", str(out), "--data", str(demo_yaml), "--epochs", "4",
-               "--min-epochs", "2", "--plateau", "1", "--imgsz", "64", "--batch", "2", cwd=tmp_path)
+    done = cli("train-detector", "yolov8n.yaml", "--out", str(out), "--data", str(demo_yaml), "--epochs", "6",
+               "--min-epochs", "2", "--plateau", "1", "--min-gain", "1000", "--anneal", "2", "--imgsz", "64", "--batch", "2",
+               cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads((out / "training.json").read_text())
-    history = summary["map50_95"]
-    stops = [e for e in range(2, 5) if max(history[:e]) - max(history[: e - 1]) < 0.5]  # the rule, by hand
-    assert summary["epochs_run"] == len(history) == (stops[0] if stops else 4)
-    assert summary["plateaued"] == bool(stops)
+    assert summary["plateaued"] and summary["anneal_from"] == 2  # the first epoch the rule can read
+    assert summary["epochs_run"] == len(summary["map50_95"]) == 4  # two annealing epochs, not the cap of 6
+    rates = [float(row.split(",")[-1]) for row in (out / "results.csv").read_text().splitlines()[1:]]
+    assert rates[-1] == pytest.approx(0.001 * 0.01)  # lr0 * lrf: the schedule's floor at the last epoch
     assert summary["command"].startswith("nam-prune train-detector yolov8n.yaml --out")
     recipe = load_recipe(ROOT / "recipes/yolov8n_backbone_neck.yaml",
                          [f"model.name={summary['best_pt']}", "model.trust_pickle=true", f"yolo.data={demo_yaml}"])

@@ -2,19 +2,25 @@
 
 Users prune a trained ``best.pt``, not a random detector, and published YOLO pruning results
 start from one too. ``nam-prune train-detector yolov8n.yaml --data fashion-detect --out DIR``
-trains a plain model (no gates, no penalty) until its mAP50-95 stops rising: the best over the
-last ``plateau`` epochs is less than ``min_gain`` points above the best before them. The
-learning rate follows a cosine over ``epochs``, the cap. ``DIR/weights/best.pt`` is what a
-recipe's ``model.name`` then names; ``DIR/training.json`` keeps the per-epoch mAP and why it stopped.
+trains a plain model (no gates, no penalty) until its mAP50-95 stops rising: the mean over the
+last ``plateau`` epochs is less than ``min_gain`` points above the mean of the ``plateau`` before
+them. Means, not bests: on a small validation set mAP swings by 25 points between neighbouring
+epochs, and a rule on the best stops at the first lucky peak. The learning rate follows a cosine
+over ``epochs``, the cap; once the rule fires, the last ``anneal`` epochs bring it down to its
+floor with mosaic off (what ultralytics does in a run's final epochs), so the detector is
+trained out, not stopped halfway down its schedule. ``DIR/weights/best.pt`` is what a recipe's
+``model.name`` then names; ``DIR/training.json`` keeps the per-epoch mAP and why it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -42,6 +48,7 @@ class DetectorTraining:
     plateau: int = bounded(10, low=1)
     min_gain: float = bounded(0.5, low=0.0)
     min_epochs: int = bounded(30, low=1)
+    anneal: int = bounded(10, low=0)
     imgsz: int = bounded(160, low=32)
     batch: int = bounded(32, low=1)
     lr: float = 0.001
@@ -62,6 +69,7 @@ class TrainingResult:
     epochs_run: int
     plateaued: bool
     gain_last_epochs: float
+    anneal_from: int | None
     best_map50_95: float
     best_epoch: int
     seconds: float
@@ -69,10 +77,25 @@ class TrainingResult:
 
 
 def plateau_gain(history: list[float], window: int) -> float | None:
-    """Points the best mAP of the last ``window`` epochs adds to the best before them (None while too short)."""
-    if len(history) <= window:
+    """Points the mean mAP of the last ``window`` epochs adds to the mean of the ``window`` before them
+    (None while too short)."""
+    if len(history) < 2 * window:
         return None
-    return max(history) - max(history[:-window])
+    return (sum(history[-window:]) - sum(history[-2 * window : -window])) / window
+
+
+def annealed(schedule: Callable[[int], float], start: int, epochs: int, floor: float) -> Callable[[int], float]:
+    """``schedule`` (a learning-rate factor per epoch) up to ``start``, then a half cosine from its value
+    there down to ``floor`` over ``epochs`` more."""
+    top = schedule(start)
+
+    def factor(epoch: int) -> float:
+        if epoch <= start:
+            return schedule(epoch)
+        done = min(epoch - start, epochs) / epochs
+        return floor + (top - floor) * (1 + math.cos(math.pi * done)) / 2
+
+    return factor
 
 
 def train_plain_detector(config: DetectorTraining, out: Path, device: torch.device) -> TrainingResult:
@@ -94,15 +117,26 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
     shown = Console(file=sys.stderr)  # ultralytics' own output goes to the log; these lines stay on screen
 
     trained_epochs: list[int] = []
+    plateau: dict[str, float] = {}  # the epoch the rule fired at and its gain there
 
     def on_epoch_end(trainer: DetectionTrainer) -> None:
         if len(history) == len(trained_epochs):
             return  # ultralytics' final validation of best.pt calls this once more, with no epoch trained
         history.append(100 * float(trainer.metrics.get(MAP_KEY, 0.0)))
         gain = plateau_gain(history, config.plateau)
-        shown.print(f"epoch {len(history)}/{config.epochs}: mAP50-95 {history[-1]:.1f}% (best {max(history):.1f}%)")
-        if len(history) >= config.min_epochs and gain is not None and gain < config.min_gain:
+        shown.print(f"epoch {len(history)}/{trainer.epochs}: mAP50-95 {history[-1]:.1f}% (best {max(history):.1f}%)")
+        if plateau or len(history) < config.min_epochs or gain is None or gain >= config.min_gain:
+            return
+        plateau.update(epoch=len(history), gain=gain)
+        anneal = min(config.anneal, config.epochs - len(history))
+        if anneal == 0:
             trainer.stop = True
+            return
+        shown.print(f"mAP50-95 stopped rising (+{gain:.2f} points): {anneal} annealing epochs, mosaic off")
+        # ultralytics reads trainer.epochs each epoch (final epoch, closing mosaic), as its own time limit does
+        trainer.epochs = trainer.args.epochs = len(history) + anneal
+        trainer.lf = annealed(trainer.lf, trainer.scheduler.last_epoch, anneal, trainer.args.lrf)
+        trainer.scheduler.lr_lambdas = [trainer.lf] * len(trainer.scheduler.lr_lambdas)
 
     tick = time.perf_counter()
     with ultralytics_output(out / "ultralytics.log"):
@@ -110,11 +144,12 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
         trainer.add_callback("on_train_epoch_end", lambda trainer: trained_epochs.append(trainer.epoch))
         trainer.add_callback("on_fit_epoch_end", on_epoch_end)
         trainer.train()
-    gain = plateau_gain(history, config.plateau)
+    gain = plateau.get("gain", plateau_gain(history, config.plateau))
     result = TrainingResult(
-        best_pt=str(out / "weights" / Path(trainer.best).name), epochs_run=len(history),
-        plateaued=gain is not None and gain < config.min_gain,
-        gain_last_epochs=round(gain, 2) if gain is not None else float("nan"), best_map50_95=round(max(history), 2),
+        best_pt=str(out / "weights" / Path(trainer.best).name), epochs_run=len(history), plateaued=bool(plateau),
+        gain_last_epochs=round(gain, 2) if gain is not None else float("nan"),
+        anneal_from=int(plateau["epoch"]) if plateau and len(history) > plateau["epoch"] else None,
+        best_map50_95=round(max(history), 2),
         best_epoch=history.index(max(history)) + 1, seconds=round(time.perf_counter() - tick, 1), map50_95=[round(m, 2) for m in history],
     )
     summary = {"command": config.command(out), "config": asdict(config), **asdict(result)}
