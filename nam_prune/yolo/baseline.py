@@ -117,7 +117,7 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
     shown = Console(file=sys.stderr)  # ultralytics' own output goes to the log; these lines stay on screen
 
     trained_epochs: list[int] = []
-    plateau: dict[str, float] = {}  # the epoch the rule fired at and its gain there
+    fired: list[tuple[int, float]] = []  # (epoch, gain) once the rule fires
 
     def on_epoch_end(trainer: DetectionTrainer) -> None:
         if len(history) == len(trained_epochs):
@@ -125,9 +125,9 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
         history.append(100 * float(trainer.metrics.get(MAP_KEY, 0.0)))
         gain = plateau_gain(history, config.plateau)
         shown.print(f"epoch {len(history)}/{trainer.epochs}: mAP50-95 {history[-1]:.1f}% (best {max(history):.1f}%)")
-        if plateau or len(history) < config.min_epochs or gain is None or gain >= config.min_gain:
+        if fired or len(history) < config.min_epochs or gain is None or gain >= config.min_gain:
             return
-        plateau.update(epoch=len(history), gain=gain)
+        fired.append((len(history), gain))
         anneal = min(config.anneal, config.epochs - len(history))
         if anneal == 0:
             trainer.stop = True
@@ -144,11 +144,11 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
         trainer.add_callback("on_train_epoch_end", lambda trainer: trained_epochs.append(trainer.epoch))
         trainer.add_callback("on_fit_epoch_end", on_epoch_end)
         trainer.train()
-    gain = plateau.get("gain", plateau_gain(history, config.plateau))
+    stop_epoch, gain = fired[0] if fired else (None, plateau_gain(history, config.plateau))
     result = TrainingResult(
-        best_pt=str(out / "weights" / Path(trainer.best).name), epochs_run=len(history), plateaued=bool(plateau),
+        best_pt=str(out / "weights" / Path(trainer.best).name), epochs_run=len(history), plateaued=bool(fired),
         gain_last_epochs=round(gain, 2) if gain is not None else float("nan"),
-        anneal_from=int(plateau["epoch"]) if plateau and len(history) > plateau["epoch"] else None,
+        anneal_from=stop_epoch if stop_epoch is not None and len(history) > stop_epoch else None,
         best_map50_95=round(max(history), 2),
         best_epoch=history.index(max(history)) + 1, seconds=round(time.perf_counter() - tick, 1), map50_95=[round(m, 2) for m in history],
     )
