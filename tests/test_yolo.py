@@ -433,15 +433,17 @@ def test_train_detector_errors_are_one_line_and_write_nothing(tmp_path: Path, de
 
 def test_train_detector_anneals_after_a_plateau_and_its_best_pt_starts_a_recipe(tmp_path: Path, demo_yaml: Path) -> None:
     out = tmp_path / "trained"
-    done = cli("train-detector", "yolov8n.yaml", "--out", str(out), "--data", str(demo_yaml), "--epochs", "6",
-               "--min-epochs", "2", "--plateau", "1", "--min-gain", "1000", "--anneal", "2", "--imgsz", "64", "--batch", "2",
+    done = cli("train-detector", "yolov8n.yaml", "--out", str(out), "--data", str(demo_yaml), "--epochs", "16",
+               "--min-epochs", "2", "--plateau", "1", "--min-gain", "1000", "--anneal", "12", "--imgsz", "64", "--batch", "2",
                cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads((out / "training.json").read_text())
     assert summary["plateaued"] and summary["anneal_from"] == 2  # the first epoch the rule can read
-    assert summary["epochs_run"] == len(summary["map50_95"]) == 4  # two annealing epochs, not the cap of 6
+    assert summary["epochs_run"] == len(summary["map50_95"]) == 14  # 12 annealing epochs, not the cap of 16
     rates = [float(row.split(",")[-1]) for row in (out / "results.csv").read_text().splitlines()[1:]]
     assert rates[-1] == pytest.approx(0.001 * 0.01)  # lr0 * lrf: the schedule's floor at the last epoch
+    log = (out / "ultralytics.log").read_text()  # mosaic off from the first annealing epoch (ultralytics' own: last 10)
+    assert log.index(" 2/16 ") < log.index("Closing dataloader mosaic") < log.index(" 3/14 ")  # the cap was 16 until it fired
     assert summary["command"].startswith("nam-prune train-detector yolov8n.yaml --out")
     recipe = load_recipe(ROOT / "recipes/yolov8n_backbone_neck.yaml",
                          [f"model.name={summary['best_pt']}", "model.trust_pickle=true", f"yolo.data={demo_yaml}"])

@@ -120,7 +120,7 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
     fired: list[tuple[int, float]] = []  # (epoch, gain) once the rule fires
 
     def on_epoch_end(trainer: DetectionTrainer) -> None:
-        if len(history) == len(trained_epochs):
+        if len(history) == len(set(trained_epochs)):  # a set: an epoch ultralytics redoes after a NaN is one epoch
             return  # ultralytics' final validation of best.pt calls this once more, with no epoch trained
         history.append(100 * float(trainer.metrics.get(MAP_KEY, 0.0)))
         gain = plateau_gain(history, config.plateau)
@@ -135,6 +135,7 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
         shown.print(f"mAP50-95 stopped rising (+{gain:.2f} points): {anneal} annealing epochs, mosaic off")
         # ultralytics reads trainer.epochs each epoch (final epoch, closing mosaic), as its own time limit does
         trainer.epochs = trainer.args.epochs = len(history) + anneal
+        trainer.args.close_mosaic = max(trainer.args.close_mosaic, anneal)  # mosaic off from the first annealing epoch
         trainer.lf = annealed(trainer.lf, trainer.scheduler.last_epoch, anneal, trainer.args.lrf)
         trainer.scheduler.lr_lambdas = [trainer.lf] * len(trainer.scheduler.lr_lambdas)
 

@@ -18,7 +18,7 @@ from nam_prune.console import console
 @click.option("--data", default="fashion-detect", show_default=True, help="An ultralytics data yaml, 'fashion-detect' or 'demo'.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Cap; the cosine learning rate spans it.")
 @click.option("--plateau", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Stop once the mean mAP50-95 of these last epochs ...")
+              help="Anneal, then stop, once the mean mAP50-95 of these last epochs ...")
 @click.option("--min-gain", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="... is less than this many points above the mean of as many before them.")
 @click.option("--min-epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Never stop before this epoch.")
