@@ -116,11 +116,11 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
     history: list[float] = []
     shown = Console(file=sys.stderr)  # ultralytics' own output goes to the log; these lines stay on screen
 
-    trained_epochs: list[int] = []
+    trained_epochs: set[int] = set()  # a set: an epoch ultralytics redoes after a NaN is one epoch
     fired: list[tuple[int, float]] = []  # (epoch, gain) once the rule fires
 
     def on_epoch_end(trainer: DetectionTrainer) -> None:
-        if len(history) == len(set(trained_epochs)):  # a set: an epoch ultralytics redoes after a NaN is one epoch
+        if len(history) == len(trained_epochs):
             return  # ultralytics' final validation of best.pt calls this once more, with no epoch trained
         history.append(100 * float(trainer.metrics.get(MAP_KEY, 0.0)))
         gain = plateau_gain(history, config.plateau)
@@ -142,7 +142,7 @@ def train_plain_detector(config: DetectorTraining, out: Path, device: torch.devi
     tick = time.perf_counter()
     with ultralytics_output(out / "ultralytics.log"):
         trainer = DetectionTrainer(overrides=overrides)
-        trainer.add_callback("on_train_epoch_end", lambda trainer: trained_epochs.append(trainer.epoch))
+        trainer.add_callback("on_train_epoch_end", lambda trainer: trained_epochs.add(trainer.epoch))
         trainer.add_callback("on_fit_epoch_end", on_epoch_end)
         trainer.train()
     stop_epoch, gain = fired[0] if fired else (None, plateau_gain(history, config.plateau))
