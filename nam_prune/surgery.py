@@ -17,7 +17,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nam_prune.errors import NamPruneError
-from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate, affine_fit
+from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate, activation_fit, affine_fit
 
 log = logging.getLogger("nam_prune")
 
@@ -193,18 +193,20 @@ def strip_gates(model: nn.Module, fold: bool = True) -> nn.Module:
 
     A BatchNorm host absorbs its channel gate's best affine fit (``affine_fit``: least squares
     over the inputs the gate saw in training), so the plain model starts close to the gated
-    one; other hosts (an activation, in YOLO) drop the gate's scaling. Fine-tune after
-    stripping (``prune.strip_gates: true`` does: stripping happens before fine-tuning).
-    ``fold=False`` only restores the architecture, for weights that are loaded next.
+    one; an activation host (the gate after ``act`` in YOLO's ``Conv``) has the gate folded
+    into the norm before it (``activation_fit``); other hosts drop the gate's scaling. Fine-tune
+    after stripping (``prune.strip_gates: true`` does). ``fold=False`` only restores the
+    architecture, for weights that are loaded next.
     """
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, NAMGated):
                 host = child.host
-                if fold and isinstance(host, nn.BatchNorm2d) and host.affine:
-                    slope, intercept = affine_fit(child.channel)
+                norm = parent.bn if _fusable(parent) and parent.act is child else host
+                if fold and isinstance(norm, nn.BatchNorm2d) and norm.affine:
+                    slope, intercept = affine_fit(child.channel) if norm is host else activation_fit(child.channel, host, norm)
                     with torch.no_grad():
-                        host.bias.mul_(slope).add_(intercept)
-                        host.weight.mul_(slope)
+                        norm.bias.mul_(slope).add_(intercept)
+                        norm.weight.mul_(slope)
                 setattr(parent, child_name, host)
     return model
