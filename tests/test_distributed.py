@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import nam_prune
@@ -18,6 +19,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # the fast run below checks the same through check_replicas_identical after every stage
 def test_gammas_stay_bit_identical_across_ranks(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "tests" / "ddp_gamma_worker.py"), str(tmp_path)]
