@@ -229,13 +229,15 @@ class _Arm(PruneAndFinetune):
         self.kept = 1.0  # share of the dense MACs kept, measured before the gates are stripped
         self.gradient_batches = gradient_batches  # > 0: the ranking reads the task loss's gradients
 
-    def cut(self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None = None) -> None:
+    def cut(
+        self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None = None, strip: bool = True
+    ) -> None:
         """The cut, ranked on the task loss's gradients over ``gradient_batches`` batches when there
         are any; the gradients are cleared once it is done (fine-tuning starts from none)."""
         if self.gradient_batches:
             self.task.accumulate_gradients(self.model, self.gradient_batches)
         try:
-            super().cut(config, between, importance)
+            super().cut(config, between, importance, strip)
         finally:
             self.model.zero_grad(set_to_none=True)
 

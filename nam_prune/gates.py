@@ -424,7 +424,12 @@ class NAMGated(nn.Module):
 
     Replacing the host keeps the parent model's forward code untouched, which is what
     makes insertion work on any ``nn.Module`` whose layers are attributes.
+
+    ``opening`` blends the gated output into the host's, ``(1 - opening) gated + opening host``:
+    fine-tuning raises it to 1 (``finetune.open_gates``), where removing the gates changes nothing.
     """
+
+    opening: float = 0.0  # on the class, so gated models pickled before it existed still load
 
     def __init__(
         self,
@@ -438,11 +443,16 @@ class NAMGated(nn.Module):
         self.spatial = spatial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channel.fused_training(x) and _uses_batch_statistics(self.host, x):
-            out = self._fused_host_and_gate(x)
+        if self.opening >= 1:
+            return self.host(x)
+        if not self.opening and self.channel.fused_training(x) and _uses_batch_statistics(self.host, x):
+            hosted, out = None, self._fused_host_and_gate(x)
         else:
-            out = self.channel(self.host(x))
-        return self.spatial(out) if self.spatial is not None else out
+            hosted = self.host(x)
+            out = self.channel(hosted)
+        if self.spatial is not None:
+            out = self.spatial(out)
+        return torch.lerp(out, hosted, self.opening) if self.opening else out
 
     def _fused_host_and_gate(self, x: torch.Tensor) -> torch.Tensor:
         """Host BN and channel gate in one pass over the batch statistics (``gated_bn_coefficients``)."""
@@ -475,6 +485,13 @@ def tracing_mode(model: nn.Module):
             gate.tracing = False
 
 
+def set_gate_opening(model: nn.Module, opening: float) -> None:
+    """Blend every gate of ``model`` this far (0 = gated, 1 = the host alone) into its host's output."""
+    for module in model.modules():
+        if isinstance(module, NAMGated):
+            module.opening = opening
+
+
 def channel_gates(model: nn.Module) -> list[tuple[str, NAMChannelGate]]:
     """All channel gates of a model, found through any wrapper (DDP, DataParallel, compile)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NAMChannelGate)]
@@ -489,6 +506,7 @@ __all__ = [
     "NAMSpatialGate",
     "NAMGated",
     "channel_gates",
+    "set_gate_opening",
     "spatial_gates",
     "normalized_scale",
 ]

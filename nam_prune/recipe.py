@@ -64,6 +64,23 @@ class Recipe:
     sections: dict[str, Any] = field(default_factory=dict)
     """Model families' own sections, by name (``sections["yolo"]``), validated by their dataclasses."""
 
+    def __post_init__(self) -> None:
+        opening = self.finetune.open_gates
+        if self.sparsity.open_gates:
+            raise NamPruneError("sparsity.open_gates: gates are opened after the cut; set finetune.open_gates instead")
+        if opening and not self.prune.strip_gates:
+            raise NamPruneError("finetune.open_gates opens the gates so they can be stripped: set prune.strip_gates: true")
+        if opening > self.finetune.epochs:
+            raise NamPruneError(
+                f"finetune.open_gates is {opening} but finetune.epochs is {self.finetune.epochs}: "
+                "the gates must be fully open before fine-tuning ends; lower it or add epochs"
+            )
+        if opening and self.nam.compile:
+            raise NamPruneError(
+                "finetune.open_gates changes the gates at every step, which torch.compile would recompile for: "
+                "set nam.compile: false or finetune.open_gates: 0"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain values, laid out like its YAML (family sections at the top level)."""
         tree = asdict(self)

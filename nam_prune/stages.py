@@ -1,7 +1,8 @@
 """The stages after sparsity training, written once for ``run`` and ``compare``:
 
 prune -> strip the gates (``prune.strip_gates``) -> measure pruned -> recalibrate BN ->
-measure recalibrated -> fine-tune -> recalibrate -> measure.
+measure recalibrated -> fine-tune -> recalibrate -> measure; with ``finetune.open_gates`` the gates
+are stripped after fine-tuning instead, once it has opened them.
 
 :class:`PruneAndFinetune` runs them on one model. ``pipeline`` hooks in to write ``dense.pt``
 and checkpoint between stages; ``compare`` to check each arm's MACs and seed its fine-tuning.
@@ -65,15 +66,20 @@ class PruneAndFinetune:
         """The whole sequence; ``cut=False`` starts at fine-tuning (a model cut and measured before
         an interruption, or one that stays dense); ``resume`` continues an interrupted fine-tuning."""
         if cut:
-            self.cut(prune, replace(finetune, epochs=prune.epochs_between_steps), importance)
+            between = replace(finetune, epochs=prune.epochs_between_steps, open_gates=0)
+            self.cut(prune, between, importance, strip=prune.strip_gates and not finetune.open_gates)
             self.measure_cut()
             self.before_finetune()
         self.finetune(finetune, label, resume)
+        if finetune.open_gates and self.record.nam is not None and not self.record.stripped:
+            self.strip(fold=False)  # fine-tuning opened them fully: the model is the same without them
         self.metrics["after"] = self.measure(self.model, "fine-tuned")
         return self.metrics
 
-    def cut(self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None = None) -> None:
-        """Prune to ``config`` (training ``between`` steps), then strip the gates when ``config`` says so."""
+    def cut(
+        self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None = None, strip: bool = True
+    ) -> None:
+        """Prune to ``config`` (training ``between`` steps), then strip the gates if ``strip`` and ``config`` say so."""
         tick = time.perf_counter()
 
         def train_between(step: int) -> None:
@@ -87,10 +93,13 @@ class PruneAndFinetune:
         )
         self.after_prune(self.pruning)
         self.record = replace(self.record, history=self.record.history + self.pruning.history)
-        if config.strip_gates and self.record.nam is not None:  # gate-then-strip: fine-tune the plain model
-            strip_gates(self.model)
-            self.record = replace(self.record, stripped=True)
+        if strip and config.strip_gates and self.record.nam is not None:  # gate-then-strip: fine-tune the plain model
+            self.strip(fold=True)
         self.seconds["prune"] = time.perf_counter() - tick
+
+    def strip(self, fold: bool) -> None:
+        strip_gates(self.model, fold)
+        self.record = replace(self.record, stripped=True)
 
     def measure_cut(self) -> None:
         """The cut model as it is, then with its BN statistics recalibrated."""

@@ -196,7 +196,7 @@ def strip_gates(model: nn.Module, fold: bool = True) -> nn.Module:
     one; an activation host (the gate after ``act`` in YOLO's ``Conv``) has the gate folded
     into the norm before it (``activation_fit``); other hosts drop the gate's scaling. Fine-tune
     after stripping (``prune.strip_gates: true`` does). ``fold=False`` only restores the
-    architecture, for weights that are loaded next.
+    architecture, for weights that are loaded next, or for gates already opened (``NAMGated.opening`` 1).
     """
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):

@@ -21,7 +21,7 @@ from nam_prune import distributed
 from nam_prune.config import bounded
 from nam_prune.console import progress_bar
 from nam_prune.errors import NamPruneError
-from nam_prune.gates import use_compiled_gates
+from nam_prune.gates import set_gate_opening, use_compiled_gates
 from nam_prune.sparsity import GammaStats, Regularizer, Scales, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
 
 log = logging.getLogger("nam_prune")
@@ -46,6 +46,10 @@ class TrainConfig:
     ultralytics ``.pt``, through ultralytics' own distillation. distill: the distillation loss's
     weight as a multiple of its trainer's default (the soft targets weigh as the cross-entropy
     does; ultralytics' ``dis`` is 6).
+    open_gates: fine-tuning only, with ``prune.strip_gates``: the NAM gates stay through the cut
+    and open linearly, step by step, into the identity over this many epochs (``NAMGated.opening``
+    0 -> 1), so the network learns to do without them and removing them after the stage is exact.
+    0 strips them at the cut, each folded into its host BN as its best affine fit.
     """
 
     epochs: int = bounded(0, low=0)
@@ -61,11 +65,17 @@ class TrainConfig:
     scale_lr: float = bounded(1.0, low=0, low_open=True)
     teacher: str | None = None
     distill: float = bounded(1.0, low=0, low_open=True)
+    open_gates: int = bounded(0, low=0)
 
     @property
     def scales_own_lr(self) -> bool:
         """Whether the penalised scales need an optimizer group of their own (a penalty at another rate)."""
         return self.penalty > 0 and self.scale_lr != 1.0
+
+    def gate_opening(self, step: int, steps_per_epoch: int) -> float:
+        """``NAMGated.opening`` at the stage's ``step`` (from 0): a linear rise that reaches 1 at the last
+        step of epoch ``open_gates``."""
+        return min(1.0, step / max(1, self.open_gates * steps_per_epoch - 1))
 
 
 def require_cpp_compiler(device: torch.device) -> None:
@@ -217,6 +227,8 @@ def fit(
             seen = correct = 0
             loss_sum = penalty = 0.0
             for step, (images, labels) in enumerate(loader, 1):
+                if config.open_gates:
+                    set_gate_opening(model, config.gate_opening((epoch - 1) * len(loader) + step - 1, len(loader)))
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 logits = trained(images)
                 loss = criterion(logits, labels)

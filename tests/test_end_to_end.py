@@ -121,6 +121,24 @@ def _digits_recipe(tmp_path, **sections):
     return recipe_from_dict(tree)
 
 
+def test_gates_opened_while_fine_tuning_leave_a_plain_model(tmp_path):
+    """finetune.open_gates: the gated model is what the cut is measured on and what fine-tuning starts
+    from; the run hands back the plain model, which reloads with the run's accuracy."""
+    from nam_prune.gates import NAMGated
+
+    recipe = _digits_recipe(tmp_path, finetune={"epochs": 3, "open_gates": 2})
+    result = nam_prune.run(recipe)
+    assert not any(isinstance(m, NAMGated) for m in result.model.modules())
+    assert result.results["after"]["accuracy"] > 0.5
+    model = nam_prune.load(result.folder / "model.pt")
+    assert not any(isinstance(m, NAMGated) for m in model.modules())
+    data = load_data(recipe.data, recipe.seed)
+    assert nam_prune.evaluate(model, data.test, torch.device("cpu")) == pytest.approx(result.results["after"]["accuracy"])
+    baseline = result.results["baseline"]  # the dense model fine-tuned as long, its gates opened the same way
+    assert baseline["macs"] < result.results["before"]["macs"]  # measured without the gates' own BN
+    assert baseline["accuracy"] > 0.5
+
+
 @pytest.mark.slow
 def test_compiled_training_runs_the_whole_model_through_torch_compile(tmp_path):
     """nam.compile: true on a classifier trains a compiled model in every stage and still learns."""

@@ -386,3 +386,25 @@ def test_affine_fit_is_the_least_squares_line_over_the_gates_inputs():
         design = torch.stack([u[:, c].flatten(), torch.ones(len(u), dtype=torch.float64)], 1)
         sampled = torch.linalg.lstsq(design, out[:, c].flatten()[:, None]).solution.flatten()
         torch.testing.assert_close(torch.stack([slope[c], intercept[c]]), sampled, atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_opening_blends_the_gated_output_into_the_hosts(train, spatial):
+    """``opening`` 0 is the gated layer, 1 the host alone (what stripping leaves), and linear between."""
+    from nam_prune.gates import set_gate_opening
+
+    torch.manual_seed(0)
+    layer = NAMGated(nn.BatchNorm2d(8), NAMChannelGate(8, closing=True), NAMSpatialGate(5, 5) if spatial else None)
+    with torch.no_grad():
+        layer.channel.bn.weight.uniform_(0, 1)
+    x = torch.randn(4, 8, 5, 5)
+    outputs = {}
+    for opening in (0.0, 0.25, 1.0):
+        set_gate_opening(layer, opening)
+        probe = copy.deepcopy(layer).train(train)  # each forward from the same statistics
+        outputs[opening] = probe(x)
+    hosted = copy.deepcopy(layer.host).train(train)(x)
+    assert torch.equal(outputs[1.0], hosted)
+    assert not torch.allclose(outputs[0.0], hosted, atol=1e-2)
+    torch.testing.assert_close(outputs[0.25], 0.75 * outputs[0.0] + 0.25 * hosted)

@@ -80,3 +80,23 @@ def test_missing_and_invalid_files(tmp_path):
     broken.write_text("prune: [unclosed\n")
     with pytest.raises(NamPruneError, match="not valid YAML at line"):
         load_recipe(broken)
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        ({"sparsity": {"open_gates": 2}}, "^sparsity.open_gates: gates are opened after the cut; set finetune.open_gates"),
+        ({"finetune": {"epochs": 4, "open_gates": 2}, "prune": {"strip_gates": False}}, "set prune.strip_gates: true$"),
+        ({"finetune": {"epochs": 2, "open_gates": 3}}, "^finetune.open_gates is 3 but finetune.epochs is 2"),
+        ({"finetune": {"epochs": 4, "open_gates": 2}, "nam": {"compile": True}}, "set nam.compile: false or finetune.open_gates: 0$"),
+    ],
+)
+def test_gate_opening_settings_that_cannot_work(tree, message):
+    with pytest.raises(NamPruneError, match=message):
+        recipe_from_dict(tree)
+
+
+def test_gate_opening_rises_linearly_to_one_at_the_last_step_of_its_epochs():
+    config = recipe_from_dict({"finetune": {"epochs": 5, "open_gates": 2}}).finetune
+    openings = [config.gate_opening(step, steps_per_epoch=3) for step in range(9)]
+    assert openings == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1])

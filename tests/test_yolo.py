@@ -475,6 +475,36 @@ def test_a_detector_recipe_names_its_yolo_data_for_calibration() -> None:
     assert isinstance(parse_data_option(str(ROOT / "recipes/fashion_quickstart.yaml")), DataConfig)  # no yolo: section
 
 
+def test_ultralytics_training_opens_the_gates_batch_by_batch_in_the_model_and_its_ema() -> None:
+    """finetune.open_gates through ultralytics' callbacks: the trained model and the EMA copy it validates
+    and keeps get the same opening before each batch, 0 at the first and 1 at the last of its epochs."""
+    from types import SimpleNamespace
+
+    from nam_prune.train import TrainConfig
+    from nam_prune.yolo.train import _open_gates_while_training
+
+    model = build_yolo("yolov8n.yaml", 2, 3)
+    insert_nam(model, NAMConfig(include=scope_prefixes(model, "backbone+neck")))
+    callbacks: dict[str, list] = {}
+    trainer = SimpleNamespace(
+        model=model, ema=SimpleNamespace(ema=copy.deepcopy(model)), train_loader=[None] * 3, epoch=0,
+        add_callback=lambda event, fn: callbacks.setdefault(event, []).append(fn),
+    )
+    _open_gates_while_training(trainer, TrainConfig(epochs=3, open_gates=2))
+    seen = []
+    for epoch in range(3):
+        trainer.epoch = epoch
+        for fn in callbacks["on_train_epoch_start"]:
+            fn(trainer)
+        for _ in trainer.train_loader:
+            for fn in callbacks["on_train_batch_start"]:
+                fn(trainer)
+            openings = {m.opening for copy_ in (trainer.model, trainer.ema.ema) for m in copy_.modules() if isinstance(m, NAMGated)}
+            assert len(openings) == 1
+            seen.append(openings.pop())
+    assert seen == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1])
+
+
 def test_stripping_a_gate_after_the_activation_folds_it_into_the_norm_before() -> None:
     """A trained gate after YOLO's SiLU is, near the open end of its sigmoid, a per-channel scale: folded
     into the BN before the activation it leaves the layer close to the gated one; dropping it does not."""

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from nam_prune.errors import NamPruneError
 from nam_prune.export import ort_session
+from nam_prune.gates import set_gate_opening
 from nam_prune.int8 import fixed_batch, fixed_batch_parts
 from nam_prune.sparsity import Scales, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
 from nam_prune.train import TrainConfig
@@ -164,6 +165,28 @@ class StageLog:
     near_zero_gammas: int
 
 
+def _open_gates_while_training(trainer: DetectionTrainer, config: TrainConfig) -> None:
+    """Raise the gates' opening before every batch (``TrainConfig.gate_opening``), in the trained model
+    and in its EMA copy, which ultralytics validates and keeps."""
+    batches_this_epoch = 0
+
+    def count_epoch(trainer: DetectionTrainer) -> None:
+        nonlocal batches_this_epoch
+        batches_this_epoch = 0
+
+    def open_gates(trainer: DetectionTrainer) -> None:
+        nonlocal batches_this_epoch
+        batches = len(trainer.train_loader)
+        opening = config.gate_opening(trainer.epoch * batches + batches_this_epoch, batches)
+        batches_this_epoch += 1
+        for model in (trainer.model, trainer.ema.ema if trainer.ema is not None else None):
+            if model is not None:
+                set_gate_opening(_unwrap(model), opening)
+
+    trainer.add_callback("on_train_epoch_start", count_epoch)
+    trainer.add_callback("on_train_batch_start", open_gates)
+
+
 def train_detector(
     model: nn.Module, overrides: dict[str, Any], config: TrainConfig, penalised: Scales = gate_scales
 ) -> StageLog:
@@ -172,6 +195,8 @@ def train_detector(
     trainer.sparsity = config
     trainer.penalised = penalised
     trainer.model = model
+    if config.open_gates:
+        _open_gates_while_training(trainer, config)
     trainer.train()
     trained = trainer.ema.ema if trainer.ema is not None else trainer.model
     for wrapper in (trainer.model, trained):
@@ -179,6 +204,8 @@ def train_detector(
             wrapper._remove_feature_hooks()
     trained = _unwrap(trained)
     model.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
+    if config.open_gates:  # the EMA weights were last trained and validated with the gates open
+        set_gate_opening(model, 1.0)
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
     return StageLog(overrides["epochs"], metrics, gamma_stats(model).near_zero)
 
