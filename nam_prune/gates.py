@@ -319,52 +319,6 @@ def affine_fit(gate: NAMChannelGate, nodes: int = 48) -> tuple[torch.Tensor, tor
     return slope.to(dtype), (expected - slope * mean).to(dtype)
 
 
-@torch.no_grad()
-def activation_fit(
-    gate: NAMChannelGate, activation: nn.Module, norm: nn.BatchNorm2d, steps: int = 30, nodes: int = 48
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(a, b)`` that best replace ``gate(activation(y))`` by ``activation(a y + b)``.
-
-    For a gate after an activation (``norm -> activation -> gate``, as in ultralytics' ``Conv``), so
-    ``strip_gates`` can fold it into the norm before the activation: least squares over
-    ``y ~ N(norm.bias, norm.weight^2)``, the norm's output in training, by Gauss-Hermite quadrature
-    and Gauss-Newton steps from the gate's mean slope (``affine_fit``). A channel keeps whichever
-    of the start and the result fits better.
-    """
-    points, weights = np.polynomial.hermite_e.hermegauss(nodes)
-    device = norm.weight.device
-    points, weights = torch.from_numpy(points).to(device), torch.from_numpy(weights / weights.sum()).to(device)
-    y = norm.bias.double()[:, None] + norm.weight.double().abs()[:, None] * points[None, :]
-    c, d = (t.double()[:, None] for t in gate.folded())
-    z = activation(y)
-    target = z * torch.sigmoid(c * z + d)
-    if gate.closing:
-        target = target * gate.bn.weight.double().abs()[:, None]
-
-    def residual_and_slope(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            u = (a[:, None] * y + b[:, None]).requires_grad_()
-            out = activation(u)
-            (slope,) = torch.autograd.grad(out.sum(), u)
-        return out.detach() - target, slope
-
-    def error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return residual_and_slope(a, b)[0].square() @ weights
-
-    start = affine_fit(gate)[0].double(), torch.zeros_like(y[:, 0])
-    a, b = start[0].clone(), start[1].clone()
-    for _ in range(steps):
-        r, slope = residual_and_slope(a, b)
-        ja, jb = slope * y, slope  # d out / d a, d out / d b
-        aa, ab, bb = (ja * ja) @ weights, (ja * jb) @ weights, (jb * jb) @ weights
-        ga, gb = (ja * r) @ weights, (jb * r) @ weights
-        det = (aa * bb - ab * ab).clamp_min(1e-18)
-        a, b = a - (bb * ga - ab * gb) / det, b - (aa * gb - ab * ga) / det
-    better = torch.isfinite(a) & torch.isfinite(b) & (error(a, b) < error(*start))
-    a, b = torch.where(better, a, start[0]), torch.where(better, b, start[1])
-    return a.to(norm.weight.dtype), b.to(norm.weight.dtype)
-
-
 class NAMSpatialGate(nn.Module):
     """Pixel attention gate: batch norm over pixel positions (statistics over batch and channels).
 

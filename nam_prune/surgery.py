@@ -17,7 +17,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from nam_prune.errors import NamPruneError
-from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate, activation_fit, affine_fit
+from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate, affine_fit
 
 log = logging.getLogger("nam_prune")
 
@@ -193,20 +193,19 @@ def strip_gates(model: nn.Module, fold: bool = True) -> nn.Module:
 
     A BatchNorm host absorbs its channel gate's best affine fit (``affine_fit``: least squares
     over the inputs the gate saw in training), so the plain model starts close to the gated
-    one; an activation host (the gate after ``act`` in YOLO's ``Conv``) has the gate folded
-    into the norm before it (``activation_fit``); other hosts drop the gate's scaling. Fine-tune
-    after stripping (``prune.strip_gates: true`` does). ``fold=False`` only restores the
+    one; other hosts (an activation, in YOLO) drop the gate's scaling: folding it through the
+    activation into the BN before it started fine-tuning closer and ended it lower (docs/yolo.md).
+    Fine-tune after stripping (``prune.strip_gates: true`` does). ``fold=False`` only restores the
     architecture, for weights that are loaded next, or for gates already opened (``NAMGated.opening`` 1).
     """
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, NAMGated):
                 host = child.host
-                norm = parent.bn if _fusable(parent) and parent.act is child else host
-                if fold and isinstance(norm, nn.BatchNorm2d) and norm.affine:
-                    slope, intercept = affine_fit(child.channel) if norm is host else activation_fit(child.channel, host, norm)
+                if fold and isinstance(host, nn.BatchNorm2d) and host.affine:
+                    slope, intercept = affine_fit(child.channel)
                     with torch.no_grad():
-                        norm.bias.mul_(slope).add_(intercept)
-                        norm.weight.mul_(slope)
+                        host.bias.mul_(slope).add_(intercept)
+                        host.weight.mul_(slope)
                 setattr(parent, child_name, host)
     return model

@@ -49,7 +49,7 @@ class TrainConfig:
     open_gates: fine-tuning only, with ``prune.strip_gates``: the NAM gates stay through the cut
     and open linearly, step by step, into the identity over this many epochs (``NAMGated.opening``
     0 -> 1), so the network learns to do without them and removing them after the stage is exact.
-    0 strips them at the cut, each folded into its host BN as its best affine fit.
+    0 strips them at the cut (``surgery.strip_gates``).
     """
 
     epochs: int = bounded(0, low=0)

@@ -504,32 +504,3 @@ def test_ultralytics_training_opens_the_gates_batch_by_batch_in_the_model_and_it
             seen.append(openings.pop())
     assert seen == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1])
 
-
-def test_stripping_a_gate_after_the_activation_folds_it_into_the_norm_before() -> None:
-    """A trained gate after YOLO's SiLU is, near the open end of its sigmoid, a per-channel scale: folded
-    into the BN before the activation it leaves the layer close to the gated one; dropping it does not."""
-    from ultralytics.nn.modules import Conv
-
-    from nam_prune.surgery import strip_gates
-
-    torch.manual_seed(0)
-    layer = Conv(3, 16, 3)
-    insert_nam(layer, NAMConfig(gate_bias=6))
-    gate = layer.act.channel.bn
-    with torch.no_grad():
-        layer.bn.weight.uniform_(0.5, 2)
-        layer.bn.bias.uniform_(-1, 1)
-        gate.weight.uniform_(0.05, 1)  # what the sparsity stage leaves the kept channels
-    x = torch.randn(64, 3, 12, 12)
-    layer.train()(x)  # the statistics the fits read
-    for _ in range(30):
-        layer(x)
-    layer.eval()
-    with torch.no_grad():
-        gated = layer(x)
-        dropped = strip_gates(copy.deepcopy(layer), fold=False)(x)
-        folded = strip_gates(layer)(x)
-    assert not any(isinstance(m, NAMGated) for m in layer.modules())
-    error = lambda out: ((out - gated).square().mean() / gated.square().mean()).item()  # noqa: E731
-    assert error(dropped) > 0.5
-    assert error(folded) < 0.02

@@ -60,8 +60,9 @@ class PruneConfig:
         nets whose layers are 16-32 channels wide; 1 cuts a channel at a time.
     steps: prune in this many steps, fine-tuning ``epochs_between_steps`` between them.
     ignore: module names never pruned (the classifier head never is).
-    strip_gates: remove the NAM gates after pruning, each folded into its host BN as its
-        best affine fit (gate-then-strip): the plain, faster model fine-tuning then trains.
+    strip_gates: remove the NAM gates after pruning (``surgery.strip_gates``; gate-then-strip):
+        the plain, faster model fine-tuning then trains, or, with ``finetune.open_gates``, after
+        fine-tuning has opened them.
         On by default: kept gates make the deployed model slower for no accuracy the seed runs
         could tell apart (docs/performance.md, how the defaults were chosen).
     """
