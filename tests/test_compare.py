@@ -43,6 +43,7 @@ def test_every_criterion_meets_its_budget_and_plot_is_written(tmp_path, fashion_
     assert json.loads((tmp_path / "compare.json").read_text())["summary"][0]["seeds"] == 1
 
 
+@pytest.mark.slow  # 12 s; run's own resume stays in the fast set (test_robustness)
 def test_interrupted_comparison_resumes_with_finished_arms_kept(tmp_path, monkeypatch, fashion_root):
     recipe = recipe_from_dict(TINY)
     real_arm = compare_module._arm

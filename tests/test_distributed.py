@@ -47,6 +47,7 @@ def test_two_process_run_writes_one_reloadable_result(tmp_path, fashion_root):
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.slow  # 10 s; the one-line error of a single process is in the fast set (test_end_to_end, test_robustness)
 def test_failing_worker_ends_the_job_with_one_line(tmp_path, fashion_root):
     command = [sys.executable, "-m", "nam_prune", "run", str(ROOT / "recipes" / "fashion_quickstart.yaml"),
                *TINY, "sparsity.optimizer=sgd", "sparsity.lr=1e30", "--nproc", "2"]

@@ -19,8 +19,8 @@ FAST = {
     "resnet18",  # residual adds
     "mobilenet_v3_small",  # depthwise, squeeze-excitation, hard-swish
     "shufflenet_v2_x0_5",  # channel split and shuffle (traced through a stand-in)
-    "mnasnet0_5",  # depthwise, narrow layers
-}  # grouped convolutions: timm's regnetx_002 below; googlenet (inception concat, 8 s) and regnet_y_400mf (11 s) run under -m slow
+}  # grouped convolutions: timm's regnetx_002 below; under -m slow: mnasnet0_5 (narrow depthwise, 6 s),
+# googlenet (inception concat, 8 s) and regnet_y_400mf (11 s)
 WITHOUT_BN = {"alexnet", "squeezenet1_0"}  # fast representatives of the LayerNorm / no-norm designs
 
 TORCHVISION = torchvision.models.list_models(torchvision.models)
@@ -49,6 +49,7 @@ def _assert_pruned(name: str) -> None:
     assert result.reload_max_abs_diff <= 1e-6
 
 
+@pytest.mark.slow  # builds each listed torchvision model (6 s)
 def test_the_sweep_knows_which_models_have_batchnorm():
     """The list below is what the sweep expects; it must match the real modules."""
     for name in (*FAST, *WITHOUT_BN, "vgg11", "vgg11_bn", "convnext_tiny"):
@@ -68,7 +69,7 @@ def test_model_without_batchnorm_is_a_one_line_error(name):
 
 
 TIMM_FAST = {  # regnetx_002: grouped convolutions (group width 8); resnest14d: split attention (split-and-merge);
-    "resnet18d", "regnetx_002", "resnest14d", "inception_next_atto",  # ghostnet_100 (8 s) runs under -m slow
+    "regnetx_002", "resnest14d", "inception_next_atto",  # ghostnet_100 (8 s) and resnet18d (residual, as resnet18) run under -m slow
 }
 
 
