@@ -98,6 +98,7 @@ class PruneAndFinetune:
         self.seconds["prune"] = time.perf_counter() - tick
 
     def strip(self, fold: bool) -> None:
+        """Remove the gates (``fold``: into their host BN, see ``strip_gates``); the record says the model has none."""
         strip_gates(self.model, fold)
         self.record = replace(self.record, stripped=True)
 
