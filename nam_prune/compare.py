@@ -230,7 +230,7 @@ class _Arm(PruneAndFinetune):
         self.gradient_batches = gradient_batches  # > 0: the ranking reads the task loss's gradients
 
     def cut(
-        self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None = None, strip: bool = True
+        self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None, strip: bool
     ) -> None:
         """The cut, ranked on the task loss's gradients over ``gradient_batches`` batches when there
         are any; the gradients are cleared once it is done (fine-tuning starts from none)."""

@@ -77,9 +77,9 @@ class PruneAndFinetune:
         return self.metrics
 
     def cut(
-        self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None = None, strip: bool = True
+        self, config: PruneConfig, between: TrainConfig, importance: tp.importance.Importance | None, strip: bool
     ) -> None:
-        """Prune to ``config`` (training ``between`` steps), then strip the gates if ``strip`` and ``config`` say so."""
+        """Prune to ``config`` (training ``between`` steps), then strip the gates if ``strip``."""
         tick = time.perf_counter()
 
         def train_between(step: int) -> None:
@@ -93,7 +93,7 @@ class PruneAndFinetune:
         )
         self.after_prune(self.pruning)
         self.record = replace(self.record, history=self.record.history + self.pruning.history)
-        if strip and config.strip_gates and self.record.nam is not None:  # gate-then-strip: fine-tune the plain model
+        if strip and self.record.nam is not None:  # gate-then-strip: fine-tune the plain model
             self.strip(fold=True)
         self.seconds["prune"] = time.perf_counter() - tick
 

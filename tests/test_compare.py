@@ -261,7 +261,7 @@ def test_taylor_ranks_on_the_task_gradients_and_leaves_none_behind(fashion_root)
 
     dense_macs = count_macs_params(model, record.example_input())[0]
     arm = _Arm(task, model, record, 0, (0.5, 0.1, dense_macs), gradient_batches=2)
-    arm.cut(_prune_config(recipe, 0.5), replace(recipe.finetune, epochs=0), Recorded())
+    arm.cut(_prune_config(recipe, 0.5), replace(recipe.finetune, epochs=0), Recorded(), strip=recipe.prune.strip_gates)
     assert scores and all(bool((s > 0).any()) for s in scores)  # |w * dL/dw| is not zero anywhere a gradient flows
     assert all(p.grad is None for p in model.parameters())  # nothing leaks into fine-tuning
     assert abs(arm.kept - 0.5) <= 0.1
