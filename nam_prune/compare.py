@@ -71,7 +71,7 @@ from nam_prune.prune import (
 )
 from nam_prune.recipe import Recipe, changed_keys
 from nam_prune.sparsity import Scales, batchnorm_scales, gate_scales
-from nam_prune.stages import PruneAndFinetune, penalised_scales
+from nam_prune.stages import PruneAndFinetune
 from nam_prune.surgery import NAMConfig
 from nam_prune.tasks import Task, task_class
 from nam_prune.train import AfterBackward, TrainConfig, TrainState, enable_compile
@@ -170,8 +170,9 @@ def _trained(training: Training, seed: int, folder: Path, task: Task) -> tuple[n
         return model.to(task.device), record, payload.get("score", payload.get("accuracy"))  # older caches: accuracy
     task.reseed(seed)
     after_backward = training.after_backward(model, record, task) if training.after_backward else None
-    penalised = penalised_scales(task, model, record, training.sparsity, task.recipe.prune, training.penalised)
-    task.train(model, training.sparsity, f"{training.name} seed {seed}", penalised=penalised, after_backward=after_backward)
+    task.train(
+        model, training.sparsity, f"{training.name} seed {seed}", penalised=training.penalised, after_backward=after_backward
+    )
     task.recalibrate(model)
     score = task.score(model)
     save(path, model, record, score=score)

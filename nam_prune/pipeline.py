@@ -31,7 +31,7 @@ from nam_prune.int8 import Int8Data, export_int8, int8_results, int8_summary, qu
 from nam_prune.prune import PruneResult, channel_counts, check_prunable, kept_whole_counts
 from nam_prune.recipe import Recipe, changed_keys
 from nam_prune.report import layer_changes, layer_table, summary_table
-from nam_prune.stages import PruneAndFinetune, penalised_scales, train_stage
+from nam_prune.stages import PruneAndFinetune, train_stage
 from nam_prune.tasks import Task, task_class
 from nam_prune.train import TrainState, enable_compile
 
@@ -199,11 +199,9 @@ class _Run(PruneAndFinetune):
     def sparsity(self) -> None:
         """Sparsity training, then the dense model's metrics and a snapshot of its weights (``dense.pt``)."""
         tick = time.perf_counter()
-        config = self.recipe.sparsity
         self.results["sparsity_log"] = train_stage(
-            self.task, self.model, config, "sparsity",
+            self.task, self.model, self.recipe.sparsity, "sparsity",
             on_epoch_end=lambda state: self.checkpoint("sparsity", state), resume=self.resumed("sparsity"),
-            penalised=penalised_scales(self.task, self.model, self.record, config, self.recipe.prune),
         )
         self.timings["sparsity_s"] = time.perf_counter() - tick
         distributed.check_replicas_identical(self.model, "sparsity training")

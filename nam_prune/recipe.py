@@ -68,8 +68,6 @@ class Recipe:
         opening = self.finetune.open_gates
         if self.sparsity.open_gates:
             raise NamPruneError("sparsity.open_gates: gates are opened after the cut; set finetune.open_gates instead")
-        if self.finetune.penalise != "all":
-            raise NamPruneError("finetune.penalise: the cut's scope is for the sparsity penalty; set sparsity.penalise instead")
         if opening and not self.prune.strip_gates:
             raise NamPruneError("finetune.open_gates opens the gates so they can be stripped: set prune.strip_gates: true")
         if opening > self.finetune.epochs:

@@ -34,24 +34,6 @@ Regularizer = Literal["polarization", "l1"]
 Scales = Callable[[nn.Module], list[torch.Tensor]]
 
 
-@dataclass(eq=False)
-class RemovableScales:
-    """Penalised scales narrowed to what the cut can remove (``sparsity.penalise: removable``).
-
-    ``kept`` maps each scale of the model it was made for that the cut may change to how many
-    of its channels the cut keeps at least (``prune.max_pruning_ratio``); the penalty leaves that
-    many of the largest alone. A scale the cut may not change at all (a layer feeding a detection
-    head, a protected block) is not penalised. Penalising those only damages the model: on yolov8n
-    and yolo11n the penalty closed every gate of the P4/P5 neck, whose last layers the cut keeps
-    whole and whose others it may thin to a quarter, never close.
-    """
-
-    kept: dict[torch.Tensor, int]
-
-    def __call__(self, model: nn.Module) -> list[torch.Tensor]:
-        return list(self.kept)
-
-
 @torch.no_grad()
 def apply_sparsity_penalty(
     model: nn.Module,
@@ -61,10 +43,8 @@ def apply_sparsity_penalty(
     spread: float = 1.2,
 ) -> float:
     """Add the regularizer's subgradient times ``strength`` to each penalised scale's gradient
-    (``spread`` is polarization's t; ``RemovableScales`` spare their kept channels); return the
-    penalty value."""
+    (``spread`` is polarization's t); return the penalty value."""
     total = 0.0
-    kept = scales.kept if isinstance(scales, RemovableScales) else {}
     for scale in scales(model):
         if regularizer == "polarization":
             centred = scale - scale.mean()
@@ -73,8 +53,6 @@ def apply_sparsity_penalty(
             value = spread * scale.abs().sum() - centred.abs().sum()
         else:
             step, value = torch.sign(scale), scale.abs().sum()
-        if kept.get(scale):
-            step[scale.abs().topk(kept[scale]).indices] = 0
         if strength > 0 and scale.grad is not None:
             scale.grad.add_(step, alpha=strength)
         total += float(value)

@@ -19,8 +19,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from nam_prune.artifact import ModelRecord
-from nam_prune.prune import PruneConfig, PruneResult, prune_model, removable_scales
-from nam_prune.sparsity import Scales, gate_scales
+from nam_prune.prune import PruneConfig, PruneResult, prune_model
 from nam_prune.surgery import strip_gates
 from nam_prune.tasks import Task
 from nam_prune.train import TrainConfig, TrainState
@@ -35,19 +34,6 @@ def train_stage(task: Task, model: nn.Module, config: TrainConfig, stage: str, *
     if config.epochs:
         task.recalibrate(model)
     return history
-
-
-def penalised_scales(
-    task: Task, model: nn.Module, record: ModelRecord, config: TrainConfig, prune: PruneConfig, scales: Scales = gate_scales
-) -> Scales:
-    """What a training stage's penalty acts on: ``scales``, or with ``penalise: removable`` only what
-    a cut with ``prune`` can remove from ``model``."""
-    if not config.penalty or config.penalise == "all":
-        return scales
-    training = model.training
-    scope = removable_scales(model.eval(), record.example_input(task.device), prune, task.protected(model), scales)
-    model.train(training)
-    return scope
 
 
 class PruneAndFinetune:

@@ -50,9 +50,6 @@ class TrainConfig:
     and open linearly, step by step, into the identity over this many epochs (``NAMGated.opening``
     0 -> 1), so the network learns to do without them and removing them after the stage is exact.
     0 strips them at the cut (``surgery.strip_gates``).
-    penalise: ``all`` puts the penalty on every gate scale (the paper); ``removable`` only on the
-    channels the recipe's cut can remove: none on layers it keeps whole (the convolutions feeding
-    a detection head), and each layer's largest ``1 - prune.max_pruning_ratio`` are spared.
     """
 
     epochs: int = bounded(0, low=0)
@@ -69,7 +66,6 @@ class TrainConfig:
     teacher: str | None = None
     distill: float = bounded(1.0, low=0, low_open=True)
     open_gates: int = bounded(0, low=0)
-    penalise: Literal["all", "removable"] = "all"
 
     @property
     def scales_own_lr(self) -> bool:

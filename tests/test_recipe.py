@@ -89,10 +89,9 @@ def test_missing_and_invalid_files(tmp_path):
         ({"finetune": {"epochs": 4, "open_gates": 2}, "prune": {"strip_gates": False}}, "set prune.strip_gates: true$"),
         ({"finetune": {"epochs": 2, "open_gates": 3}}, "^finetune.open_gates is 3 but finetune.epochs is 2"),
         ({"finetune": {"epochs": 4, "open_gates": 2}, "nam": {"compile": True}}, "set nam.compile: false or finetune.open_gates: 0$"),
-        ({"finetune": {"penalise": "removable"}}, "^finetune.penalise: .* set sparsity.penalise instead$"),
     ],
 )
-def test_stage_settings_that_cannot_work(tree, message):
+def test_gate_opening_settings_that_cannot_work(tree, message):
     with pytest.raises(NamPruneError, match=message):
         recipe_from_dict(tree)
 

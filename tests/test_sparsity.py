@@ -5,9 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nam_prune.gates import NAMChannelGate, channel_gates
-from nam_prune.prune import PruneConfig, removable_scales
-from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats, gate_scales
+from nam_prune.gates import NAMChannelGate
+from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats
 
 LR, P = 0.5, 0.01
 
@@ -126,30 +125,3 @@ def test_tied_scores_warning_says_which_fix_applies(caplog, tie: float, advice: 
     with caplog.at_level("WARNING", logger="nam_prune"):
         warn_if_untrained([ScoredGroup("conv", True, scores, min_keep=1)])
     assert advice in caplog.text
-
-
-@pytest.mark.parametrize("regularizer", ["l1", "polarization"])
-def test_removable_scope_spares_what_the_cut_keeps(tiny_nam_resnet, regularizer):
-    """``sparsity.penalise: removable``: no penalty on a layer the cut keeps whole (here one in
-    ``prune.ignore``), and each other layer's largest ``1 - max_pruning_ratio`` channels go free."""
-    model = tiny_nam_resnet.eval()
-    config = PruneConfig(max_pruning_ratio=0.75, ignore=["layer2.0.conv1"])
-    scope = removable_scales(model, torch.randn(1, 1, 28, 28), config, None, gate_scales)
-    gates = dict(channel_gates(model))
-    assert {name: scope.kept[g.gamma] for name, g in gates.items() if g.gamma in scope.kept} == {
-        "bn1.channel": 2, "layer1.0.bn1.channel": 2, "layer1.0.bn2.channel": 2, "layer2.0.bn2.channel": 4,
-        "layer2.0.downsample.1.channel": 4, "layer3.0.bn1.channel": 8, "layer3.0.bn2.channel": 8,
-        "layer3.0.downsample.1.channel": 8,
-    }
-    for gate in gates.values():
-        with torch.no_grad():
-            gate.gamma.copy_(torch.randperm(gate.gamma.numel()) / gate.gamma.numel() + 0.01)
-        gate.gamma.grad = torch.zeros_like(gate.gamma)
-    apply_sparsity_penalty(model, P, scope, regularizer)
-    assert not gates["layer2.0.bn1.channel"].gamma.grad.any()
-    gamma = gates["layer3.0.bn1.channel"].gamma
-    largest = gamma.detach().topk(8).indices
-    assert not gamma.grad[largest].any()
-    spared = torch.zeros(32, dtype=torch.bool)
-    spared[largest] = True
-    assert gamma.grad[~spared].ne(0).all()

@@ -18,7 +18,7 @@ from nam_prune.prune.graph import (
 from nam_prune.prune.group_sparsity import GroupSparsity
 from nam_prune.prune.importance import NAMImportance, normalize_scores
 from nam_prune.prune.planning import PruneConfig
-from nam_prune.prune.schedule import PruneResult, channel_step_fraction, check_macs_keeps, check_prunable, prune_model, removable_scales
+from nam_prune.prune.schedule import PruneResult, channel_step_fraction, check_macs_keeps, check_prunable, prune_model
 
 __all__ = [
     "GroupSparsity",
@@ -37,6 +37,5 @@ __all__ = [
     "kept_whole_counts",
     "normalize_scores",
     "prune_model",
-    "removable_scales",
     "replay",
 ]

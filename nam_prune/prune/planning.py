@@ -209,23 +209,6 @@ def prunable_groups(
             yield group
 
 
-def channels_kept(
-    model: nn.Module, graph: tp.DependencyGraph, config: PruneConfig, protected: Protected | None, norms: set[nn.Module]
-) -> dict[nn.Module, int]:
-    """Per BatchNorm in ``norms`` that a cut may change: how many of its channels the cut keeps at
-    least (those no prunable group reaches, and ``1 - max_pruning_ratio`` of those it does)."""
-    reached: dict[nn.Module, set[int]] = {}
-    for group in prunable_groups(model, graph, config, protected):
-        for item in group:
-            norm = item.dep.target.module
-            if norm in norms:
-                reached.setdefault(norm, set()).update(int(i) for i in item.idxs)
-    return {
-        norm: norm.num_features - math.floor(len(channels) * config.max_pruning_ratio)
-        for norm, channels in reached.items()
-    }
-
-
 def score_groups(
     model: nn.Module,
     graph: tp.DependencyGraph,

@@ -24,7 +24,6 @@ from nam_prune.prune.planning import (
     PruneConfig,
     ScoredGroup,
     apply_plan,
-    channels_kept,
     fraction_for_macs,
     least_macs,
     macs_step,
@@ -34,7 +33,6 @@ from nam_prune.prune.planning import (
     trial_cut,
     warn_if_untrained,
 )
-from nam_prune.sparsity import RemovableScales, Scales
 
 log = logging.getLogger("nam_prune")
 
@@ -137,17 +135,6 @@ def _unpruned_groups(
     protected = protected or Protected()
     graph = build_graph(model, example_input, protected.stand_ins)
     return score_groups(model, graph, config, {}, importance, protected)
-
-
-def removable_scales(
-    model: nn.Module, example_input: torch.Tensor, config: PruneConfig, protected: Protected | None, scales: Scales
-) -> RemovableScales:
-    """``scales`` (BatchNorm weights: NAM gate or host scales) narrowed to what a cut with ``config`` can remove."""
-    protected = protected or Protected()
-    wanted = {id(scale) for scale in scales(model)}
-    norms = {m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and id(m.weight) in wanted}
-    graph = build_graph(model, example_input, protected.stand_ins)
-    return RemovableScales({norm.weight: kept for norm, kept in channels_kept(model, graph, config, protected, norms).items()})
 
 
 def check_prunable(
