@@ -20,6 +20,7 @@ class YoloConfig:
         latency are reported. batch, workers, amp: as in ultralytics (AMP only acts on CUDA).
     warmup_epochs: ultralytics' learning-rate warm-up of the sparsity stage (its default 3 suits
         long runs only); fine-tuning a trained model starts without one.
+    close_mosaic: ultralytics' epochs at the end of each stage trained without mosaic images.
     """
 
     data: str = "demo"
@@ -30,3 +31,4 @@ class YoloConfig:
     workers: int = bounded(0, low=0)
     amp: bool = True
     warmup_epochs: float = bounded(0.0, low=0)
+    close_mosaic: int = bounded(10, low=0)

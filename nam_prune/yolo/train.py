@@ -144,6 +144,7 @@ def trainer_overrides(
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
         "warmup_epochs": yolo.warmup_epochs if stage == "sparsity" else 0.0,  # a trained model needs no warm-up
+        "close_mosaic": yolo.close_mosaic,
         # ultralytics' own distillation: the head's inputs and outputs, weighted by the teacher's scores
         "distill_model": str(Path(config.teacher).resolve()) if config.teacher else None,
         "dis": ULTRALYTICS_DISTILL_WEIGHT * config.distill,
