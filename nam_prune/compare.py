@@ -171,7 +171,8 @@ def _trained(training: Training, seed: int, folder: Path, task: Task) -> tuple[n
     task.reseed(seed)
     after_backward = training.after_backward(model, record, task) if training.after_backward else None
     task.train(
-        model, training.sparsity, f"{training.name} seed {seed}", penalised=training.penalised, after_backward=after_backward
+        model, training.sparsity, f"{training.name} seed {seed}", penalised=training.penalised, after_backward=after_backward,
+        warm_up=True,
     )
     task.recalibrate(model)
     score = task.score(model)

@@ -201,7 +201,7 @@ class _Run(PruneAndFinetune):
         tick = time.perf_counter()
         self.results["sparsity_log"] = train_stage(
             self.task, self.model, self.recipe.sparsity, "sparsity",
-            on_epoch_end=lambda state: self.checkpoint("sparsity", state), resume=self.resumed("sparsity"),
+            on_epoch_end=lambda state: self.checkpoint("sparsity", state), resume=self.resumed("sparsity"), warm_up=True,
         )
         self.timings["sparsity_s"] = time.perf_counter() - tick
         distributed.check_replicas_identical(self.model, "sparsity training")

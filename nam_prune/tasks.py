@@ -90,10 +90,13 @@ class Task:
         resume: TrainState | None = None,
         penalised: Scales = gate_scales,
         after_backward: AfterBackward | None = None,
+        warm_up: bool = False,
     ) -> list[dict[str, Any]]:
         """Train in place for ``config.epochs`` with ``config.penalty`` on the ``penalised`` scales
         (and ``after_backward`` after each backward pass, where ``exposes_gradients``); returns one
-        log entry per epoch (or stage)."""
+        log entry per epoch (or stage). ``warm_up``: the stage trains the model as built (``run``'s
+        sparsity stage, ``compare``'s first), where a task with a learning-rate warm-up
+        (``yolo.warmup_epochs``) applies it; stages after a cut start from a trained model."""
         raise NotImplementedError
 
     def load_teacher(self, path: str, section: str) -> nn.Module:
@@ -227,7 +230,9 @@ class ClassificationTask(Task):
             insert_nam(model, gates, record.example_input())
         return model.to(self.device), record
 
-    def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None):
+    def train(
+        self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None, warm_up=False
+    ):
         teacher = self.load_teacher(config.teacher, stage) if config.teacher else None  # loaded once, at start
         history = fit(
             model, self.data.train, config, self.device, stage, on_epoch_end=on_epoch_end, resume=resume,

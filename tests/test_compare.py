@@ -81,12 +81,23 @@ DIGITS = {
 }
 
 
-def test_arms_match_to_the_step_round_to_allows_and_record_the_share_kept(tmp_path):
+def test_arms_match_to_the_step_round_to_allows_and_record_the_share_kept(tmp_path, monkeypatch):
     from rich.console import Console
 
     from nam_prune.compare import summary_table
+    from nam_prune.tasks import ClassificationTask
 
+    stages: list[tuple[str, bool]] = []
+    train = ClassificationTask.train
+
+    def recorded(self, model, config, stage, *args, warm_up=False, **kwargs):
+        stages.append((stage, warm_up))
+        return train(self, model, config, stage, *args, warm_up=warm_up, **kwargs)
+
+    monkeypatch.setattr(ClassificationTask, "train", recorded)
     state = compare(recipe_from_dict(DIGITS), ["nam", "random"], [0.5], [0], tmp_path)
+    # only the training of the model as built warms up (yolo.warmup_epochs), as run's sparsity stage
+    assert [warm for _, warm in stages] == [True, False, True, False], stages
     tolerance = state["macs_tolerance"]
     assert 0.02 + 0.2 < tolerance < 0.02 + 0.3  # a 16-channel block of the 32-wide stage: ~25% of the MACs
     assert json.loads((tmp_path / "compare.json").read_text())["macs_tolerance"] == tolerance

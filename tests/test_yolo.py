@@ -506,9 +506,9 @@ def test_ultralytics_training_opens_the_gates_batch_by_batch_in_the_model_and_it
 
 
 
-def test_trainer_overrides_warm_up_only_sparsity_and_pass_close_mosaic(tmp_path):
-    """The yolo section reaches ultralytics: warm-up in the sparsity stage only (a trained model
-    needs none), ``close_mosaic`` in every stage."""
+def test_trainer_overrides_warm_up_only_the_first_stage_and_pass_close_mosaic(tmp_path):
+    """The yolo section reaches ultralytics: warm-up only where the stage trains the model as built
+    (a trained model needs none), ``close_mosaic`` in every stage."""
     from nam_prune.train import TrainConfig
     from nam_prune.yolo.config import YoloConfig
     from nam_prune.yolo.train import trainer_overrides
@@ -516,8 +516,8 @@ def test_trainer_overrides_warm_up_only_sparsity_and_pass_close_mosaic(tmp_path)
     yolo = YoloConfig(warmup_epochs=2.0, close_mosaic=20)
     config = TrainConfig(epochs=20, optimizer="adamw", lr=5e-4)
     stages = {
-        stage: trainer_overrides(config, yolo, tmp_path / "data.yaml", torch.device("cpu"), tmp_path, stage, 0)
-        for stage in ("sparsity", "finetune")
+        stage: trainer_overrides(config, yolo, tmp_path / "data.yaml", torch.device("cpu"), tmp_path, stage, 0, stage != "finetune")
+        for stage in ("namseed0", "finetune")
     }
     assert [(o["warmup_epochs"], o["close_mosaic"], o["optimizer"], o["lr0"]) for o in stages.values()] == [
         (2.0, 20, "AdamW", 5e-4), (0.0, 20, "AdamW", 5e-4),

@@ -230,13 +230,17 @@ class DetectionTask(Task):
         if self.data_yaml is None:
             self.data_yaml = built_in_data_yaml(self.yolo.data, folder, self.yolo.imgsz)
 
-    def train(self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None):
+    def train(
+        self, model, config, stage, on_epoch_end=None, resume=None, penalised=gate_scales, after_backward=None, warm_up=False
+    ):
         if after_backward is not None:  # ultralytics' trainer runs the backward pass (exposes_gradients is False)
             raise NamPruneError(f"{stage}: detectors train through ultralytics, which takes no after_backward hook")
         if not config.epochs:  # e.g. a run that starts from a trained dense.pt
             return []
         label = stage.replace(" ", "")  # ultralytics' run sub-folder
-        overrides = trainer_overrides(config, self.yolo, self.data_yaml, self.device, self.folder, label, self.recipe.seed)
+        overrides = trainer_overrides(
+            config, self.yolo, self.data_yaml, self.device, self.folder, label, self.recipe.seed, warm_up
+        )
         console.print(f"{stage}: {config.epochs} epoch(s) with ultralytics (log: {self.log_file})", soft_wrap=True)
         with ultralytics_output(self.log_file):
             log = train_detector(model, overrides, config, penalised)

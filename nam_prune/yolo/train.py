@@ -126,9 +126,11 @@ ULTRALYTICS_DISTILL_WEIGHT = 6.0  # ultralytics' default ``dis``
 
 
 def trainer_overrides(
-    config: TrainConfig, yolo: YoloConfig, data_yaml: Path, device: torch.device, folder: Path, stage: str, seed: int
+    config: TrainConfig, yolo: YoloConfig, data_yaml: Path, device: torch.device, folder: Path, stage: str, seed: int,
+    warm_up: bool,
 ) -> dict[str, Any]:
-    """ultralytics ``train`` arguments for one stage of a recipe (the model itself is handed over in memory)."""
+    """ultralytics ``train`` arguments for one stage of a recipe (the model itself is handed over in
+    memory); ``warm_up`` for the stage that trains the model as built (a trained model needs none)."""
     return {
         "model": "nam-prune",  # a label: NAMDetectionTrainer is given the model object
         "data": str(data_yaml),
@@ -143,7 +145,7 @@ def trainer_overrides(
         "cos_lr": config.schedule == "cosine",
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
-        "warmup_epochs": yolo.warmup_epochs if stage == "sparsity" else 0.0,  # a trained model needs no warm-up
+        "warmup_epochs": yolo.warmup_epochs if warm_up else 0.0,
         "close_mosaic": yolo.close_mosaic,
         # ultralytics' own distillation: the head's inputs and outputs, weighted by the teacher's scores
         "distill_model": str(Path(config.teacher).resolve()) if config.teacher else None,
