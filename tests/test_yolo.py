@@ -31,10 +31,12 @@ from nam_prune.models import ModelSpec
 from nam_prune.prune import PruneConfig, count_macs_params, prune_model
 from nam_prune.recipe import load_recipe
 from nam_prune.surgery import NAMConfig, insert_nam
+from nam_prune.train import TrainConfig
+from nam_prune.yolo.config import YoloConfig
 from nam_prune.yolo.data import DEMO_NAMES, build_demo_set, ultralytics_assets
 from nam_prune.yolo.models import C2fSplitFree, build_yolo, make_split_free, scope_prefixes
 from nam_prune.yolo.task import DetectionTask, detect_export_mode, protection, save_ultralytics
-from nam_prune.yolo.train import NAMDetectionTrainer, OnnxDetector
+from nam_prune.yolo.train import NAMDetectionTrainer, OnnxDetector, trainer_overrides
 
 SIZE = 128
 
@@ -480,7 +482,6 @@ def test_ultralytics_training_opens_the_gates_batch_by_batch_in_the_model_and_it
     and keeps get the same opening before each batch, 0 at the first and 1 at the last of its epochs."""
     from types import SimpleNamespace
 
-    from nam_prune.train import TrainConfig
     from nam_prune.yolo.train import _open_gates_while_training
 
     model = build_yolo("yolov8n.yaml", 2, 3)
@@ -505,20 +506,15 @@ def test_ultralytics_training_opens_the_gates_batch_by_batch_in_the_model_and_it
     assert seen == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1])
 
 
-
 def test_trainer_overrides_warm_up_only_the_first_stage_and_pass_close_mosaic(tmp_path):
     """The yolo section reaches ultralytics: warm-up only where the stage trains the model as built
     (a trained model needs none), ``close_mosaic`` in every stage."""
-    from nam_prune.train import TrainConfig
-    from nam_prune.yolo.config import YoloConfig
-    from nam_prune.yolo.train import trainer_overrides
-
     yolo = YoloConfig(warmup_epochs=2.0, close_mosaic=20)
     config = TrainConfig(epochs=20, optimizer="adamw", lr=5e-4)
-    stages = {
-        stage: trainer_overrides(config, yolo, tmp_path / "data.yaml", torch.device("cpu"), tmp_path, stage, 0, stage != "finetune")
-        for stage in ("namseed0", "finetune")
-    }
-    assert [(o["warmup_epochs"], o["close_mosaic"], o["optimizer"], o["lr0"]) for o in stages.values()] == [
+    overrides = [
+        trainer_overrides(config, yolo, tmp_path / "data.yaml", torch.device("cpu"), tmp_path, label, 0, warm_up)
+        for label, warm_up in (("namseed0", True), ("finetune", False))
+    ]
+    assert [(o["warmup_epochs"], o["close_mosaic"], o["optimizer"], o["lr0"]) for o in overrides] == [
         (2.0, 20, "AdamW", 5e-4), (0.0, 20, "AdamW", 5e-4),
     ]

@@ -18,8 +18,9 @@ class YoloConfig:
     scope: where NAM gates go and what is pruned: ``backbone`` or ``backbone+neck``.
     imgsz: training and validation image size. report_imgsz: size at which GFLOPs and
         latency are reported. batch, workers, amp: as in ultralytics (AMP only acts on CUDA).
-    warmup_epochs: ultralytics' learning-rate warm-up of the sparsity stage (its default 3 suits
-        long runs only); fine-tuning a trained model starts without one.
+    warmup_epochs: ultralytics' learning-rate warm-up of the stage that trains the model as built
+        (``run``'s sparsity stage, ``compare``'s first; its default 3 suits long runs only);
+        fine-tuning a trained model starts without one.
     close_mosaic: ultralytics' epochs at the end of each stage trained without mosaic images.
     """
 
