@@ -194,4 +194,5 @@ def as_stored_today(stored: dict[str, Any]) -> dict[str, Any]:
     """A recipe dict saved by an earlier version (in ``last.pt``, ``compare.json``) as ``to_dict``
     writes it today: keys added since take their defaults, and the ``sections`` copy older files
     kept beside the family sections goes."""
-    return _with_defaults({k: v for k, v in stored.items() if k != "sections"}, Recipe().to_dict())
+    defaults = {**Recipe().to_dict(), **{name: asdict(cls()) for name, cls in family_sections().items()}}
+    return _with_defaults({k: v for k, v in stored.items() if k != "sections"}, defaults)

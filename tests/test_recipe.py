@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nam_prune.errors import NamPruneError
-from nam_prune.recipe import Recipe, load_recipe, recipe_from_dict
+from nam_prune.recipe import Recipe, changed_keys, load_recipe, recipe_from_dict
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 
@@ -100,3 +100,12 @@ def test_gate_opening_rises_linearly_to_one_at_the_last_step_of_its_epochs():
     config = recipe_from_dict({"finetune": {"epochs": 5, "open_gates": 2}}).finetune
     openings = [config.gate_opening(step, steps_per_epoch=3) for step in range(9)]
     assert openings == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1])
+
+
+def test_a_recipe_stored_before_a_family_key_existed_matches_today():
+    """compare.json and last.pt keep the recipe they ran; a key added to a family section since
+    (``yolo.close_mosaic``) ran with its default, so resuming must not call the recipe another."""
+    today = Recipe().to_dict() | {"yolo": {**load_recipe(RECIPES[0]).to_dict()["yolo"]}}
+    stored = {**today, "yolo": {k: v for k, v in today["yolo"].items() if k != "close_mosaic"}}
+    assert changed_keys(stored, today) == ""
+    assert changed_keys({**stored, "yolo": {**stored["yolo"], "imgsz": 320}}, today) == "yolo.imgsz: 320 there, 640 here"
