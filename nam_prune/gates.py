@@ -295,14 +295,10 @@ class NAMChannelGate(nn.Module):
 
 
 @torch.no_grad()
-def affine_fit(gate: NAMChannelGate, nodes: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(e, f)`` that best replace the eval-mode gate by ``e u + f``.
-
-    Least squares over the gate's own input distribution, ``u ~ N(running_mean, running_var)``
-    of its BN (the statistics it saw in training), by Gauss-Hermite quadrature:
-    ``e = Cov(u, gate(u)) / Var(u)``, ``f = E[gate(u)] - e E[u]``. Folded into the host BN,
-    it lets ``strip_gates`` hand fine-tuning a model close to the gated one.
-    """
+def gate_response(gate: NAMChannelGate, nodes: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The eval-mode gate over its own input distribution, ``u ~ N(running_mean, running_var)`` of its
+    BN (the statistics it saw in training), by Gauss-Hermite quadrature: per channel, the ``nodes``
+    inputs ``u``, the gate's outputs at them and the quadrature weights (summing to 1), in float64."""
     points, weights = np.polynomial.hermite_e.hermegauss(nodes)
     bn = gate.bn
     device = bn.running_mean.device
@@ -313,9 +309,22 @@ def affine_fit(gate: NAMChannelGate, nodes: int = 48) -> tuple[torch.Tensor, tor
     out = u * torch.sigmoid(a * u + b)
     if gate.closing:
         out = out * bn.weight.double().abs()[:, None]
+    return u, out, weights
+
+
+@torch.no_grad()
+def affine_fit(gate: NAMChannelGate, nodes: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(e, f)`` that best replace the eval-mode gate by ``e u + f``.
+
+    Least squares over the gate's own input distribution (``gate_response``):
+    ``e = Cov(u, gate(u)) / Var(u)``, ``f = E[gate(u)] - e E[u]``. Folded into the host BN,
+    it lets ``strip_gates`` hand fine-tuning a model close to the gated one.
+    """
+    u, out, weights = gate_response(gate, nodes)
+    mean, var = gate.bn.running_mean.double(), gate.bn.running_var.double().clamp_min(1e-12)
     expected = out @ weights
     slope = ((u - mean[:, None]) * out) @ weights / var
-    dtype = bn.weight.dtype
+    dtype = gate.bn.weight.dtype
     return slope.to(dtype), (expected - slope * mean).to(dtype)
 
 

@@ -18,11 +18,12 @@ import torch
 from benchmarks import names, summary
 from benchmarks.__main__ import main as dispatch
 from benchmarks.timing import RESULTS, result_path
+from nam_prune.compare import compare
 from nam_prune.pipeline import run
-from nam_prune.recipe import load_recipe
+from nam_prune.recipe import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-KEPT = ["gate_cost", "int8", "int8_sensitivity", "latency_floor", "latency_target", "nam_gate", "profile_ops",
+KEPT = ["gate_cost", "int8", "int8_sensitivity", "latency_floor", "latency_target", "nam_gate", "nam_scoring", "profile_ops",
         "prune_overhead", "run_speedup", "speedup", "train_overhead", "yolo_width_control"]
 RUNTIMES = [f"{runtime}_{batch}" for batch in ("bs1", "bs32") for runtime in ("torch", "torchscript", "ort")]
 
@@ -227,3 +228,25 @@ def test_gate_cost(tmp_path, fashion_root):
     assert (result["model"], result["epochs"], result["seeds"]) == ("resnet8", 1, [0])
     assert sorted(result["top1"]) == ["gated", "gated_except", "plain"]
     assert all(len(v) == 1 and 0 < v[0] <= 1 for v in result["top1"].values())
+
+
+@pytest.mark.slow
+def test_nam_scoring_recuts_the_compare_models_and_reproduces_its_nam_arm(tmp_path):
+    """The digits quickstart's compare, then its NAM models re-cut: compare's own ranking again
+    gives the same arm to the digit; the spread score meets the same budget."""
+    tiny = {"model": {"name": "resnet8", "width": 16}, "prune": {"round_to": 1},
+            "data": {"name": "digits", "root": "", "train_subset": 256, "test_subset": 128, "batch_size": 64},
+            "sparsity": {"epochs": 1}, "finetune": {"epochs": 1}, "recalibrate": {"batches": 2},
+            "report": {"latency_runs": 1, "warmup": 0}}
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(json.dumps(tiny))  # JSON is YAML
+    compare(recipe_from_dict(tiny), ["nam"], [0.5], [0], tmp_path / "compare")
+    result = run_benchmark("nam_scoring", [str(recipe_file), "--from", str(tmp_path / "compare"), "--output",
+                                           str(tmp_path / "scoring"), "--scores", "nam_again,nam_std",
+                                           "--macs-keep", "0.5", "--seeds", "0", "--threads", "1"], tmp_path)
+    arms = {a["criterion"]: a for a in result["arms"]}
+    assert set(arms) == {"nam", "nam_again", "nam_std"}
+    same = ("macs", "params", "accuracy_pruned", "accuracy_recalibrated", "accuracy")
+    assert [arms["nam_again"][k] for k in same] == [arms["nam"][k] for k in same]
+    assert abs(arms["nam_std"]["macs_kept"] - 0.5) <= 0.02 and arms["nam_std"]["accuracy"] > 0.1
+    assert {row["criterion"] for row in result["summary"]} == {"nam", "nam_again", "nam_std"}

@@ -45,6 +45,10 @@ class NAMImportance(tp.importance.Importance):
         self.normalizer = normalizer
         self.fallback = fallback
 
+    def magnitude(self, norm: nn.BatchNorm2d, is_gate: bool) -> torch.Tensor:
+        """One norm's per-channel score before ``normalize_scores``: its |gamma|."""
+        return norm.weight.detach().abs().float().cpu()
+
     @torch.no_grad()
     def __call__(self, group: tp.Group) -> torch.Tensor | None:
         size = len(group[0].idxs)
@@ -55,7 +59,7 @@ class NAMImportance(tp.importance.Importance):
             if not isinstance(norm, nn.BatchNorm2d) or norm.weight is None:
                 continue
             is_gate = norm in self.gate_norms
-            scores = normalize_scores(norm.weight.detach().abs().float().cpu(), self.normalizer)
+            scores = normalize_scores(self.magnitude(norm, is_gate), self.normalizer)
             root = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
             local = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
             sums[is_gate].index_add_(0, root, scores[local])
