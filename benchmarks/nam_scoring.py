@@ -12,11 +12,10 @@ seeds) with other scores, through compare's own arms (same budgets, recalibratio
 * ``nam_raw``: |gamma| without the layer normalization (``prune.normalizer: none``).
 * ``nam_again``: compare's own NAM ranking, re-run: the check that an arm reproduces.
 
-    python -m benchmarks nam_scoring RECIPE --from runs/compare-X --output runs/scoring-X
+    python -m benchmarks nam_scoring RECIPE [OVERRIDES ...] --from runs/compare-X --output runs/scoring-X
         [--scores nam_std,nam_std_mean,nam_raw] [--macs-keep 0.5,0.3] [--seeds 0,1,2] [--threads N] [--json NAME.json]
-        [OVERRIDES ...]
 
-``RECIPE`` and ``OVERRIDES`` must be the compare's; ``--from``'s ``compare.json`` and NAM caches are
+``RECIPE`` and ``OVERRIDES`` (right after it) must be the compare's; ``--from``'s ``compare.json`` and NAM caches are
 copied into ``--output``, so its other criteria stand beside the new scores for the paired differences.
 """
 
@@ -24,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -32,16 +31,18 @@ import torch.nn as nn
 
 from benchmarks.timing import add_options, benchmark_parser, parse, write_result
 from nam_prune import compare as compare_module
+from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMChannelGate, gate_response
 from nam_prune.prune.importance import NAMImportance
+from nam_prune.prune.planning import PruneConfig
 from nam_prune.recipe import load_recipe
 
 
 class GateSpreadImportance(NAMImportance):
     """NAM's grouping, with each gate's channels scored by the spread of the gate's output."""
 
-    def __init__(self, model: nn.Module, normalizer: str) -> None:
-        super().__init__(model, normalizer, fallback="bn")
+    def __init__(self, model: nn.Module, normalizer: str, fallback: str) -> None:
+        super().__init__(model, normalizer, fallback)
         self.spread = {}
         for gate in (m for m in model.modules() if isinstance(m, NAMChannelGate)):
             _, out, weights = gate_response(gate)
@@ -52,12 +53,13 @@ class GateSpreadImportance(NAMImportance):
         return self.spread[norm] if is_gate else super().magnitude(norm, is_gate)
 
 
-SCORES = {
-    "nam_std": lambda model: GateSpreadImportance(model, "none"),
-    "nam_std_mean": lambda model: GateSpreadImportance(model, "mean"),
-    "nam_raw": lambda model: NAMImportance(model, "none", "bn"),
-    "nam_again": lambda model: NAMImportance(model, "mean", "bn"),
+SCORES: dict[str, Callable[[nn.Module, PruneConfig], NAMImportance]] = {
+    "nam_std": lambda model, prune: GateSpreadImportance(model, "none", prune.fallback),
+    "nam_std_mean": lambda model, prune: GateSpreadImportance(model, "mean", prune.fallback),
+    "nam_raw": lambda model, prune: NAMImportance(model, "none", prune.fallback),
+    "nam_again": lambda model, prune: NAMImportance(model, prune.normalizer, prune.fallback),
 }
+"""Each score from the model and the recipe's ``prune`` section (``nam_again`` is compare's ``nam``)."""
 
 
 @contextlib.contextmanager
@@ -69,7 +71,7 @@ def scores_as_criteria(names: list[str]) -> Iterator[None]:
     compare_module.CRITERIA = (*criteria, *names)
     compare_module._training = lambda criterion, recipe: training("nam" if criterion in names else criterion, recipe)
     compare_module._importance = lambda criterion, model, recipe, seed: (
-        SCORES[criterion](model) if criterion in names else importance(criterion, model, recipe, seed)
+        SCORES[criterion](model, recipe.prune) if criterion in names else importance(criterion, model, recipe, seed)
     )
     try:
         yield
@@ -92,7 +94,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(names) - set(SCORES))
     if unknown:
         parser.error(f"unknown scores {', '.join(unknown)}; choose from {', '.join(SCORES)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        keeps = [float(k) for k in args.macs_keep.split(",")]
+    except ValueError:
+        parser.error("--seeds takes integers and --macs-keep numbers, comma-separated")
+    try:
+        recipe = load_recipe(args.recipe, tuple(args.overrides))
+    except NamPruneError as error:
+        parser.error(str(error))
     caches = [args.source / f"trained_nam_seed{seed}.pt" for seed in seeds]
     missing = [str(path) for path in [args.source / "compare.json", *caches] if not path.is_file()]
     if missing:
@@ -101,8 +111,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path in [args.source / "compare.json", *caches]:
         if not (args.output / path.name).exists():
             shutil.copy2(path, args.output / path.name)
-    recipe = load_recipe(args.recipe, tuple(args.overrides))
-    keeps = [float(k) for k in args.macs_keep.split(",")]
     with scores_as_criteria(names):
         state = compare_module.compare(recipe, names, keeps, seeds, args.output)
         criteria = sorted({a["criterion"] for a in state["arms"]} - {"dense"}, key=lambda c: (c not in names, c))

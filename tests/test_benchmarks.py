@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nam_prune.compare as compare_module
 from benchmarks import names, summary
 from benchmarks.__main__ import main as dispatch
 from benchmarks.timing import RESULTS, result_path
@@ -232,16 +233,19 @@ def test_gate_cost(tmp_path, fashion_root):
 
 @pytest.mark.slow
 def test_nam_scoring_recuts_the_compare_models_and_reproduces_its_nam_arm(tmp_path):
-    """The digits quickstart's compare, then its NAM models re-cut: compare's own ranking again
-    gives the same arm to the digit; the spread score meets the same budget."""
+    """A tiny digits compare, then its NAM models re-cut (an override after the recipe, as the
+    compare had it): compare's own ranking again gives the same arm to the digit, the spread score
+    meets the same budget, and compare's criteria are its own again afterwards."""
     tiny = {"model": {"name": "resnet8", "width": 16}, "prune": {"round_to": 1},
             "data": {"name": "digits", "root": "", "train_subset": 256, "test_subset": 128, "batch_size": 64},
             "sparsity": {"epochs": 1}, "finetune": {"epochs": 1}, "recalibrate": {"batches": 2},
             "report": {"latency_runs": 1, "warmup": 0}}
     recipe_file = tmp_path / "tiny.yaml"
     recipe_file.write_text(json.dumps(tiny))  # JSON is YAML
-    compare(recipe_from_dict(tiny), ["nam"], [0.5], [0], tmp_path / "compare")
-    result = run_benchmark("nam_scoring", [str(recipe_file), "--from", str(tmp_path / "compare"), "--output",
+    criteria = compare_module.CRITERIA, compare_module._training, compare_module._importance
+    torch.set_num_threads(1)  # as the benchmark's --threads 1: the arms must match to the digit
+    compare(recipe_from_dict({**tiny, "finetune": {"epochs": 1, "lr": 0.02}}), ["nam"], [0.5], [0], tmp_path / "compare")
+    result = run_benchmark("nam_scoring", [str(recipe_file), "finetune.lr=0.02", "--from", str(tmp_path / "compare"), "--output",
                                            str(tmp_path / "scoring"), "--scores", "nam_again,nam_std",
                                            "--macs-keep", "0.5", "--seeds", "0", "--threads", "1"], tmp_path)
     arms = {a["criterion"]: a for a in result["arms"]}
@@ -250,3 +254,4 @@ def test_nam_scoring_recuts_the_compare_models_and_reproduces_its_nam_arm(tmp_pa
     assert [arms["nam_again"][k] for k in same] == [arms["nam"][k] for k in same]
     assert abs(arms["nam_std"]["macs_kept"] - 0.5) <= 0.02 and arms["nam_std"]["accuracy"] > 0.1
     assert {row["criterion"] for row in result["summary"]} == {"nam", "nam_again", "nam_std"}
+    assert (compare_module.CRITERIA, compare_module._training, compare_module._importance) == criteria
