@@ -108,7 +108,9 @@ def _resume_point(recipe: Recipe, recipe_dict: dict[str, Any]) -> tuple[Path, di
         )
     path = interrupted[-1] / LAST
     payload = read_checkpoint(path)
-    changed = changed_keys(payload.get("recipe") or {}, recipe_dict)
+    if not payload.get("recipe"):
+        raise NamPruneError(f"{path} records no recipe, so it cannot be resumed: run without --resume to start over")
+    changed = changed_keys(payload["recipe"], recipe_dict)
     if changed:
         raise NamPruneError(
             f"{path} was written by a different recipe ({changed}); "

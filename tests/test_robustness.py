@@ -441,7 +441,7 @@ def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
 
     recipe = load_recipe(RECIPE, [*TINY, f"output={tmp_path / 'run'}"])
     older = recipe.to_dict()
-    del older["export"], older["prune"]["latency_keep"], older["prune"]["runtime"]
+    del older["export"], older["prune"]["latency_keep"], older["prune"]["runtime"], older["yolo"]["close_mosaic"]
     (tmp_path / "run").mkdir()
     write_checkpoint(tmp_path / "run" / "last.pt", {"recipe": older})
     folder, _ = _resume_point(recipe, recipe.to_dict())
@@ -449,3 +449,6 @@ def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
     changed = load_recipe(RECIPE, [*TINY, "finetune.lr=0.001", f"output={tmp_path / 'run'}"])
     with pytest.raises(NamPruneError, match=r"different recipe \(finetune.lr: 0.005 there, 0.001 here\); resume with"):
         _resume_point(changed, changed.to_dict())
+    write_checkpoint(tmp_path / "run" / "last.pt", {"state_dict": {}})  # not written by run: nothing to compare with
+    with pytest.raises(NamPruneError, match=r"records no recipe, so it cannot be resumed: run without --resume"):
+        _resume_point(recipe, recipe.to_dict())
