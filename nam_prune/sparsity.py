@@ -31,6 +31,8 @@ def batchnorm_scales(model: nn.Module) -> list[torch.Tensor]:
 
 
 Regularizer = Literal["polarization", "l1"]
+RegularizerChoice = Literal["auto", "polarization", "l1"]
+"""What a recipe may ask for: ``auto`` is resolved per model (``surgery.resolved_regularizer``)."""
 Scales = Callable[[nn.Module], list[torch.Tensor]]
 
 

@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Literal
 
 import torch
@@ -22,7 +22,16 @@ from nam_prune.config import bounded
 from nam_prune.console import progress_bar
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import set_gate_opening, use_compiled_gates
-from nam_prune.sparsity import GammaStats, Regularizer, Scales, apply_sparsity_penalty, clamp_scales, gamma_stats, gate_scales
+from nam_prune.sparsity import (
+    GammaStats,
+    RegularizerChoice,
+    Scales,
+    apply_sparsity_penalty,
+    clamp_scales,
+    gamma_stats,
+    gate_scales,
+)
+from nam_prune.surgery import resolved_regularizer
 
 log = logging.getLogger("nam_prune")
 
@@ -34,8 +43,9 @@ AfterBackward = Callable[[nn.Module], None]
 class TrainConfig:
     """Optimiser and schedule for one training stage.
 
-    penalty: sparsity strength p (0 = plain training); regularizer: ``polarization``
-    (default, with t = ``polarization_t``; scales clamped to [0, 1]) or ``l1`` (the paper's).
+    penalty: sparsity strength p (0 = plain training); regularizer: ``polarization`` (with t =
+    ``polarization_t``; scales clamped to [0, 1]), ``l1`` (the paper's) or ``auto`` (the default: polarization
+    on ResNets, L1 elsewhere and for the paper's gate, ``surgery.resolved_regularizer``; polarization on detectors).
     milestones: fractions of the epochs where a ``multistep`` schedule divides the learning
     rate by 10. scale_lr: the penalised scales' learning rate as a multiple of ``lr``. AdamW
     moves a parameter about ``lr`` per step whatever the penalty's size, so at lr 1e-3 a gamma
@@ -60,7 +70,7 @@ class TrainConfig:
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     penalty: float = bounded(0.0, low=0)
-    regularizer: Regularizer = "polarization"
+    regularizer: RegularizerChoice = "auto"
     polarization_t: float = bounded(1.2, low=1)
     scale_lr: float = bounded(1.0, low=0, low_open=True)
     teacher: str | None = None
@@ -203,6 +213,10 @@ def fit(
     """
     if config.epochs == 0:
         return []
+    if config.regularizer == "auto":
+        config = replace(config, regularizer=resolved_regularizer(model, config.regularizer))
+        if config.penalty:
+            log.info("%s: sparsity.regularizer auto is %s for this model", stage, config.regularizer)
     model.to(device)
     trained = distributed.wrap(model, device)  # DDP under torchrun; the penalty finds the gates through it
     if compiled:  # a fresh cache: each pruned architecture would otherwise count towards recompile_limit

@@ -5,10 +5,12 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from nam_prune.data import DataConfig, load_data
 from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMChannelGate, NAMGated, NAMSpatialGate
 from nam_prune.models import ModelSpec, build_model
-from nam_prune.surgery import NAMConfig, insert_nam
+from nam_prune.surgery import NAMConfig, insert_nam, resolved_regularizer
+from nam_prune.train import TrainConfig, fit
 
 
 def _count(model, kind):
@@ -76,6 +78,31 @@ def test_auto_gate_bias_is_zero_for_resnets_and_the_papers_gate_and_open_elsewhe
     assert biases(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))) == {6.0}
     assert resolved(build_model(resnet), NAMConfig()).gate_bias == 0.0  # what records store: the number used
     assert resolved(build_model(resnet), NAMConfig(gate_bias=3)).gate_bias == 3
+
+
+def test_auto_regularizer_is_polarization_on_gated_resnets_and_l1_elsewhere():
+    """sparsity.regularizer: auto follows the measurements (docs/ranking.md): polarization for closing
+    gates on ResNets, L1 for open-gate architectures and the paper's gate, and fit trains with it."""
+    resnet = ModelSpec("resnet8", num_classes=10, in_channels=1, width=8)
+
+    def gated(model: nn.Module, gate: str = "closing") -> nn.Module:
+        return insert_nam(model, NAMConfig(gate=gate))
+
+    assert resolved_regularizer(gated(build_model(resnet)), "auto") == "polarization"
+    assert resolved_regularizer(gated(torchvision.models.mobilenet_v2(num_classes=10)), "auto") == "l1"
+    assert resolved_regularizer(gated(build_model(resnet), gate="reference"), "auto") == "l1"
+    assert resolved_regularizer(build_model(resnet), "auto") == "polarization"  # a gate-free control
+    assert resolved_regularizer(gated(torchvision.models.mobilenet_v2(num_classes=10)), "polarization") == "polarization"
+    # fit applies the resolved form: polarization clamps the gate scales into [0, 1], L1 does not
+    torch.manual_seed(0)
+    digits = load_data(DataConfig(name="digits", root="", batch_size=64, train_subset=256, test_subset=64), seed=0)
+    config = TrainConfig(epochs=1, penalty=5e-3, lr=0.5)
+    for model, clamped in ((gated(build_model(resnet)), True), (gated(build_model(resnet), gate="reference"), False)):
+        for gate in (m for m in model.modules() if isinstance(m, NAMChannelGate)):
+            nn.init.constant_(gate.bn.weight, 1.5)
+        fit(model, digits.train, config, torch.device("cpu"), "sparsity")
+        top = max(float(m.bn.weight.detach().max()) for m in model.modules() if isinstance(m, NAMChannelGate))
+        assert (top <= 1.0) == clamped, top
 
 
 def test_gate_bias_starts_a_closing_gate_near_the_identity():

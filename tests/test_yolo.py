@@ -36,7 +36,7 @@ from nam_prune.yolo.config import YoloConfig
 from nam_prune.yolo.data import DEMO_NAMES, build_demo_set, ultralytics_assets
 from nam_prune.yolo.models import C2fSplitFree, build_yolo, make_split_free, scope_prefixes
 from nam_prune.yolo.task import DetectionTask, detect_export_mode, protection, save_ultralytics
-from nam_prune.yolo.train import NAMDetectionTrainer, OnnxDetector, trainer_overrides
+from nam_prune.yolo.train import NAMDetectionTrainer, OnnxDetector, detector_sparsity, trainer_overrides
 
 SIZE = 128
 
@@ -518,3 +518,9 @@ def test_trainer_overrides_warm_up_only_the_first_stage_and_pass_close_mosaic(tm
     assert [(o["warmup_epochs"], o["close_mosaic"], o["optimizer"], o["lr0"]) for o in overrides] == [
         (2.0, 20, "AdamW", 5e-4), (0.0, 20, "AdamW", 5e-4),
     ]
+
+
+def test_auto_regularizer_is_polarization_on_detectors():
+    """Every detector figure was measured with polarization; an explicit choice is kept."""
+    assert detector_sparsity(TrainConfig(penalty=0.16)).regularizer == "polarization"
+    assert detector_sparsity(TrainConfig(penalty=0.16, regularizer="l1")).regularizer == "l1"

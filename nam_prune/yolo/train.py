@@ -19,7 +19,7 @@ import contextlib
 import copy
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -190,12 +190,17 @@ def _open_gates_while_training(trainer: DetectionTrainer, config: TrainConfig) -
     trainer.add_callback("on_train_batch_start", open_gates)
 
 
+def detector_sparsity(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``regularizer: auto`` made polarization: every detector figure was measured with it."""
+    return replace(config, regularizer="polarization") if config.regularizer == "auto" else config
+
+
 def train_detector(
     model: nn.Module, overrides: dict[str, Any], config: TrainConfig, penalised: Scales = gate_scales
 ) -> StageLog:
     """Train ``model`` in place with ultralytics (EMA weights kept, as ultralytics deploys them)."""
     trainer = NAMDetectionTrainer(overrides=overrides)
-    trainer.sparsity = config
+    trainer.sparsity = detector_sparsity(config)
     trainer.penalised = penalised
     trainer.model = model
     if config.open_gates:
