@@ -6,8 +6,8 @@ detectors by mAP50-95 (``map50_95``); every score key below carries that name.
 Each criterion gets the same data, epochs, fine-tune and seeds; only the gates, what the
 first training penalises and how channels are ranked differ:
 
-* ``nam``: the recipe's NAM gates and sparsity training (default: closing gates, polarization),
-  ranked by ``NAMImportance``;
+* ``nam``: the recipe's NAM gates and sparsity training (default: closing gates; ``sparsity.regularizer:
+  auto``, polarization on ResNets, L1 elsewhere), ranked by ``NAMImportance``;
 * ``nam_reference``: the paper's gate and penalty (``sigmoid(w * BN(x)) * x``, L1, p = 1e-4);
 * ``bn_slimming``: no gates, L1 on every BN gamma at the recipe's p (network slimming), ranked
   by |BN gamma|; ``bn_slimming_polarized``: the same with the polarization penalty;

@@ -17,6 +17,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn as nn
 
+from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMChannelGate, NAMSpatialGate, channel_gates
 
 
@@ -46,6 +47,8 @@ def apply_sparsity_penalty(
 ) -> float:
     """Add the regularizer's subgradient times ``strength`` to each penalised scale's gradient
     (``spread`` is polarization's t); return the penalty value."""
+    if regularizer not in ("polarization", "l1"):  # "auto" is resolved per model before training
+        raise NamPruneError(f"sparsity regularizer {regularizer!r} reached the penalty unresolved: expected polarization or l1")
     total = 0.0
     for scale in scales(model):
         if regularizer == "polarization":

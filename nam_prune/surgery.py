@@ -50,9 +50,11 @@ def resolved(model: nn.Module, config: NAMConfig) -> NAMConfig:
 
 def resolved_regularizer(model: nn.Module, regularizer: str) -> Regularizer:
     """``sparsity.regularizer: auto`` made concrete for a classifier: polarization for closing gates on
-    ResNets (ahead of L1 there by 2.4 points fine-tuned), L1 for the paper's gate (its own) and on the other
-    architectures, where the gate starts open and polarization costs deep cuts 1.4-4.2 points
-    (docs/ranking.md). A model without gates (a control) gets polarization, the default before ``auto``."""
+    models built of torchvision's residual blocks (ahead of L1 on ResNet-20 by 2.4 points fine-tuned), L1 for
+    the paper's gate (its own) and on models without those blocks, where polarization cost MobileNetV2 and
+    CSPDarknet 1.4-4.2 points at 80% of the MACs removed (docs/ranking.md). The split is by architecture, as
+    ``nam.gate_bias: auto``'s; a pinned bias does not move it. A model without gates (a control) gets
+    polarization, the default before ``auto``."""
     if regularizer != "auto":
         return regularizer
     gates = [m for m in model.modules() if isinstance(m, NAMChannelGate)]

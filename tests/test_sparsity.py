@@ -5,8 +5,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from nam_prune.errors import NamPruneError
 from nam_prune.gates import NAMChannelGate
-from nam_prune.sparsity import apply_sparsity_penalty, gamma_stats
+from nam_prune.sparsity import apply_sparsity_penalty, batchnorm_scales, gamma_stats
 
 LR, P = 0.5, 0.01
 
@@ -125,3 +126,11 @@ def test_tied_scores_warning_says_which_fix_applies(caplog, tie: float, advice: 
     with caplog.at_level("WARNING", logger="nam_prune"):
         warn_if_untrained([ScoredGroup("conv", True, scores, min_keep=1)])
     assert advice in caplog.text
+
+
+def test_an_unresolved_regularizer_never_reaches_the_penalty():
+    """``auto`` is resolved per model before training (fit, detector_sparsity); reaching the penalty
+    unresolved would silently train L1 unclamped, so it is an error instead."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(NamPruneError, match="'auto' reached the penalty unresolved"):
+        apply_sparsity_penalty(model, 5e-3, batchnorm_scales, "auto")
